@@ -1,0 +1,58 @@
+"""shadowpass: ShadowKV (Sun et al., 2024, arXiv 2410.21465) as a torch.compile backend.
+
+    model = torch.compile(model, backend="shadowkv", options={"budget": 1024})
+    report = shadowpass.explain(model, input_ids)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.shadowkv.*)
+from .backend import make_backend
+from .config import ShadowKVConfig
+from .report import Report, SiteReport
+from .rewrite import rewrite
+from .runtime import runtime_of
+
+__all__ = ["ShadowKVConfig", "compile", "explain", "shadowkv", "runtime_of", "Report",
+           "SiteReport"]
+
+
+def compile(model, config: Optional[ShadowKVConfig] = None, *, mode: Optional[str] = None,
+            dump_dir: Optional[str] = None, **options):
+    """torch.compile with the shadowkv backend; options are ShadowKVConfig fields."""
+    cfg = ShadowKVConfig.from_options(options, base=config)
+    return torch.compile(model, backend=make_backend(cfg, mode=mode, dump_dir=dump_dir))
+
+
+def explain(model, *args, config: Optional[ShadowKVConfig] = None, **kwargs) -> Report:
+    """Trace model(*args, **kwargs) once and report each attention site; runs no ShadowKV op."""
+    cfg = config or ShadowKVConfig()
+    report = Report()
+
+    def backend(gm, example_inputs, **_):
+        try:
+            report.add_graph(rewrite(gm, cfg).all_sites)
+        except Exception as e:
+            report.errors.append(f"{type(e).__name__}: {e}")
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*args, **kwargs)
+    return report
+
+
+def shadowkv(target=None, **options):
+    """Decorator: ``@shadowkv(budget=1024)`` on an nn.Module subclass, a module or a function."""
+    cfg = ShadowKVConfig.from_options(options)
+
+    def wrap(obj):
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+            obj.forward = torch.compile(obj.forward, backend=make_backend(cfg))
+            return obj
+        return torch.compile(obj, backend=make_backend(cfg))
+
+    return wrap(target) if target is not None else wrap

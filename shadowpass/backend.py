@@ -1,0 +1,91 @@
+"""The ``shadowkv`` torch.compile backend: find attention, rewrite it, hand off to Inductor."""
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch._inductor.compile_fx import compile_fx
+
+from .config import ShadowKVConfig
+from .report import Report
+from .rewrite import rewrite
+from .runtime import ShadowGraph
+
+log = logging.getLogger("shadowpass")
+_graph_ids = itertools.count()
+
+
+def mode_patches(mode: Optional[str]) -> dict:
+    """Inductor config for torch.compile's mode= (HF's CompileConfig defaults to reduce-overhead)."""
+    if mode in (None, "default"):
+        return {}
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def dump(dump_dir: str, index: int, before, after, report: Report):
+    d = Path(dump_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"graph_{index}_before.py").write_text(before.print_readable(print_output=False))
+    if after is not None:
+        (d / f"graph_{index}_after.py").write_text(after.print_readable(print_output=False))
+    (d / f"graph_{index}_report.txt").write_text(str(report) + "\n")
+    (d / f"graph_{index}_report.json").write_text(report.to_json() + "\n")
+
+
+def trace_artifacts(report: Report, after):
+    torch._logging.trace_structured(
+        "artifact", metadata_fn=lambda: {"name": "shadowpass_report", "encoding": "string"},
+        payload_fn=lambda: str(report))
+    if after is not None:
+        torch._logging.trace_structured(
+            "artifact", metadata_fn=lambda: {"name": "shadowpass_rewritten_graph",
+                                             "encoding": "string"},
+            payload_fn=lambda: after.print_readable(print_output=False))
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs, cfg: ShadowKVConfig,
+                  patches: dict, dump_dir: Optional[str] = None, report: Optional[Report] = None):
+    """Rewrite gm's attention sites into ShadowKV ops; any failure falls back to plain Inductor."""
+    inductor = functools.partial(compile_fx, config_patches=patches)
+    report = report if report is not None else Report()
+    index = next(_graph_ids)
+    try:
+        rw = rewrite(gm, cfg)
+    except Exception as e:  # the pass must never break a model Inductor can compile
+        log.warning("shadowpass: the pass failed on graph %d (%s: %s); compiling it with plain "
+                    "Inductor", index, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        report.errors.append(f"graph {index}: {type(e).__name__}: {e}")
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    report.add_graph(rw.all_sites)
+    after = rw.gm if rw.phase else None
+    log.info("%s", report)
+    trace_artifacts(report, after)
+    dump_dir = dump_dir or os.environ.get("SHADOWPASS_DUMP_DIR")
+    if dump_dir:
+        dump(dump_dir, index, gm, after, report)
+    if rw.phase is None:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    return ShadowGraph(gm, rw, example_inputs, cfg, inductor)
+
+
+def make_backend(config: Optional[ShadowKVConfig] = None, *, mode: Optional[str] = None,
+                 dump_dir: Optional[str] = None, report: Optional[Report] = None):
+    """A backend callable bound to a config (what shadowpass.compile passes to torch.compile)."""
+    cfg = config or ShadowKVConfig()
+    patches = mode_patches(mode)
+
+    def backend(gm, example_inputs, **_):
+        return compile_graph(gm, example_inputs, cfg, patches, dump_dir, report)
+
+    return backend
+
+
+def shadowkv_backend(gm, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
+    """Entry point for ``torch.compile(model, backend="shadowkv", options={...})``."""
+    cfg = ShadowKVConfig.from_options(options)
+    return compile_graph(gm, example_inputs, cfg, mode_patches(mode))

@@ -1,0 +1,78 @@
+"""ShadowKVConfig: the knobs of the method, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+# field -> (smallest allowed, largest allowed or None)
+_RANGES = {
+    "rank": (1, None),
+    "chunk_size": (1, 256),
+    "budget": (1, None),
+    "outlier_chunks": (0, None),
+    "local_chunks": (0, None),
+    "min_sparse_len": (0, None),
+}
+
+
+@dataclass(frozen=True)
+class ShadowKVConfig:
+    """ShadowKV settings (defaults from Sun et al., 2024, arXiv 2410.21465).
+
+    rank: rank of the pre-RoPE key SVD; capped per site at H_kv * head_dim.
+    chunk_size: tokens per chunk (landmark granularity).
+    budget: tokens of selected chunks attended per decode step (budget // chunk_size chunks).
+    outlier_chunks: chunks per KV head kept exactly on the device (lowest min-cosine).
+    local_chunks: trailing chunks of the prompt kept exactly (plus the incomplete tail).
+    min_sparse_len: prompts shorter than this stay dense. None means
+        budget + (outlier_chunks + local_chunks) * chunk_size; 0 forces ShadowKV everywhere.
+    """
+
+    rank: int = 160
+    chunk_size: int = 8
+    budget: int = 2048
+    outlier_chunks: int = 48
+    local_chunks: int = 4
+    min_sparse_len: Optional[int] = None
+
+    def __post_init__(self):
+        for name, (lo, hi) in _RANGES.items():
+            value = getattr(self, name)
+            if name == "min_sparse_len" and value is None:
+                continue
+            allowed = f"an int >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"ShadowKVConfig.{name}={value!r}: must be {allowed}")
+            if value < lo or (hi is not None and value > hi):
+                raise ValueError(f"ShadowKVConfig.{name}={value!r} is out of range: must be {allowed}")
+        if self.budget < self.chunk_size:
+            raise ValueError(
+                f"ShadowKVConfig.budget={self.budget} is smaller than chunk_size={self.chunk_size}: "
+                f"the budget must hold at least one chunk (budget >= {self.chunk_size})")
+
+    @property
+    def budget_chunks(self) -> int:
+        return self.budget // self.chunk_size
+
+    @property
+    def sparse_threshold(self) -> int:
+        if self.min_sparse_len is not None:
+            return self.min_sparse_len
+        return self.budget + (self.outlier_chunks + self.local_chunks) * self.chunk_size
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None,
+                     base: Optional["ShadowKVConfig"] = None) -> "ShadowKVConfig":
+        """Build a config from torch.compile(options=...); unknown keys are errors."""
+        options = dict(options or {})
+        if "config" in options:
+            cfg = options.pop("config")
+            if not isinstance(cfg, ShadowKVConfig):
+                raise ValueError(f"option 'config' must be a ShadowKVConfig, got {type(cfg).__name__}")
+            base = cfg
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"unknown shadowkv option(s) {unknown}; valid options: {sorted(names)}")
+        return dataclasses.replace(base or cls(), **options)

@@ -1,0 +1,278 @@
+"""Plain-PyTorch reference implementations of the ShadowKV ops: the specification.
+
+Sub notation:
+    B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, T new tokens,
+    d head dim, rd rotary dims (<= d), C chunk size, N sparse chunks of the prompt,
+    O outlier chunks per KV head, L local tokens (tail of the prompt), r rank,
+    K selected chunks per step (budget // C), Gcap generated-token capacity.
+
+Prompt layout: tokens [0, N*C) are the sparse region (chunked, low-rank keys, host values);
+tokens [N*C, T) are the local window, kept exactly. Outlier chunks are sparse-region chunks
+kept exactly and excluded from selection.
+
+Imports nothing beyond torch, so it runs on any CPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class PrefillState(NamedTuple):
+    """What a rewritten attention site keeps after prefill (per layer, per batch)."""
+
+    U: torch.Tensor             # [B, N*C, r] left factor of the pre-RoPE key SVD
+    SV: torch.Tensor            # [B, Hkv, r, d] diag(s) V^T, per KV head
+    landmarks: torch.Tensor     # [B, Hkv, N, d] chunk means of post-RoPE keys
+    selectable: torch.Tensor    # [B, Hkv, N] bool: valid chunk and not an outlier
+    sparse_valid: torch.Tensor  # [B, N*C] bool: token is not padding
+    outlier_k: torch.Tensor     # [B, Hkv, O*C, d] exact post-RoPE keys of outlier chunks
+    outlier_v: torch.Tensor     # [B, Hkv, O*C, d]
+    outlier_valid: torch.Tensor  # [B, Hkv, O*C] bool
+    local_k: torch.Tensor       # [B, Hkv, L, d]
+    local_v: torch.Tensor       # [B, Hkv, L, d]
+    local_valid: torch.Tensor   # [B, L] bool
+    values: torch.Tensor        # [B, Hkv, N, C, d] on the host (pinned when the model is on CUDA)
+    cos: torch.Tensor           # [B, N*C, rd] the model's own rotary factors at prompt positions
+    sin: torch.Tensor           # [B, N*C, rd]
+
+
+def layout(T: int, chunk_size: int, outlier_chunks: int, local_chunks: int, rank: int,
+           kv_width: int):
+    """Sizes (N, O, L, r) that a prompt of T tokens implies; works on SymInts too."""
+    N = torch.sym_max(T // chunk_size - local_chunks, 0)
+    O = torch.sym_min(outlier_chunks, N)
+    L = T - N * chunk_size
+    r = min(rank, kv_width)
+    return N, O, L, r
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX / Llama rotation: [x1, x2] -> [-x2, x1]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J / Meta rotation on pairs: (a, b) -> (-b, a)."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((-b, a), dim=-1).flatten(-2)
+
+
+ROTATIONS = {"rotate_half": rotate_half, "interleaved": rotate_interleaved}
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """x * cos + rot(x) * sin on the first rd = cos.shape[-1] dims; the rest passes through."""
+    if style == "none":
+        return x
+    rd = cos.shape[-1]
+    xr = x[..., :rd]
+    out = xr * cos + ROTATIONS[style](xr) * sin
+    return torch.cat((out, x[..., rd:]), dim=-1)
+
+
+def keep_mask(mask: Optional[torch.Tensor], kind: str, B: int, T: int) -> Optional[torch.Tensor]:
+    """The attention mask as bool [B, T, T] (True = attend) over the prompt's own columns."""
+    if mask is None:
+        return None
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m[:, 0, -T:, :T] if m.shape[-1] >= T else m[:, 0, -T:, :]
+    if kind == "bool_keep":
+        keep = m.bool()
+    elif kind == "bool_drop":
+        keep = ~m.bool()
+    elif kind == "additive":
+        finite = m[torch.isfinite(m)]
+        if ((finite != 0) & (finite > torch.finfo(m.dtype).min / 2)).any():
+            raise ValueError(
+                "shadowkv: the attention mask adds a non-zero bias (ALiBi or similar); ShadowKV "
+                "supports only causal + padding masks. Compile this model without shadowkv.")
+        keep = m > torch.finfo(m.dtype).min / 2
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}")
+    return keep.expand(B, T, T)
+
+
+def key_validity(keep: Optional[torch.Tensor], B: int, T: int, device) -> torch.Tensor:
+    """[B, T] bool: which prompt tokens are real (not padding), checked against a causal mask."""
+    if keep is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    valid = keep[:, -1, :]  # the last query attends to every real token (left padding)
+    causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
+    expected = causal[None] & valid[:, None, :]
+    rows = valid[:, :, None].expand(B, T, T)
+    if not torch.equal(keep[rows], expected[rows]):
+        raise ValueError(
+            "shadowkv: the prefill attention mask is not causal + padding (a sliding window or a "
+            "custom mask?). ShadowKV needs causal attention over the whole prompt; raise the "
+            "model's sliding window above the context or compile it without shadowkv.")
+    return valid
+
+
+def svd_keys(k_pre: torch.Tensor, valid: torch.Tensor, rank: int):
+    """Rank-r SVD of pre-RoPE keys with KV heads concatenated.
+
+    k_pre: [B, Hkv, S, d]; valid: [B, S] bool. Returns U [B, S, r], SV [B, Hkv, r, d] (fp32).
+    Padding rows are zeroed so they do not shape the basis.
+    """
+    B, H, S, d = k_pre.shape
+    K = k_pre.transpose(1, 2).reshape(B, S, H * d).float() * valid[..., None]
+    U = k_pre.new_zeros(B, S, rank, dtype=torch.float32)
+    SV = k_pre.new_zeros(B, rank, H * d, dtype=torch.float32)
+    if S > 0:
+        u, s, vh = torch.linalg.svd(K, full_matrices=False)
+        r = min(rank, s.shape[-1])
+        U[..., :r] = u[..., :r]
+        SV[:, :r] = s[..., :r, None] * vh[:, :r]
+    return U, SV.view(B, rank, H, d).transpose(1, 2).contiguous()
+
+
+def chunk_landmarks(k_post: torch.Tensor, valid: torch.Tensor, C: int):
+    """Mean post-RoPE key of each chunk over its real tokens, and the min cosine inside it.
+
+    k_post: [B, Hkv, N*C, d]; valid: [B, N*C]. Returns landmarks [B, Hkv, N, d] and
+    min_cos [B, Hkv, N] (+inf for chunks with no real token).
+    """
+    B, H, S, d = k_post.shape
+    N = S // C
+    k = k_post.float().view(B, H, N, C, d)
+    w = valid.view(B, 1, N, C, 1).float()
+    landmarks = (k * w).sum(3) / w.sum(3).clamp(min=1)
+    cos = torch.nn.functional.cosine_similarity(k, landmarks[:, :, :, None], dim=-1)  # [B,H,N,C]
+    cos = cos.masked_fill(~valid.view(B, 1, N, C), math.inf)
+    return landmarks, cos.amin(-1)
+
+
+def gather_chunks(x: torch.Tensor, idx: torch.Tensor, C: int) -> torch.Tensor:
+    """x: [B, H, N*C, d], idx: [B, H, K] chunk ids -> [B, H, K*C, d]."""
+    B, H, _, d = x.shape
+    rows = (idx[..., None] * C + torch.arange(C, device=idx.device)).flatten(2)  # [B,H,K*C]
+    return x.gather(2, rows[..., None].expand(B, H, rows.shape[-1], d))
+
+
+def prefill_state(k_pre, k_post, v, cos, sin, mask, mask_kind: str, rank: int, chunk_size: int,
+                  outlier_chunks: int, local_chunks: int) -> PrefillState:
+    """Build a site's ShadowKV state from the prompt.
+
+    k_pre, k_post, v: [B, Hkv, T, d] (pre-RoPE keys, post-RoPE keys, values);
+    cos, sin: [B, T, rd] rotary factors the model applied to the keys (rd = 0 without RoPE);
+    mask: the model's attention mask (or None for plain causal), interpreted by mask_kind.
+    """
+    B, H, T, d = k_post.shape
+    C = chunk_size
+    N, O, L, r = layout(T, C, outlier_chunks, local_chunks, rank, H * d)
+    S = N * C
+    valid = key_validity(keep_mask(mask, mask_kind, B, T), B, T, k_post.device)
+    sparse_valid = valid[:, :S]
+
+    U, SV = svd_keys(k_pre[:, :, :S], sparse_valid, r)
+    landmarks, min_cos = chunk_landmarks(k_post[:, :, :S], sparse_valid, C)
+    outliers = (-min_cos).topk(O, dim=-1).indices.sort(-1).values  # lowest min-cosine, [B,H,O]
+    chunk_valid = sparse_valid.view(B, 1, N, C).any(-1).expand(B, H, N)
+    selectable = chunk_valid.clone()
+    selectable.scatter_(2, outliers, False)
+
+    token_valid = sparse_valid[:, None, :, None].expand(B, H, S, 1)
+    values = v[:, :, :S].reshape(B, H, N, C, d)
+    host = torch.empty(values.shape, dtype=v.dtype, device="cpu",
+                       pin_memory=v.is_cuda)
+    host.copy_(values)
+    return PrefillState(
+        U=U.to(k_post.dtype), SV=SV.to(k_post.dtype), landmarks=landmarks.to(k_post.dtype),
+        selectable=selectable, sparse_valid=sparse_valid.clone(),
+        outlier_k=gather_chunks(k_post[:, :, :S], outliers, C),
+        outlier_v=gather_chunks(v[:, :, :S], outliers, C),
+        outlier_valid=gather_chunks(token_valid, outliers, C)[..., 0],
+        local_k=k_post[:, :, S:].clone(), local_v=v[:, :, S:].clone(),
+        local_valid=valid[:, S:].clone(), values=host,
+        cos=cos[:, :S].clone(), sin=sin[:, :S].clone())
+
+
+def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Chunk scores [B, Hkv, N]: softmax over chunks of q . landmark * scale, max over the GQA
+    group, summed over query positions. q: [B, Hq, T, d]."""
+    B, Hq, T, d = q.shape
+    H = landmarks.shape[1]
+    qg = q.float().view(B, H, Hq // H, T, d)
+    s = torch.einsum("bhgtd,bhnd->bhgtn", qg, landmarks.float()) * scale
+    s = s.masked_fill(~selectable[:, :, None, None, :], -math.inf)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p.amax(2).sum(2)
+
+
+def select_chunks(scores: torch.Tensor, selectable: torch.Tensor, budget_chunks: int):
+    """Top-k chunk ids [B, Hkv, K] and whether each is selectable (K = min(budget, N))."""
+    k = min(budget_chunks, scores.shape[-1])
+    idx = scores.masked_fill(~selectable, -1.0).topk(k, dim=-1).indices
+    return idx, selectable.gather(2, idx)
+
+
+def rebuild_keys(U, SV, cos, sin, idx, C: int, rope_style: str):
+    """Post-RoPE keys of the chunks idx [B, Hkv, K]: U[rows] @ SV[head], RoPE at the rows'
+    prompt positions with the model's own factors. Returns [B, Hkv, K*C, d]."""
+    B, H, K = idx.shape
+    rows = (idx[..., None] * C + torch.arange(C, device=idx.device)).flatten(2)  # [B,H,K*C]
+    u = U.gather(1, rows.flatten(1)[..., None].expand(B, H * K * C, U.shape[-1]))
+    k_pre = u.view(B, H, K * C, -1).float() @ SV.float()
+    if rope_style == "none":
+        return k_pre
+    rd = cos.shape[-1]
+    pos = rows.flatten(1)[..., None].expand(B, H * K * C, rd)
+    c = cos.gather(1, pos).view(B, H, K * C, rd).float()
+    s = sin.gather(1, pos).view(B, H, K * C, rd).float()
+    return apply_rope(k_pre, c, s, rope_style)
+
+
+def fetch_values(values: torch.Tensor, idx: torch.Tensor, device) -> torch.Tensor:
+    """Values of chunks idx [B, Hkv, K] from the host store [B, Hkv, N, C, d] -> [B, Hkv, K*C, d]."""
+    B, H, N, C, d = values.shape
+    i = idx.to(values.device)
+    picked = values.gather(2, i[..., None, None].expand(B, H, i.shape[-1], C, d))
+    return picked.flatten(2, 3).to(device, non_blocking=True)
+
+
+def decode_attention(q, k, v, scale: float, state: PrefillState, gen_k, gen_v, gen_len,
+                     chunk_size: int, budget_chunks: int, rope_style: str) -> torch.Tensor:
+    """One decode step of a rewritten site.
+
+    q: [B, Hq, T, d] post-RoPE queries; k, v: [B, Hkv, T, d] the new tokens' post-RoPE keys and
+    values; gen_k, gen_v: [B, Hkv, Gcap, d] generated tokens so far (updated in place);
+    gen_len: [1] int64 count of generated tokens (updated in place). Returns [B, Hq, T, d].
+    Work per step is O(N + budget + outliers + local + generated), independent of T^2.
+    """
+    B, Hq, T, d = q.shape
+    H = k.shape[1]
+    C = chunk_size
+    pos = gen_len + torch.arange(T, device=gen_len.device)
+    gen_k.index_copy_(2, pos, k.to(gen_k.dtype))
+    gen_v.index_copy_(2, pos, v.to(gen_v.dtype))
+    gen_len.add_(T)
+
+    scores = score_chunks(q, state.landmarks, state.selectable, scale)
+    idx, idx_ok = select_chunks(scores, state.selectable, budget_chunks)
+    sel_k = rebuild_keys(state.U, state.SV, state.cos, state.sin, idx, C, rope_style)
+    sel_v = fetch_values(state.values, idx, q.device)
+    tok_ok = gather_chunks(state.sparse_valid[:, None, :, None].expand(B, H, -1, 1), idx, C)[..., 0]
+    sel_ok = tok_ok & idx_ok.repeat_interleave(C, dim=-1)
+
+    Gcap = gen_k.shape[2]
+    gen_ok = torch.arange(Gcap, device=q.device)[None, :] <= (pos.to(q.device)[:, None])  # [T,Gcap]
+    keys = torch.cat([state.outlier_k.float(), sel_k, state.local_k.float(), gen_k.float()], 2)
+    vals = torch.cat([state.outlier_v.float(), sel_v.float(), state.local_v.float(),
+                      gen_v.float()], 2)
+    prompt_ok = torch.cat([state.outlier_valid, sel_ok,
+                           state.local_valid[:, None].expand(B, H, -1)], 2)  # [B,H,P]
+    ok = torch.cat([prompt_ok[:, :, None, :].expand(B, H, T, -1),
+                    gen_ok[None, None].expand(B, H, T, Gcap)], 3)  # [B,H,T,P+Gcap]
+
+    qg = q.float().view(B, H, Hq // H, T, d)
+    s = torch.einsum("bhgtd,bhsd->bhgts", qg, keys) * scale
+    s = s.masked_fill(~ok[:, :, None], -math.inf)
+    out = torch.einsum("bhgts,bhsd->bhgtd", torch.softmax(s, dim=-1), vals)
+    return out.reshape(B, Hq, T, -1).to(q.dtype)

@@ -1,0 +1,158 @@
+"""Rewrite detected attention sites into ShadowKV ops.
+
+A prefill graph keeps its dense attention and gains one ``shadowkv.prefill_state`` op per site,
+whose outputs (the site's state) become extra graph outputs. A decode graph gains the state as
+extra graph inputs and each site's attention becomes ``shadowkv.decode``. In both, the model's
+own cat-style cache receives a zero-stride stub instead of full-size K/V.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.fx as fx
+
+from . import ops  # noqa: F401  (registers torch.ops.shadowkv)
+from .config import ShadowKVConfig
+from .detect import Site, concrete, find_sites, shape
+from .reference import PrefillState
+
+log = logging.getLogger(__name__)
+
+STATE_FIELDS = PrefillState._fields
+GEN_FIELDS = ("gen_k", "gen_v", "gen_len")
+
+
+@dataclass
+class Rewritten:
+    gm: fx.GraphModule
+    phase: str                      # "prefill" or "decode"
+    sites: List[Site]               # rewritten sites, in graph order
+    all_sites: List[Site]           # every site found, rewritten or not
+    num_outputs: int                # outputs of the original graph
+    seq_len: object = None          # T of the new tokens (int or SymInt)
+    past_len: object = None         # length of a cat cache's past (int or SymInt), if any
+    ranks: List[int] = field(default_factory=list)
+
+
+def replay(graph: fx.Graph, chain: List[fx.Node], x: fx.Node) -> fx.Node:
+    for op in chain:
+        x = graph.create_node(op.op, op.target, (x,) + tuple(op.args[1:]), dict(op.kwargs))
+    return x
+
+
+def call(graph, target, *args, **kwargs):
+    return graph.call_function(target, args, kwargs)
+
+
+def rotary_tables(graph: fx.Graph, site: Site, k_post: fx.Node):
+    """The model's cos/sin as [B, T, rd] nodes (rd = 0 without RoPE)."""
+    rope = site.rope
+    if rope.style == "none":
+        empty = call(graph, operator.getitem, k_post, (slice(None), 0, slice(None), slice(0, 0)))
+        return empty, empty
+    if rope.form.startswith("complex"):
+        cos = call(graph, torch.repeat_interleave, call(graph, torch.real, rope.freqs), 2, dim=-1)
+        sin = call(graph, torch.repeat_interleave, call(graph, torch.imag, rope.freqs), 2, dim=-1)
+    else:
+        cos, sin = rope.cos, rope.sin
+    tables = []
+    for t in (cos, sin):
+        t = graph.call_method("expand_as", (t, rope.x_rot))
+        t = replay(graph, site.k.chain, t)
+        tables.append(call(graph, operator.getitem, t, (slice(None), 0)))
+    return tables
+
+
+def cache_stubs(graph: fx.Graph, site: Site):
+    """Hand the model's cat cache a zero-stride view of the right shape instead of full K/V."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    for path in (site.k, site.v):
+        cat = path.cache_node
+        if path.cache != "cat" or cat not in out.all_input_nodes:
+            continue
+        dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+        with graph.inserting_before(out):
+            one = graph.call_method("narrow", (cat.args[0][-1], dim, 0, 1))
+            stub = graph.call_method("expand_as", (one, cat))
+        out.args = fx.node.map_arg(out.args, lambda n: stub if n is cat else n)
+
+
+def impure(n: fx.Node) -> bool:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return n.is_impure() or name.endswith("_") or name == "setitem"
+
+
+def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
+    """Copy gm, find its sites and rewrite those that fit. `phase` is None if none fit."""
+    gm = copy.deepcopy(gm)
+    graph = gm.graph
+    sites = find_sites(gm)
+    ok = [s for s in sites if s.rewritable]
+    phases = {s.phase for s in ok}
+    if len(phases) > 1:
+        for s in ok:
+            s.reason = "the graph mixes prefill and decode attention"
+        ok, phases = [], set()
+    out = next(n for n in graph.nodes if n.op == "output")
+    num_outputs = len(out.args[0]) if isinstance(out.args[0], (tuple, list)) else 1
+    result = Rewritten(gm=gm, phase=phases.pop() if phases else None, sites=ok, all_sites=sites,
+                       num_outputs=num_outputs)
+    if not ok:
+        return result
+
+    last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    extra_outputs = []
+    for index, site in enumerate(ok):
+        kv_heads = concrete(shape(site.q)[1]) // site.gqa_group
+        head_dim = concrete(shape(site.q)[-1])
+        rank = min(cfg.rank, kv_heads * head_dim)
+        if rank < cfg.rank:
+            log.info("shadowpass: %s: rank %d capped at H_kv*d = %d", site.name, cfg.rank, rank)
+            site.notes.append(f"rank capped at H_kv*d = {rank}")
+        result.ranks.append(rank)
+        cache_stubs(graph, site)
+        if site.phase == "prefill":
+            with graph.inserting_before(site.node.next):
+                k_pre = replay(graph, site.k.chain, site.rope.x)
+                k_post = replay(graph, site.k.chain, site.k.new)
+                v = replay(graph, site.v.chain, site.v.new)
+                cos, sin = rotary_tables(graph, site, k_post)
+                st = call(graph, torch.ops.shadowkv.prefill_state.default, k_pre, k_post, v,
+                          cos, sin, site.mask, site.mask_kind, rank, cfg.chunk_size,
+                          cfg.outlier_chunks, cfg.local_chunks)
+                extra_outputs += [call(graph, operator.getitem, st, i)
+                                  for i in range(len(STATE_FIELDS))]
+        else:
+            inputs = []
+            for fname in STATE_FIELDS + GEN_FIELDS:
+                with graph.inserting_after(last_ph):
+                    last_ph = graph.placeholder(f"shadowkv_site{index}_{fname}")
+                inputs.append(last_ph)
+            with graph.inserting_before(site.node):
+                k_post = replay(graph, site.k.chain, site.k.new)
+                v = replay(graph, site.v.chain, site.v.new)
+                attn = call(graph, torch.ops.shadowkv.decode.default, site.q, k_post, v,
+                            inputs[:len(STATE_FIELDS)], *inputs[len(STATE_FIELDS):],
+                            float(site.scale), cfg.chunk_size, cfg.budget_chunks,
+                            site.rope.style)
+            site.node.replace_all_uses_with(attn)
+    first = ok[0]
+    result.seq_len = shape(first.q)[2]
+    if first.k.cache == "cat" and first.k.past is not None:
+        dim = first.k.cache_node.kwargs.get("dim", first.k.cache_node.args[1]
+                                           if len(first.k.cache_node.args) > 1 else 0)
+        past = shape(first.k.past)
+        # HF starts a DynamicCache from a 1-D empty tensor
+        result.past_len = past[dim] if len(past) == len(shape(first.k.cache_node)) else 0
+    if extra_outputs:
+        outs = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+        out.args = (tuple(outs) + tuple(extra_outputs),)
+    graph.eliminate_dead_code(is_impure_node=impure)
+    graph.lint()
+    gm.recompile()
+    return result
