@@ -62,8 +62,8 @@ class KVPath:
     new: Node                    # new tokens' tensor as it enters the cache (or attention)
     chain: List[Node]            # layout ops from `new` to the attention input, in order
     group: int                   # GQA group size seen on this path (1 if none)
-    cache: str                   # "cat", "index_copy", "index_put", "slice_write", "none"
-    cache_node: Optional[Node]   # the cat node (its output goes back to the model's cache)
+    cache: str                   # "cat", "returned", "index_copy", "index_put", "slice_write", "none"
+    cache_node: Optional[Node]   # node whose output goes back to the model's cache (cat/returned)
     past: Optional[Node] = None
 
 
@@ -316,6 +316,10 @@ def walk_kv(n: Node, attn: Node) -> KVPath:
                     n, cache = found
                     continue
         break
+    if cache == "none":  # a first call that returns the new K/V as the cache
+        returned = [m for m in [n] + chain[::-1] if any(u.op == "output" for u in m.users)]
+        if returned:
+            cache, cache_node = "returned", returned[0]
     return KVPath(new=n, chain=chain[::-1], group=group, cache=cache, cache_node=cache_node,
                   past=past)
 

@@ -69,17 +69,16 @@ def rotary_tables(graph: fx.Graph, site: Site, k_post: fx.Node):
 
 
 def cache_stubs(graph: fx.Graph, site: Site):
-    """Hand the model's cat cache a zero-stride view of the right shape instead of full K/V."""
+    """Hand the model's cache a zero-stride view of the right shape instead of full K/V."""
     out = next(n for n in graph.nodes if n.op == "output")
     for path in (site.k, site.v):
-        cat = path.cache_node
-        if path.cache != "cat" or cat not in out.all_input_nodes:
+        full = path.cache_node
+        if full is None or full not in out.all_input_nodes:
             continue
-        dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
         with graph.inserting_before(out):
-            one = graph.call_method("narrow", (cat.args[0][-1], dim, 0, 1))
-            stub = graph.call_method("expand_as", (one, cat))
-        out.args = fx.node.map_arg(out.args, lambda n: stub if n is cat else n)
+            one = graph.call_method("new_zeros", (full, (1,) * len(shape(full))))
+            stub = graph.call_method("expand_as", (one, full))
+        out.args = fx.node.map_arg(out.args, lambda n: stub if n is full else n)
 
 
 def impure(n: fx.Node) -> bool:
