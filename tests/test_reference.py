@@ -1,0 +1,183 @@
+"""Each reference op against a direct formula on small inputs, and opcheck of the custom ops."""
+import math
+
+import pytest
+import torch
+
+from shadowpass import ops, reference as ref
+from tolerances import FP32_OP
+
+
+def rope_tables(B, T, rd, theta=10000.0):
+    inv = 1.0 / theta ** (torch.arange(0, rd, 2).float() / rd)
+    f = torch.arange(T).float()[:, None] * inv
+    emb = torch.cat([f, f], -1)
+    return emb.cos()[None].expand(B, T, rd).contiguous(), emb.sin()[None].expand(B, T, rd).contiguous()
+
+
+@pytest.mark.parametrize("rank", [4, 16, 32])
+def test_svd_error_matches_rank(rank):
+    B, H, S, d = 2, 2, 64, 16
+    k = torch.randn(B, H, S, d)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    U, SV = ref.svd_keys(k, valid, rank)
+    approx = torch.einsum("bsr,bhrd->bhsd", U, SV)
+    K = k.transpose(1, 2).reshape(B, S, H * d).double()
+    s = torch.linalg.svdvals(K)
+    bound = s[:, rank:].pow(2).sum(-1).sqrt()  # Eckart-Young: best rank-r error (Frobenius)
+    err = (approx.double() - k.double()).transpose(1, 2).reshape(B, S, -1).norm(dim=(1, 2))
+    torch.testing.assert_close(err, bound, atol=1e-3, rtol=1e-3)
+
+
+def test_svd_ignores_padding_rows():
+    k = torch.randn(1, 2, 16, 8)
+    valid = torch.ones(1, 16, dtype=torch.bool)
+    valid[0, :5] = False
+    U, SV = ref.svd_keys(k, valid, 16)
+    approx = torch.einsum("bsr,bhrd->bhsd", U, SV)
+    assert approx[:, :, :5].abs().max() < 1e-4  # padding contributes nothing to the basis
+    torch.testing.assert_close(approx[:, :, 5:], k[:, :, 5:], atol=1e-4, rtol=1e-4)
+
+
+def test_landmarks_are_chunk_means_and_min_cosine():
+    B, H, N, C, d = 2, 3, 5, 4, 8
+    k = torch.randn(B, H, N * C, d)
+    valid = torch.ones(B, N * C, dtype=torch.bool)
+    lm, min_cos = ref.chunk_landmarks(k, valid, C)
+    for b in range(B):
+        for h in range(H):
+            for n in range(N):
+                chunk = k[b, h, n * C:(n + 1) * C]
+                mean = chunk.mean(0)
+                torch.testing.assert_close(lm[b, h, n], mean, atol=FP32_OP, rtol=FP32_OP)
+                cos = torch.stack([torch.dot(t, mean) / (t.norm() * mean.norm()) for t in chunk])
+                torch.testing.assert_close(min_cos[b, h, n], cos.min(), atol=1e-5, rtol=1e-5)
+
+
+def test_outliers_are_lowest_min_cosine():
+    B, H, T, d, C = 1, 2, 96, 8, 8
+    k = torch.randn(B, H, T, d)
+    v = torch.randn(B, H, T, d)
+    cos, sin = rope_tables(B, T, d)
+    st = ref.prefill_state(k, k, v, cos, sin, None, "none", 16, C, 3, 2)
+    N = T // C - 2
+    _, min_cos = ref.chunk_landmarks(k[:, :, :N * C], torch.ones(B, N * C, dtype=torch.bool), C)
+    for h in range(H):
+        want = set(min_cos[0, h].argsort()[:3].tolist())
+        got = set(torch.nonzero(~st.selectable[0, h]).flatten().tolist())
+        assert got == want
+        kept = torch.cat([k[0, h, i * C:(i + 1) * C] for i in sorted(want)])
+        torch.testing.assert_close(st.outlier_k[0, h], kept)
+
+
+def test_topk_is_largest_group_max_score():
+    B, H, G, T, N, d = 2, 2, 3, 1, 20, 8
+    q, lm = torch.randn(B, H * G, T, d), torch.randn(B, H, N, d)
+    selectable = torch.ones(B, H, N, dtype=torch.bool)
+    selectable[:, :, 0] = False
+    scale = 0.3
+    scores = ref.score_chunks(q, lm, selectable, scale)
+    idx, ok = ref.select_chunks(scores, selectable, 5)
+    for b in range(B):
+        for h in range(H):
+            per_head = []
+            for g in range(G):
+                logits = lm[b, h, 1:] @ q[b, h * G + g, 0] * scale
+                per_head.append(torch.softmax(logits, -1))
+            direct = torch.cat([torch.zeros(1), torch.stack(per_head).amax(0)])
+            torch.testing.assert_close(scores[b, h], direct, atol=FP32_OP, rtol=FP32_OP)
+            top = direct.topk(5).values
+            torch.testing.assert_close(direct[idx[b, h]].sort().values, top.sort().values)
+    assert ok.all()
+
+
+@pytest.mark.parametrize("style", ["rotate_half", "interleaved"])
+def test_rope_matches_complex_rotation(style):
+    x, theta = torch.randn(3, 8), torch.rand(3, 4) * 6
+    c, s = theta.cos(), theta.sin()
+    if style == "rotate_half":
+        cos, sin = torch.cat([c, c], -1), torch.cat([s, s], -1)
+        pairs = torch.complex(x[:, :4], x[:, 4:]) * torch.polar(torch.ones_like(theta), theta)
+        want = torch.cat([pairs.real, pairs.imag], -1)
+    else:
+        cos, sin = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
+        pairs = torch.view_as_complex(x.reshape(3, 4, 2)) * torch.polar(torch.ones_like(theta), theta)
+        want = torch.view_as_real(pairs).flatten(1)
+    torch.testing.assert_close(ref.apply_rope(x, cos, sin, style), want)
+
+
+def make_state(B=2, H=2, T=100, d=16, C=8, rank=None, outliers=2, local=4, pad=0):
+    kpre = torch.randn(B, H, T, d)
+    cos, sin = rope_tables(B, T, d)
+    kpost = ref.apply_rope(kpre, cos[:, None], sin[:, None], "rotate_half")
+    v = torch.randn(B, H, T, d)
+    mask = None
+    if pad:
+        keep = torch.ones(B, T, T, dtype=torch.bool).tril()
+        keep[0, :, :pad] = False
+        mask = keep[:, None]
+    st = ops.prefill_state(kpre, kpost, v, cos, sin, mask, "bool_keep" if pad else "none",
+                           rank or H * d, C, outliers, local)
+    return kpost, v, ref.PrefillState(*st)
+
+
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("pad", [0, 13])
+def test_decode_full_budget_equals_dense(G, pad):
+    B, H, d = 2, 2, 16
+    kpost, v, st = make_state(B, H, d=d, pad=pad)
+    gk, gv = torch.zeros(B, H, 8, d), torch.zeros(B, H, 8, d)
+    gl = torch.zeros(1, dtype=torch.long)
+    K, V = [kpost], [v]
+    for step in range(3):
+        q, k, vn = torch.randn(B, H * G, 1, d), torch.randn(B, H, 1, d), torch.randn(B, H, 1, d)
+        out = ops.decode(q, k, vn, st, gk, gv, gl, 1 / math.sqrt(d), 8, 1000, "rotate_half")
+        K.append(k)
+        V.append(vn)
+        keys = torch.cat(K, 2).repeat_interleave(G, 1)
+        vals = torch.cat(V, 2).repeat_interleave(G, 1)
+        keep = torch.ones(B, 1, 1, keys.shape[2], dtype=torch.bool)
+        keep[0, ..., :pad] = False
+        dense = torch.nn.functional.scaled_dot_product_attention(q, keys, vals, attn_mask=keep)
+        torch.testing.assert_close(out, dense, atol=FP32_OP, rtol=FP32_OP)
+    assert gl.item() == 3
+
+
+def test_decode_attends_only_budget_tokens():
+    """With a budget of one chunk, the output is attention over outliers + 1 chunk + local + new."""
+    B, H, d, C = 1, 1, 16, 8
+    kpost, v, st = make_state(B, H, d=d, outliers=1, local=1)
+    q, k, vn = torch.randn(B, H, 1, d), torch.randn(B, H, 1, d), torch.randn(B, H, 1, d)
+    gk, gv, gl = torch.zeros(B, H, 4, d), torch.zeros(B, H, 4, d), torch.zeros(1, dtype=torch.long)
+    out = ops.decode(q, k, vn, st, gk, gv, gl, 0.25, C, 1, "rotate_half")
+    scores = ref.score_chunks(q, st.landmarks, st.selectable, 0.25)
+    chosen = scores.argmax(-1).item()
+    outlier = torch.nonzero(~st.selectable[0, 0]).item()
+    rows = [*range(outlier * C, outlier * C + C), *range(chosen * C, chosen * C + C),
+            *range(kpost.shape[2] - st.local_k.shape[2], kpost.shape[2])]
+    keys = torch.cat([kpost[:, :, rows], k], 2)
+    vals = torch.cat([v[:, :, rows], vn], 2)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, keys, vals, scale=0.25)
+    torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_opcheck():
+    kpre = torch.randn(1, 2, 40, 8)
+    cos, sin = rope_tables(1, 40, 8)
+    v = torch.randn(1, 2, 40, 8)
+    torch.library.opcheck(ops.prefill_state, (kpre, kpre.clone(), v, cos, sin, None, "none", 8, 8, 1, 1))
+    _, _, st = make_state(1, 2, T=40, d=8)
+    args = (torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), list(st),
+            torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, dtype=torch.long),
+            0.3, 8, 2, "rotate_half")
+    torch.library.opcheck(ops.decode, args)
+
+
+def test_mask_that_is_not_causal_is_rejected():
+    B, T = 1, 32
+    keep = torch.ones(B, 1, T, T, dtype=torch.bool).tril()
+    keep[..., 20:, :4] = False  # a sliding window
+    kpre = torch.randn(B, 1, T, 8)
+    cos, sin = rope_tables(B, T, 8)
+    with pytest.raises(ValueError, match="not causal"):
+        ref.prefill_state(kpre, kpre, kpre, cos, sin, keep, "bool_keep", 8, 8, 1, 1)
