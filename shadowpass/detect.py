@@ -248,7 +248,8 @@ def strip_repeat(n: Node):
         ex = n.args[0]
         src = ex.args[0]
         idx = src.args[1] if op_name(src) == "getitem" else None
-        if isinstance(idx, tuple) and len(idx) == 5 and idx[2] is None:
+        if isinstance(idx, tuple) and len(idx) >= 3 and idx[2] is None and all(
+                i == slice(None) for i in idx[:2] + idx[3:]):
             return src.args[0], concrete(shape(ex)[2])
         if op_name(src) == "unsqueeze" and src.args[1] in (2, -3):
             return src.args[0], concrete(shape(ex)[2])
@@ -286,7 +287,11 @@ def find_cache_write(buf: Node, before: Node):
     if not writes:
         return None
     w = max(writes, key=order.get)
-    return w.args[MUTATIONS[op_name(w)]], CACHE_FORM[op_name(w)]
+    form = CACHE_FORM[op_name(w)]
+    index = w.args[1] if isinstance(w.args[1], tuple) else (w.args[1],)
+    if op_name(w) == "setitem" and any(isinstance(i, Node) for i in index):
+        form = "index_put"  # buf[..., idx_tensor] = new
+    return w.args[MUTATIONS[op_name(w)]], form
 
 
 def walk_kv(n: Node, attn: Node) -> KVPath:
