@@ -9,7 +9,6 @@ returned with ``reason`` set and is left dense.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 

@@ -35,7 +35,7 @@ def _(k_pre, k_post, v, cos, sin, mask, mask_kind, rank, chunk_size, outlier_chu
     C = chunk_size
     N, O, L, r = ref.layout(T, C, outlier_chunks, local_chunks, rank, H * d)
     S = N * C
-    dt, dev, dv, rd = k_post.dtype, k_post.device, v.shape[-1], cos.shape[-1]
+    dev, dv, rd = k_post.device, v.shape[-1], cos.shape[-1]
     new = k_post.new_empty
     b = dict(dtype=torch.bool, device=dev)
     return [new(B, S, r), new(B, H, r, d), new(B, H, N, d), torch.empty(B, H, N, **b),

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List
 
 import torch
 import torch.fx as fx
@@ -36,7 +36,6 @@ class Rewritten:
     num_outputs: int                # outputs of the original graph
     seq_len: object = None          # T of the new tokens (int or SymInt)
     past_len: object = None         # length of a cat cache's past (int or SymInt), if any
-    ranks: List[int] = field(default_factory=list)
 
 
 def replay(graph: fx.Graph, chain: List[fx.Node], x: fx.Node) -> fx.Node:
@@ -113,7 +112,6 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
         if rank < cfg.rank:
             log.info("shadowpass: %s: rank %d capped at H_kv*d = %d", site.name, cfg.rank, rank)
             site.notes.append(f"rank capped at H_kv*d = {rank}")
-        result.ranks.append(rank)
         cache_stubs(graph, site)
         if site.phase == "prefill":
             with graph.inserting_before(site.node.next):
