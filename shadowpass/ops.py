@@ -13,49 +13,67 @@ from . import reference as ref
 _STATE_FIELDS = ref.PrefillState._fields
 
 
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    # custom-op outputs must not alias inputs and must be contiguous, as the fakes promise
+    return t if t.is_contiguous() and not t._is_view() else t.clone(memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("shadowkv::prefill_state", mutates_args=())
-def prefill_state(k_pre: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, mask: Optional[torch.Tensor], mask_kind: str, rank: int,
-                  chunk_size: int, outlier_chunks: int, local_chunks: int) -> List[torch.Tensor]:
+def prefill_state(k_pre: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor,
+                  mask: Optional[torch.Tensor], mask_kind: str, rank: int, chunk_size: int,
+                  outlier_chunks: int, local_chunks: int, sites_left: int) -> List[torch.Tensor]:
     """Build a site's state from the prompt; returns the fields of reference.PrefillState."""
-    state = ref.prefill_state(k_pre, k_post, v, cos, sin, mask, mask_kind, rank, chunk_size,
-                              outlier_chunks, local_chunks)
-    # outputs must be fresh and contiguous, as the fake implementation promises
-    return [t if t.is_contiguous() and not t._is_view() else t.clone(memory_format=torch.contiguous_format)
-            for t in state]
+    state = ref.prefill_state(k_pre, k_post, v, mask, mask_kind, rank, chunk_size,
+                              outlier_chunks, local_chunks, sites_left)
+    return [_fresh(t) for t in state]
 
 
 @prefill_state.register_fake
-def _(k_pre, k_post, v, cos, sin, mask, mask_kind, rank, chunk_size, outlier_chunks,
-      local_chunks):
+def _(k_pre, k_post, v, mask, mask_kind, rank, chunk_size, outlier_chunks, local_chunks,
+      sites_left):
     B, H, T, d = k_post.shape
     torch._check(k_pre.shape == k_post.shape, lambda: "k_pre and k_post must have equal shapes")
     torch._check(v.shape[:3] == k_post.shape[:3], lambda: "v must be [B, Hkv, T, dv]")
-    torch._check(cos.shape == sin.shape, lambda: "cos and sin must have equal shapes")
     C = chunk_size
     N, O, L, r = ref.layout(T, C, outlier_chunks, local_chunks, rank, H * d)
     S = N * C
-    dev, dv, rd = k_post.device, v.shape[-1], cos.shape[-1]
+    dev, dv = k_post.device, v.shape[-1]
     new = k_post.new_empty
     b = dict(dtype=torch.bool, device=dev)
     return [new(B, S, r), new(B, H, r, d), new(B, H, N, d), torch.empty(B, H, N, **b),
             torch.empty(B, S, **b), new(B, H, O * C, d), v.new_empty(B, H, O * C, dv),
             torch.empty(B, H, O * C, **b), new(B, H, L, d), v.new_empty(B, H, L, dv),
-            torch.empty(B, L, **b), torch.empty(B, H, N, C, dv, dtype=v.dtype, device="cpu"),
-            cos.new_empty(B, S, rd), sin.new_empty(B, S, rd)]
+            torch.empty(B, L, **b), torch.empty(B, H, N, C, dv, dtype=v.dtype, device="cpu")]
+
+
+@torch.library.custom_op("shadowkv::rope_tables", mutates_args=())
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, chunk_size: int,
+                local_chunks: int) -> List[torch.Tensor]:
+    """The rotary factors of the sparse region, one copy shared by all sites that use them."""
+    return [_fresh(t) for t in ref.rope_tables(cos, sin, chunk_size, local_chunks)]
+
+
+@rope_tables.register_fake
+def _(cos, sin, chunk_size, local_chunks):
+    torch._check(cos.shape == sin.shape, lambda: "cos and sin must have equal shapes")
+    B, T, rd = cos.shape
+    S = ref.layout(T, chunk_size, 0, local_chunks, 1, 1)[0] * chunk_size
+    return [cos.new_empty(B, S, rd), sin.new_empty(B, S, rd)]
 
 
 @torch.library.custom_op("shadowkv::decode", mutates_args=("gen_k", "gen_v", "gen_len"))
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
-           gen_k: torch.Tensor, gen_v: torch.Tensor, gen_len: torch.Tensor, scale: float,
-           chunk_size: int, budget_chunks: int, rope_style: str) -> torch.Tensor:
+           cos: torch.Tensor, sin: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
+           gen_len: torch.Tensor, scale: float, chunk_size: int, budget_chunks: int,
+           rope_style: str) -> torch.Tensor:
     """Sparse decode attention of a rewritten site (see reference.decode_attention)."""
-    return ref.decode_attention(q, k, v, scale, ref.PrefillState(*state), gen_k, gen_v, gen_len,
-                                chunk_size, budget_chunks, rope_style)
+    return ref.decode_attention(q, k, v, scale, ref.PrefillState(*state), cos, sin, gen_k, gen_v,
+                                gen_len, chunk_size, budget_chunks, rope_style)
 
 
 @decode.register_fake
-def _(q, k, v, state, gen_k, gen_v, gen_len, scale, chunk_size, budget_chunks, rope_style):
+def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, scale, chunk_size, budget_chunks,
+      rope_style):
     torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
     torch._check(gen_k.shape[:2] == k.shape[:2], lambda: "gen_k must be [B, Hkv, Gcap, d]")

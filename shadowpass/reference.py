@@ -21,10 +21,14 @@ import torch
 
 
 class PrefillState(NamedTuple):
-    """What a rewritten attention site keeps after prefill (per layer, per batch)."""
+    """What a rewritten attention site keeps after prefill (per layer, per batch).
 
-    U: torch.Tensor             # [B, N*C, r] left factor of the pre-RoPE key SVD
-    SV: torch.Tensor            # [B, Hkv, r, d] diag(s) V^T, per KV head
+    The rotary tables (cos, sin) are not part of it: every site of a model shares one copy
+    (see ``rope_tables``).
+    """
+
+    U: torch.Tensor             # [B, N*C, r] pre-RoPE keys in the rank-r basis (K_pre @ V_r)
+    SV: torch.Tensor            # [B, Hkv, r, d] the basis per KV head (V_r^T): K_pre ~= U @ SV
     landmarks: torch.Tensor     # [B, Hkv, N, d] chunk means of post-RoPE keys
     selectable: torch.Tensor    # [B, Hkv, N] bool: valid chunk and not an outlier
     sparse_valid: torch.Tensor  # [B, N*C] bool: token is not padding
@@ -35,8 +39,6 @@ class PrefillState(NamedTuple):
     local_v: torch.Tensor       # [B, Hkv, L, d]
     local_valid: torch.Tensor   # [B, L] bool
     values: torch.Tensor        # [B, Hkv, N, C, d] on the host (pinned when the model is on CUDA)
-    cos: torch.Tensor           # [B, N*C, rd] the model's own rotary factors at prompt positions
-    sin: torch.Tensor           # [B, N*C, rd]
 
 
 def layout(T: int, chunk_size: int, outlier_chunks: int, local_chunks: int, rank: int,
@@ -74,62 +76,104 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
     return torch.cat((out, x[..., rd:]), dim=-1)
 
 
-def keep_mask(mask: Optional[torch.Tensor], kind: str, B: int, T: int) -> Optional[torch.Tensor]:
-    """The attention mask as bool [B, T, T] (True = attend) over the prompt's own columns."""
-    if mask is None:
-        return None
+def keep_rows(mask: torch.Tensor, kind: str, rows: slice, T: int) -> torch.Tensor:
+    """Rows `rows` of the attention mask over the prompt's own columns, as bool (True = attend).
+
+    mask: the model's mask, broadcastable to [B, 1, T, >=T]; kind: how to read it.
+    """
     m = mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
-    m = m[:, 0, -T:, :T] if m.shape[-1] >= T else m[:, 0, -T:, :]
+    m = m[:, 0, m.shape[2] - T:][:, rows, :T] if m.shape[2] >= T else m[:, 0, :, :T]
     if kind == "bool_keep":
-        keep = m.bool()
-    elif kind == "bool_drop":
-        keep = ~m.bool()
-    elif kind == "additive":
-        finite = m[torch.isfinite(m)]
-        if ((finite != 0) & (finite > torch.finfo(m.dtype).min / 2)).any():
+        return m.bool()
+    if kind == "bool_drop":
+        return ~m.bool()
+    if kind == "additive":
+        floor = torch.finfo(m.dtype).min / 2
+        if (torch.isfinite(m) & (m != 0) & (m > floor)).any():
             raise ValueError(
                 "shadowkv: the attention mask adds a non-zero bias (ALiBi or similar); ShadowKV "
                 "supports only causal + padding masks. Compile this model without shadowkv.")
-        keep = m > torch.finfo(m.dtype).min / 2
-    else:
-        raise ValueError(f"unknown mask kind {kind!r}")
-    return keep.expand(B, T, T)
+        return m > floor
+    raise ValueError(f"unknown mask kind {kind!r}")
 
 
-def key_validity(keep: Optional[torch.Tensor], B: int, T: int, device) -> torch.Tensor:
-    """[B, T] bool: which prompt tokens are real (not padding), checked against a causal mask."""
-    if keep is None:
+def key_validity(mask: Optional[torch.Tensor], kind: str, B: int, T: int, device) -> torch.Tensor:
+    """[B, T] bool: which prompt tokens are real (not padding), checked against a causal mask.
+
+    Reads the [T, T] mask in row blocks, so a 128K prompt never needs a T x T temporary.
+    """
+    if mask is None:
         return torch.ones(B, T, dtype=torch.bool, device=device)
-    valid = keep[:, -1, :]  # the last query attends to every real token (left padding)
-    causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
-    expected = causal[None] & valid[:, None, :]
-    rows = valid[:, :, None].expand(B, T, T)
-    if not torch.equal(keep[rows], expected[rows]):
-        raise ValueError(
-            "shadowkv: the prefill attention mask is not causal + padding (a sliding window or a "
-            "custom mask?). ShadowKV needs causal attention over the whole prompt; raise the "
-            "model's sliding window above the context or compile it without shadowkv.")
-    return valid
+    valid = keep_rows(mask, kind, slice(T - 1, T), T)[:, 0].expand(B, T).to(device)
+    cols = torch.arange(T, device=valid.device)
+    step = max(1, (1 << 24) // max(T, 1))
+    for start in range(0, T, step):
+        rows = slice(start, min(start + step, T))
+        keep = keep_rows(mask, kind, rows, T).to(valid.device)        # [B or 1, n, T]
+        causal = cols[None, :] <= cols[rows, None]                    # [n, T]
+        wrong = (keep != (causal[None] & valid[:, None, :])) & valid[:, rows, None]
+        if wrong.any():
+            raise ValueError(
+                "shadowkv: the prefill attention mask is not causal + padding (a sliding window "
+                "or a custom mask?). ShadowKV needs causal attention over the whole prompt; raise "
+                "the model's sliding window above the context or compile it without shadowkv.")
+    return valid.contiguous()
 
 
 def svd_keys(k_pre: torch.Tensor, valid: torch.Tensor, rank: int):
-    """Rank-r SVD of pre-RoPE keys with KV heads concatenated.
+    """Rank-r factors of the pre-RoPE keys with KV heads concatenated (K = [S, Hkv*d]).
 
-    k_pre: [B, Hkv, S, d]; valid: [B, S] bool. Returns U [B, S, r], SV [B, Hkv, r, d] (fp32).
-    Padding rows are zeroed so they do not shape the basis.
+    k_pre: [B, Hkv, S, d]; valid: [B, S] bool. Returns U [B, S, r] = K @ V_r and
+    SV [B, Hkv, r, d] = V_r^T split per head (fp32), so U @ SV is the best rank-r approximation
+    of K (Eckart-Young). V_r comes from the eigendecomposition of the small Gram matrix K^T K
+    ([Hkv*d, Hkv*d], in fp64): one pass over K instead of a full SVD of the [S, Hkv*d] matrix,
+    and no division by singular values (U carries them). Padding rows are zeroed so they do not
+    shape the basis.
     """
     B, H, S, d = k_pre.shape
     K = k_pre.transpose(1, 2).reshape(B, S, H * d).float() * valid[..., None]
-    U = k_pre.new_zeros(B, S, rank, dtype=torch.float32)
-    SV = k_pre.new_zeros(B, rank, H * d, dtype=torch.float32)
-    if S > 0:
-        u, s, vh = torch.linalg.svd(K, full_matrices=False)
-        r = min(rank, s.shape[-1])
-        U[..., :r] = u[..., :r]
-        SV[:, :r] = s[..., :r, None] * vh[:, :r]
-    return U, SV.view(B, rank, H, d).transpose(1, 2).contiguous()
+    r = min(rank, H * d)
+    gram = (K.transpose(1, 2) @ K).double()                 # [B, Hd, Hd]
+    _, vecs = torch.linalg.eigh(gram)                        # ascending eigenvalues
+    basis = vecs[..., -r:].flip(-1).float()                  # [B, Hd, r] top-r directions
+    U = K @ basis
+    SV = basis.transpose(1, 2).reshape(B, r, H, d).transpose(1, 2).contiguous()
+    if r < rank:  # keep the promised width; the extra directions are zero
+        U = torch.nn.functional.pad(U, (0, rank - r))
+        SV = torch.nn.functional.pad(SV, (0, 0, 0, rank - r))
+    return U, SV
+
+
+def host_bytes_available() -> int:
+    """Host memory that can still be allocated (Linux MemAvailable; else psutil if present)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except ImportError:
+        return 1 << 62  # unknown: do not block
+
+
+def check_host_memory(per_site: int, sites_left: int, pinned: bool, B: int, T: int):
+    """Raise before allocating the host value store if the remaining sites cannot fit."""
+    need = per_site * sites_left
+    available = host_bytes_available()
+    if need > 0.9 * available:
+        gib = 1 << 30
+        kind = "pinned host" if pinned else "host"
+        raise MemoryError(
+            f"shadowkv: the values of this batch ({B} sequences x {T} prompt tokens) need "
+            f"{need / gib:.2f} GiB of {kind} memory for {sites_left} more attention layers "
+            f"({per_site / gib:.3f} GiB each), but only {available / gib:.2f} GiB is available. "
+            f"Reduce the batch size or the prompt / max length, or free host memory.")
 
 
 def chunk_landmarks(k_post: torch.Tensor, valid: torch.Tensor, C: int):
@@ -155,19 +199,19 @@ def gather_chunks(x: torch.Tensor, idx: torch.Tensor, C: int) -> torch.Tensor:
     return x.gather(2, rows[..., None].expand(B, H, rows.shape[-1], d))
 
 
-def prefill_state(k_pre, k_post, v, cos, sin, mask, mask_kind: str, rank: int, chunk_size: int,
-                  outlier_chunks: int, local_chunks: int) -> PrefillState:
+def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size: int,
+                  outlier_chunks: int, local_chunks: int, sites_left: int = 1) -> PrefillState:
     """Build a site's ShadowKV state from the prompt.
 
     k_pre, k_post, v: [B, Hkv, T, d] (pre-RoPE keys, post-RoPE keys, values);
-    cos, sin: [B, T, rd] rotary factors the model applied to the keys (rd = 0 without RoPE);
-    mask: the model's attention mask (or None for plain causal), interpreted by mask_kind.
+    mask: the model's attention mask (or None for plain causal), interpreted by mask_kind;
+    sites_left: this site and the ones after it in the graph, for the host-memory check.
     """
     B, H, T, d = k_post.shape
     C = chunk_size
     N, O, L, r = layout(T, C, outlier_chunks, local_chunks, rank, H * d)
     S = N * C
-    valid = key_validity(keep_mask(mask, mask_kind, B, T), B, T, k_post.device)
+    valid = key_validity(mask, mask_kind, B, T, k_post.device)
     sparse_valid = valid[:, :S]
 
     U, SV = svd_keys(k_pre[:, :, :S], sparse_valid, r)
@@ -178,9 +222,9 @@ def prefill_state(k_pre, k_post, v, cos, sin, mask, mask_kind: str, rank: int, c
     selectable.scatter_(2, outliers, False)
 
     token_valid = sparse_valid[:, None, :, None].expand(B, H, S, 1)
-    values = v[:, :, :S].reshape(B, H, N, C, d)
-    host = torch.empty(values.shape, dtype=v.dtype, device="cpu",
-                       pin_memory=v.is_cuda)
+    values = v[:, :, :S].reshape(B, H, N, C, v.shape[-1])
+    check_host_memory(values.numel() * values.element_size(), sites_left, v.is_cuda, B, T)
+    host = torch.empty(values.shape, dtype=v.dtype, device="cpu", pin_memory=v.is_cuda)
     host.copy_(values)
     return PrefillState(
         U=U.to(k_post.dtype), SV=SV.to(k_post.dtype), landmarks=landmarks.to(k_post.dtype),
@@ -189,8 +233,18 @@ def prefill_state(k_pre, k_post, v, cos, sin, mask, mask_kind: str, rank: int, c
         outlier_v=gather_chunks(v[:, :, :S], outliers, C),
         outlier_valid=gather_chunks(token_valid, outliers, C)[..., 0],
         local_k=k_post[:, :, S:].clone(), local_v=v[:, :, S:].clone(),
-        local_valid=valid[:, S:].clone(), values=host,
-        cos=cos[:, :S].clone(), sin=sin[:, :S].clone())
+        local_valid=valid[:, S:].clone(), values=host)
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, chunk_size: int, local_chunks: int):
+    """The rotary factors [B, N*C, rd] of the sparse region: what key rebuild needs.
+
+    cos, sin: [B, T, rd] the factors the model applied to the prompt's keys. One copy serves
+    every site that uses the same tables (all layers of a usual decoder).
+    """
+    T = cos.shape[1]
+    N = layout(T, chunk_size, 0, local_chunks, 1, 1)[0]
+    return cos[:, :N * chunk_size].clone(), sin[:, :N * chunk_size].clone()
 
 
 def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
@@ -237,12 +291,12 @@ def fetch_values(values: torch.Tensor, idx: torch.Tensor, device) -> torch.Tenso
     return picked.flatten(2, 3).to(device, non_blocking=True)
 
 
-def decode_attention(q, k, v, scale: float, state: PrefillState, gen_k, gen_v, gen_len,
-                     chunk_size: int, budget_chunks: int, rope_style: str) -> torch.Tensor:
+def decode_attention(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v,
+                     gen_len, chunk_size: int, budget_chunks: int, rope_style: str) -> torch.Tensor:
     """One decode step of a rewritten site.
 
     q: [B, Hq, T, d] post-RoPE queries; k, v: [B, Hkv, T, d] the new tokens' post-RoPE keys and
-    values; gen_k, gen_v: [B, Hkv, Gcap, d] generated tokens so far (updated in place);
+    values; cos, sin: [B, N*C, rd] rotary factors of the sparse region (``rope_tables``); gen_k, gen_v: [B, Hkv, Gcap, d] generated tokens so far (updated in place);
     gen_len: [1] int64 count of generated tokens (updated in place). Returns [B, Hq, T, d].
     Work per step is O(N + budget + outliers + local + generated), independent of T^2.
     """
@@ -256,7 +310,7 @@ def decode_attention(q, k, v, scale: float, state: PrefillState, gen_k, gen_v, g
 
     scores = score_chunks(q, state.landmarks, state.selectable, scale)
     idx, idx_ok = select_chunks(scores, state.selectable, budget_chunks)
-    sel_k = rebuild_keys(state.U, state.SV, state.cos, state.sin, idx, C, rope_style)
+    sel_k = rebuild_keys(state.U, state.SV, cos, sin, idx, C, rope_style)
     sel_v = fetch_values(state.values, idx, q.device)
     tok_ok = gather_chunks(state.sparse_valid[:, None, :, None].expand(B, H, -1, 1), idx, C)[..., 0]
     sel_ok = tok_ok & idx_ok.repeat_interleave(C, dim=-1)

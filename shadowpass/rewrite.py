@@ -1,7 +1,8 @@
 """Rewrite detected attention sites into ShadowKV ops.
 
 A prefill graph keeps its dense attention and gains one ``shadowkv.prefill_state`` op per site,
-whose outputs (the site's state) become extra graph outputs. A decode graph gains the state as
+whose outputs (the site's state) become extra graph outputs, plus one ``shadowkv.rope_tables``
+per distinct pair of rotary tables (shared by the sites that use it). A decode graph gains the state as
 extra graph inputs and each site's attention becomes ``shadowkv.decode``. In both, the model's
 own cat-style cache receives a zero-stride stub instead of full-size K/V.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List
 
 import torch
@@ -24,7 +25,9 @@ from .reference import PrefillState
 log = logging.getLogger(__name__)
 
 STATE_FIELDS = PrefillState._fields
+TABLE_FIELDS = ("cos", "sin")
 GEN_FIELDS = ("gen_k", "gen_v", "gen_len")
+DECODE_INPUTS = STATE_FIELDS + TABLE_FIELDS + GEN_FIELDS
 
 
 @dataclass
@@ -36,6 +39,10 @@ class Rewritten:
     num_outputs: int                # outputs of the original graph
     seq_len: object = None          # T of the new tokens (int or SymInt)
     past_len: object = None         # length of a cat cache's past (int or SymInt), if any
+    site_tables: List[int] = field(default_factory=list)  # prefill: each site's rotary-table pair
+    num_tables: int = 0             # prefill: distinct rotary-table pairs (outputs after states)
+    stub_outputs: List[int] = field(default_factory=list)  # outputs that are cache stubs
+    past_names: List[str] = field(default_factory=list)    # placeholders of a cat cache's past
 
 
 def replay(graph: fx.Graph, chain: List[fx.Node], x: fx.Node) -> fx.Node:
@@ -67,9 +74,34 @@ def rotary_tables(graph: fx.Graph, site: Site, k_post: fx.Node):
     return tables
 
 
+def expression(node, memo=None):
+    """A hashable form of the computation that produces `node` from the graph's inputs: two
+    nodes with equal expressions hold equal values (HF layers each unsqueeze the shared cos)."""
+    memo = {} if memo is None else memo
+    if not isinstance(node, fx.Node):
+        if isinstance(node, (list, tuple)):
+            return tuple(expression(a, memo) for a in node)
+        return repr(node)
+    if node.op in ("placeholder", "get_attr"):
+        return node
+    if node not in memo:
+        memo[node] = (node.op, str(node.target), expression(tuple(node.args), memo),
+                      tuple((k, expression(v, memo)) for k, v in node.kwargs.items()))
+    return memo[node]
+
+
+def table_key(site: Site):
+    """Sites whose rotary tables are equal computations in the same layout share one copy."""
+    rope = site.rope
+    return (expression((rope.cos, rope.sin, rope.freqs)),
+            str(shape(rope.x_rot)) if rope.x_rot else None,
+            tuple((n.op, str(n.target), str(n.args[1:]), str(n.kwargs)) for n in site.k.chain))
+
+
 def cache_stubs(graph: fx.Graph, site: Site):
     """Hand the model's cache a zero-stride view of the right shape instead of full K/V."""
     out = next(n for n in graph.nodes if n.op == "output")
+    stubs = []
     for path in (site.k, site.v):
         full = path.cache_node
         if full is None or full not in out.all_input_nodes:
@@ -78,6 +110,8 @@ def cache_stubs(graph: fx.Graph, site: Site):
             one = graph.call_method("new_zeros", (full, (1,) * len(shape(full))))
             stub = graph.call_method("expand_as", (one, full))
         out.args = fx.node.map_arg(out.args, lambda n: stub if n is full else n)
+        stubs.append(stub)
+    return stubs
 
 
 def impure(n: fx.Node) -> bool:
@@ -104,7 +138,7 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
         return result
 
     last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    extra_outputs = []
+    state_outputs, tables, stubs = [], {}, []  # tables: key -> (index, [cos, sin] output nodes)
     for index, site in enumerate(ok):
         kv_heads = concrete(shape(site.q)[1]) // site.gqa_group
         head_dim = concrete(shape(site.q)[-1])
@@ -112,32 +146,41 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
         if rank < cfg.rank:
             log.info("shadowpass: %s: rank %d capped at H_kv*d = %d", site.name, cfg.rank, rank)
             site.notes.append(f"rank capped at H_kv*d = {rank}")
-        cache_stubs(graph, site)
+        stubs += cache_stubs(graph, site)
         if site.phase == "prefill":
             with graph.inserting_before(site.node.next):
                 k_pre = replay(graph, site.k.chain, site.rope.x)
                 k_post = replay(graph, site.k.chain, site.k.new)
                 v = replay(graph, site.v.chain, site.v.new)
-                cos, sin = rotary_tables(graph, site, k_post)
                 st = call(graph, torch.ops.shadowkv.prefill_state.default, k_pre, k_post, v,
-                          cos, sin, site.mask, site.mask_kind, rank, cfg.chunk_size,
-                          cfg.outlier_chunks, cfg.local_chunks)
-                extra_outputs += [call(graph, operator.getitem, st, i)
+                          site.mask, site.mask_kind, rank, cfg.chunk_size, cfg.outlier_chunks,
+                          cfg.local_chunks, len(ok) - index)
+                state_outputs += [call(graph, operator.getitem, st, i)
                                   for i in range(len(STATE_FIELDS))]
+                key = table_key(site)
+                if key not in tables:
+                    cos, sin = rotary_tables(graph, site, k_post)
+                    tab = call(graph, torch.ops.shadowkv.rope_tables.default, cos, sin,
+                               cfg.chunk_size, cfg.local_chunks)
+                    tables[key] = (len(tables), [call(graph, operator.getitem, tab, i)
+                                                 for i in range(len(TABLE_FIELDS))])
+                result.site_tables.append(tables[key][0])
         else:
             inputs = []
-            for fname in STATE_FIELDS + GEN_FIELDS:
+            for fname in DECODE_INPUTS:
                 with graph.inserting_after(last_ph):
                     last_ph = graph.placeholder(f"shadowkv_site{index}_{fname}")
                 inputs.append(last_ph)
+            n_state = len(STATE_FIELDS)
             with graph.inserting_before(site.node):
                 k_post = replay(graph, site.k.chain, site.k.new)
                 v = replay(graph, site.v.chain, site.v.new)
                 attn = call(graph, torch.ops.shadowkv.decode.default, site.q, k_post, v,
-                            inputs[:len(STATE_FIELDS)], *inputs[len(STATE_FIELDS):],
-                            float(site.scale), cfg.chunk_size, cfg.budget_chunks,
-                            site.rope.style)
+                            inputs[:n_state], *inputs[n_state:], float(site.scale),
+                            cfg.chunk_size, cfg.budget_chunks, site.rope.style)
             site.node.replace_all_uses_with(attn)
+    result.num_tables = len(tables)
+    extra_outputs = state_outputs + [n for _, pair in tables.values() for n in pair]
     first = ok[0]
     result.seq_len = shape(first.q)[2]
     if first.k.cache == "cat" and first.k.past is not None:
@@ -146,8 +189,11 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
         past = shape(first.k.past)
         # HF starts a DynamicCache from a 1-D empty tensor
         result.past_len = past[dim] if len(past) == len(shape(first.k.cache_node)) else 0
+    result.past_names = [p.past.name for s in ok for p in (s.k, s.v)
+                         if p.past is not None and p.past.op == "placeholder"]
+    outs = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    result.stub_outputs = [i for i, n in enumerate(outs) if n in stubs]
     if extra_outputs:
-        outs = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
         out.args = (tuple(outs) + tuple(extra_outputs),)
     graph.eliminate_dead_code(is_impure_node=impure)
     graph.lint()

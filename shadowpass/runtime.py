@@ -28,15 +28,18 @@ GEN_CAPACITY = 256  # generated tokens held exactly before the buffer doubles
 @dataclass
 class SiteState:
     prefill: PrefillState
-    gen_k: torch.Tensor   # [B, Hkv, Gcap, d]
+    cos: torch.Tensor      # [B, N*C, rd] shared with the other sites that use the same tables
+    sin: torch.Tensor
+    gen_k: torch.Tensor    # [B, Hkv, Gcap, d] generated tokens, exact
     gen_v: torch.Tensor
     gen_len: torch.Tensor  # [1] int64
     used: int = 0          # host mirror of gen_len, to grow the buffers without a sync
 
     def tensors(self) -> List[torch.Tensor]:
-        return [*self.prefill, self.gen_k, self.gen_v, self.gen_len]
+        return [*self.prefill, self.cos, self.sin, self.gen_k, self.gen_v, self.gen_len]
 
     def reserve(self, extra: int):
+        """Grow the generated-token buffers (doubling): generation has no fixed cap."""
         cap = self.gen_k.shape[2]
         if self.used + extra <= cap:
             return
@@ -47,32 +50,79 @@ class SiteState:
             new[:, :, :cap] = old
             setattr(self, name, new)
 
-    def nbytes(self, device_only: bool = True) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors()
-                   if not device_only or t.device == self.gen_k.device)
+
+class Session:
+    """The ShadowKV state of one batch of prompts: site name -> SiteState.
+
+    When the graph hands the model's cache zero-stride stubs, the stubs own the session (an
+    attribute on each stub tensor), so the state lives exactly as long as the model's cache:
+    when generate() drops its cache, the GPU state and the pinned values are freed.
+    """
+
+    def __init__(self, sites: Dict[str, SiteState]):
+        self.sites = sites
+
+    def nbytes(self, where: str = "device") -> int:
+        """Bytes held on the model's device ("device": everything but the value store) or in
+        the host value store ("host"); each storage counted once (rotary tables are shared)."""
+        seen, total = set(), 0
+        for site in self.sites.values():
+            for t in site.tensors():
+                if (t is site.prefill.values) != (where == "host"):
+                    continue
+                key = (t.device, t.untyped_storage().data_ptr())
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
+        return total
 
 
 class Runtime:
-    """ShadowKV state of one compiled model: site name -> SiteState."""
+    """ShadowKV state of one compiled model: the current Session, if any."""
 
     def __init__(self):
-        self.sites: Dict[str, SiteState] = {}
+        self._session: Optional[Session] = None   # held here when no cache stub owns it
+        self._weak: Optional[weakref.ref] = None  # when the model's cache owns it
+
+    @property
+    def session(self) -> Optional[Session]:
+        if self._session is not None:
+            return self._session
+        return self._weak() if self._weak is not None else None
+
+    @property
+    def sites(self) -> Dict[str, SiteState]:
+        session = self.session
+        return session.sites if session is not None else {}
 
     def clear(self):
-        self.sites = {}
+        self._session = self._weak = None
 
-    def store(self, names: List[str], flat: List[torch.Tensor]):
+    def store(self, rw: Rewritten, names: List[str], extra: List[torch.Tensor]) -> Session:
         n = len(STATE_FIELDS)
-        self.sites = {}
+        tables = extra[len(names) * n:]
+        sites = {}
         for i, name in enumerate(names):
-            st = PrefillState(*flat[i * n:(i + 1) * n])
+            st = PrefillState(*extra[i * n:(i + 1) * n])
+            cos, sin = tables[2 * rw.site_tables[i]:2 * rw.site_tables[i] + 2]
             B, H, _, d = st.local_k.shape
-            dv = st.local_v.shape[-1]
-            self.sites[name] = SiteState(
-                prefill=st,
+            sites[name] = SiteState(
+                prefill=st, cos=cos, sin=sin,
                 gen_k=st.local_k.new_zeros(B, H, GEN_CAPACITY, d),
-                gen_v=st.local_v.new_zeros(B, H, GEN_CAPACITY, dv),
+                gen_v=st.local_v.new_zeros(B, H, GEN_CAPACITY, st.local_v.shape[-1]),
                 gen_len=torch.zeros(1, dtype=torch.long, device=st.local_k.device))
+        self.clear()
+        session = Session(sites)
+        self._session = session
+        return session
+
+    def attach(self, session: Session, stubs: List[torch.Tensor]):
+        """Let the model's cache own the session through the stubs it holds."""
+        if not stubs:
+            return
+        for t in stubs:
+            t._shadowkv_session = session
+        self._session, self._weak = None, weakref.ref(session)
 
     def decode_inputs(self, names: List[str], new_tokens: int) -> Optional[List[torch.Tensor]]:
         if not self.sites:
@@ -152,6 +202,8 @@ class ShadowGraph:
         self.param_idx = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         self.seq_len = symbolic_reader(original, rw.seq_len)
         self.past_len = symbolic_reader(original, rw.past_len)
+        placeholders = [n.name for n in original.graph.nodes if n.op == "placeholder"]
+        self.past_inputs = [placeholders.index(p) for p in rw.past_names]
 
     def dense(self, *args):
         if self._dense is None:
@@ -179,6 +231,7 @@ class ShadowGraph:
     def __call__(self, *args):
         rt = self.runtime(args)
         T = self.seq_len(args)
+        n = self.rw.num_outputs
         if self.rw.phase == "prefill":
             if (self.past_len(args) or 0) > 0 and rt.sites:
                 raise NotImplementedError(
@@ -191,10 +244,31 @@ class ShadowGraph:
                           self.cfg.sparse_threshold)
                 return self.dense(*args)
             outs = self.sparse(*args)
-            n = self.rw.num_outputs
-            rt.store(self.names, list(outs[n:]))
-            return outs[:n] if isinstance(outs, tuple) else type(outs)(outs[:n])
-        state = rt.decode_inputs(self.names, T)
-        if state is None:
-            return self.dense(*args)
-        return self.sparse(*args, *state)
+            session = rt.store(self.rw, self.names, list(outs[n:]))
+            outs = outs[:n] if isinstance(outs, tuple) else type(outs)(outs[:n])
+        else:
+            state = rt.decode_inputs(self.names, T)
+            if state is None:
+                self.check_no_stub(args)
+                if self._dense is None:
+                    log.info("shadowpass: a decode step with no ShadowKV state runs dense: the "
+                             "prefill did not go through the shadowkv backend (e.g. generate("
+                             "cache_implementation='static') compiles only the decode step; use "
+                             "model.compile(backend='shadowkv') instead), or it was shorter than "
+                             "min_sparse_len")
+                return self.dense(*args)
+            session = rt.session
+            outs = self.sparse(*args, *state)
+        rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
+        return outs
+
+    def check_no_stub(self, args):
+        """A decode step without state on a cache of stubs would attend to zeros: refuse."""
+        for i in self.past_inputs:
+            t = args[i]
+            if (isinstance(t, torch.Tensor) and t.numel() > 1
+                    and all(st == 0 for st, n in zip(t.stride(), t.shape) if n > 1)):
+                raise RuntimeError(
+                    "shadowkv: this decode step continues a sequence whose ShadowKV state was "
+                    "released (its cache holds stubs, not keys and values). Keep the cache "
+                    "returned by the prefill alive while decoding, or start from a new prefill.")

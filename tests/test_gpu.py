@@ -38,3 +38,133 @@ def test_exactness_anchor_cuda(name, dtype):
     diff = max((a - b).abs().max().item() for a, b in zip(out.logits, dense.logits))
     print(f"{name} {dtype}: max logit diff {diff:.3g}")
     assert torch.equal(out.sequences, dense.sequences)
+
+
+def llama8b_layers(layers=2, **overrides):
+    """The Llama-3.1-8B layer shape (random bf16 weights, small vocab), `layers` layers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, num_hidden_layers=layers, vocab_size=1024,
+                      max_position_embeddings=131072, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192}, **overrides)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    torch.cuda.synchronize()
+    return out, start.elapsed_time(end) / 1e3
+
+
+def test_memory_8b_layer_shape():
+    """Issue 3 memory figures: GPU state per token and per layer at 32K / 60K (torch.cuda.
+    memory_allocated), against dense K/V; prefill time and the share spent building state;
+    122K prefill on one GPU; memory back to baseline when the cache is dropped."""
+    import gc
+
+    from transformers import DynamicCache
+    layers, H, d = 2, 8, 128
+    model = llama8b_layers(layers)
+    gib = 1 << 30
+    rows = {}
+    for T in (32768, 61440, 122880):
+        ids = torch.randint(0, 1024, (1, T), device="cuda")
+        times = {}
+        for path, opts in (("dense", {"min_sparse_len": 1 << 30}), ("shadowkv", {})):
+            torch._dynamo.reset()
+            model.compile(backend="shadowkv", options=opts)
+            for rep in range(2):  # the first call compiles (and allocates library workspaces)
+                gc.collect()
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                cache = DynamicCache(config=model.config)
+                with torch.no_grad():
+                    out, times[path] = timed(lambda: model(ids, past_key_values=cache,
+                                                            logits_to_keep=1))
+                del out  # it holds the cache too
+                held = torch.cuda.memory_allocated() - base
+                if path == "shadowkv":
+                    session = shadowpass.runtime_of(model).session
+                    assert session is not None and len(session.sites) == layers
+                    accounted = session.nbytes("device")
+                    host = session.nbytes("host")
+                    st = next(iter(session.sites.values()))
+                    assert st.prefill.values.is_pinned()
+                    table = st.cos.untyped_storage().nbytes() * 2
+                    del session, st
+                del cache
+                gc.collect()
+                torch.cuda.synchronize()
+                if rep:
+                    assert torch.cuda.memory_allocated() - base < (1 << 20), "state not freed"
+        # what the model holds after prefill, per layer, with the rotary tables amortized as in
+        # the 32-layer 8B model (they are shared by all layers)
+        per_layer_8b = (held - table) / layers + table / 32
+        rows[T] = dict(held=held, accounted=accounted, host=host, per_layer_8b=per_layer_8b,
+                       dense_per_layer=T * 2 * H * d * 2, t_dense=times["dense"],
+                       t_shadow=times["shadowkv"])
+        print(f"T={T}: memory_allocated delta {held / 2**20:.1f} MiB (state accounted "
+              f"{accounted / 2**20:.1f} MiB), host values {host / gib:.3f} GiB; per layer (8B, "
+              f"32 layers) {per_layer_8b / 2**20:.1f} MiB vs dense {rows[T]['dense_per_layer'] / 2**20:.1f}"
+              f" MiB = 1/{rows[T]['dense_per_layer'] / per_layer_8b:.1f}; prefill dense "
+              f"{times['dense']:.2f} s, shadowkv {times['shadowkv']:.2f} s, state share "
+              f"{1 - times['dense'] / times['shadowkv']:.1%}")
+        assert abs(held - accounted) < 0.05 * held
+    a, b = rows[32768], rows[61440]
+    per_token = (b["per_layer_8b"] - a["per_layer_8b"]) / (61440 - 32768)
+    print(f"GPU bytes per token per layer: shadowkv {per_token:.1f} B, dense {2 * H * d * 2} B")
+    assert per_token <= 600
+    assert b["per_layer_8b"] <= b["dense_per_layer"] / 5
+    # largest batch at 60K for the whole 8B model on this GPU (weights 16.06 GB, 4 GiB reserve)
+    total = torch.cuda.get_device_properties(0).total_memory
+    free = total - 16.06e9 - 4 * gib
+    host_free = shadowpass.reference.host_bytes_available()
+    dense_seq, shadow_seq = 32 * b["dense_per_layer"], 32 * b["per_layer_8b"]
+    host_seq = 32 * 61440 * H * d * 2
+    print(f"largest batch at 60K, 8B shape, {torch.cuda.get_device_name()}: dense "
+          f"{int(free // dense_seq)} (GPU-bound); shadowkv {int(free // shadow_seq)} by GPU memory, "
+          f"{int(host_free // host_seq)} by host memory ({host_free / gib:.0f} GiB available)")
+
+
+def test_gram_route_matches_full_svd_and_is_faster():
+    """The Gram/eigh route against torch.linalg.svd at 60K x 1024 (8B layer keys)."""
+    from shadowpass import reference as ref
+    S, H, d, r = 61440, 8, 128, 160
+    # keys with a decaying spectrum, as real pre-RoPE keys have
+    k = (torch.randn(1, S, 256, device="cuda") @ torch.randn(256, H * d, device="cuda")
+         + 0.05 * torch.randn(1, S, H * d, device="cuda"))
+    k = k.view(1, S, H, d).transpose(1, 2).contiguous()
+    valid = torch.ones(1, S, dtype=torch.bool, device="cuda")
+    for _ in range(2):
+        (U, SV), t_gram = timed(lambda: ref.svd_keys(k, valid, r))
+    K = k.transpose(1, 2).reshape(1, S, H * d)
+    for _ in range(2):
+        (u, s, vh), t_svd = timed(lambda: torch.linalg.svd(K, full_matrices=False))
+    best = s[0, r:].pow(2).sum().sqrt()
+    err = (torch.einsum("bsr,bhrd->bhsd", U, SV) - k).norm()
+    print(f"rank {r} of {S}x{H * d}: Gram/eigh {t_gram * 1e3:.1f} ms, full SVD {t_svd * 1e3:.1f} ms "
+          f"({t_svd / t_gram:.1f}x); error {err:.4g} vs Eckart-Young bound {best:.4g}")
+    assert err <= best * 1.001
+
+
+def test_static_cache_generate_is_correct():
+    """HF's static-cache route compiles only the decode step (the prefill runs eagerly, so no
+    ShadowKV state exists): it must still be correct, on dense attention."""
+    from transformers import CompileConfig
+    model = hf_model("llama").to("cuda")
+    ids = torch.randint(0, 256, (2, 600), device="cuda")
+    kw = dict(max_new_tokens=16, do_sample=False)
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+        out = model.generate(ids, cache_implementation="static",
+                             compile_config=CompileConfig(backend="shadowkv"), **kw)
+    assert torch.equal(out, dense)

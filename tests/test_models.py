@@ -1,9 +1,13 @@
 """End to end on tiny random-weight Hugging Face models built from configs (no download)."""
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 import shadowpass
+from shadowpass import runtime
 from cases import EXPECTED_ROPE, HF_MODELS, hf_model
 from tolerances import FP32_LOGITS
 
@@ -90,7 +94,7 @@ def test_small_budget_state_sizes():
         assert st.outlier_k.shape == (B, H, outliers * C, d) == st.outlier_v.shape
         assert st.local_k.shape == (B, H, L, d)
         assert st.values.shape == (B, H, N, C, d) and st.values.device.type == "cpu"
-        assert st.cos.shape == (B, N * C, d)
+        assert s.cos.shape == (B, N * C, d) and s.sin.shape == (B, N * C, d)
         # outliers are excluded from selection; the padded first chunk of sequence 0 too
         assert (st.selectable.sum(-1)[1] == N - outliers).all()
         assert s.used == 15
@@ -129,12 +133,108 @@ def test_new_generate_starts_fresh_state_and_models_do_not_share():
     for m in (a, b):
         m.compile(backend="shadowkv", options=EXACT)
     ids, mask = prompt(1, 300)
-    greedy(a, ids, mask, n=4)
+    out_a = greedy(a, ids, mask, n=4)  # the returned cache keeps a's state alive
     first = shadowpass.runtime_of(a).sites["model.layers.0.self_attn"]
     ids2, mask2 = prompt(1, 320)
-    greedy(b, ids2, mask2, n=4)
+    out_b = greedy(b, ids2, mask2, n=4)
     assert shadowpass.runtime_of(a) is not shadowpass.runtime_of(b)
     assert shadowpass.runtime_of(a).sites["model.layers.0.self_attn"] is first
-    greedy(a, ids2, mask2, n=4)
+    out_a2 = greedy(a, ids2, mask2, n=4)
     second = shadowpass.runtime_of(a).sites["model.layers.0.self_attn"]
     assert second is not first and second.used == 3 and second.prefill.U.shape[1] == (320 // 8 - 4) * 8
+    del out_a, out_b, out_a2
+
+
+def test_state_is_freed_when_generate_ends():
+    """The model's cache owns the state: when generate() drops it, the state goes with it."""
+    model = hf_model("llama")
+    model.compile(backend="shadowkv", options=EXACT)
+    ids, mask = prompt(2, 300)
+    out = greedy(model, ids, mask, n=4)
+    rt = shadowpass.runtime_of(model)
+    alive = weakref.ref(rt.sites["model.layers.0.self_attn"].prefill.U)
+    assert alive() is not None
+    del out  # the last reference to the cache
+    gc.collect()
+    assert rt.sites == {} and alive() is None
+    with torch.no_grad():  # no return_dict: generate's own cache dies inside generate
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert rt.sites == {}
+
+
+def test_decode_after_the_state_was_released_is_refused():
+    model = hf_model("llama")
+    model.compile(backend="shadowkv", options=EXACT)
+    ids = torch.randint(0, 256, (1, 300))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache).logits
+        shadowpass.runtime_of(model).clear()
+        for layer in cache.layers:  # the stubs own the state: drop their reference too
+            del layer.keys._shadowkv_session, layer.values._shadowkv_session
+        with pytest.raises(RuntimeError, match="state was released"):
+            model(logits[:, -1:].argmax(-1), past_key_values=cache)
+
+
+def test_generation_grows_past_the_generated_buffer(monkeypatch):
+    """Generated tokens have no fixed cap: the exact buffer doubles and stays exact."""
+    monkeypatch.setattr(runtime, "GEN_CAPACITY", 4)
+    model = hf_model("llama")
+    ids, mask = prompt(2, 300)
+    dense = greedy(model, ids, mask, n=24)
+    model.compile(backend="shadowkv", options=EXACT)
+    out = greedy(model, ids, mask, n=24)
+    site = shadowpass.runtime_of(model).sites["model.layers.0.self_attn"]
+    assert site.gen_k.shape[2] >= 23 and site.used == 23
+    assert torch.equal(out.sequences, dense.sequences)
+
+
+def test_state_bytes_per_token():
+    """GPU-resident state grows by U (2r B) + landmarks (2*Hkv*d/C B) + ~2 B of masks per token
+    and layer, plus the shared rotary tables; values are on the host."""
+    model = hf_model("llama").to(torch.bfloat16)
+    cfg = model.config
+    H, d, C, r = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, 8, 8
+    model.compile(backend="shadowkv", options=dict(rank=r, budget=64, min_sparse_len=0,
+                                                   outlier_chunks=2, local_chunks=1))
+    device, host = {}, {}
+    for T in (512, 1024):
+        ids = torch.randint(0, 256, (1, T))
+        out = greedy(model, ids, torch.ones_like(ids), n=2)
+        session = shadowpass.runtime_of(model).session
+        device[T], host[T] = session.nbytes("device"), session.nbytes("host")
+        del out, session
+    layers = cfg.num_hidden_layers
+    per_token = (device[1024] - device[512]) / 512 / layers
+    expected = 2 * r + 2 * H * d / C + 2 + 2 * 2 * d / layers  # U, landmarks, masks, tables
+    assert per_token == pytest.approx(expected, rel=0.02), per_token
+    assert (host[1024] - host[512]) / 512 / layers == 2 * H * d  # bf16 values, all on the host
+
+
+def test_sampling_generate_matches_dense():
+    model = hf_model("llama")
+    ids, mask = prompt(2, 300)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=50, temperature=0.8)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        dense = model.generate(ids, **kw)
+        model.compile(backend="shadowkv", options=EXACT)
+        torch.manual_seed(0)
+        out = model.generate(ids, **kw)
+    assert torch.equal(out, dense)
+
+
+def test_static_cache_route_is_correct():
+    """generate(cache_implementation="static", compile_config=...) compiles only the decode step
+    (HF runs the prefill eagerly): no ShadowKV state exists, and the decode stays dense."""
+    from transformers import CompileConfig
+    model = hf_model("llama")
+    ids, mask = prompt(2, 300)
+    config = CompileConfig(backend="shadowkv")  # mode="reduce-overhead" by default
+    config._compile_all_devices = True  # HF auto-compiles on accelerators only
+    with torch.no_grad():
+        dense = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             cache_implementation="static", compile_config=config)
+    assert torch.equal(out, dense)
+    assert shadowpass.runtime_of(model).sites == {}

@@ -59,7 +59,7 @@ def test_outliers_are_lowest_min_cosine():
     k = torch.randn(B, H, T, d)
     v = torch.randn(B, H, T, d)
     cos, sin = rope_tables(B, T, d)
-    st = ref.prefill_state(k, k, v, cos, sin, None, "none", 16, C, 3, 2)
+    st = ref.prefill_state(k, k, v, None, "none", 16, C, 3, 2)
     N = T // C - 2
     _, min_cos = ref.chunk_landmarks(k[:, :, :N * C], torch.ones(B, N * C, dtype=torch.bool), C)
     for h in range(H):
@@ -116,22 +116,23 @@ def make_state(B=2, H=2, T=100, d=16, C=8, rank=None, outliers=2, local=4, pad=0
         keep = torch.ones(B, T, T, dtype=torch.bool).tril()
         keep[0, :, :pad] = False
         mask = keep[:, None]
-    st = ops.prefill_state(kpre, kpost, v, cos, sin, mask, "bool_keep" if pad else "none",
-                           rank or H * d, C, outliers, local)
-    return kpost, v, ref.PrefillState(*st)
+    st = ops.prefill_state(kpre, kpost, v, mask, "bool_keep" if pad else "none",
+                           rank or H * d, C, outliers, local, 1)
+    tables = ops.rope_tables(cos, sin, C, local)
+    return kpost, v, ref.PrefillState(*st), tables
 
 
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("pad", [0, 13])
 def test_decode_full_budget_equals_dense(G, pad):
     B, H, d = 2, 2, 16
-    kpost, v, st = make_state(B, H, d=d, pad=pad)
+    kpost, v, st, tables = make_state(B, H, d=d, pad=pad)
     gk, gv = torch.zeros(B, H, 8, d), torch.zeros(B, H, 8, d)
     gl = torch.zeros(1, dtype=torch.long)
     K, V = [kpost], [v]
     for step in range(3):
         q, k, vn = torch.randn(B, H * G, 1, d), torch.randn(B, H, 1, d), torch.randn(B, H, 1, d)
-        out = ops.decode(q, k, vn, st, gk, gv, gl, 1 / math.sqrt(d), 8, 1000, "rotate_half")
+        out = ops.decode(q, k, vn, st, *tables, gk, gv, gl, 1 / math.sqrt(d), 8, 1000, "rotate_half")
         K.append(k)
         V.append(vn)
         keys = torch.cat(K, 2).repeat_interleave(G, 1)
@@ -146,10 +147,10 @@ def test_decode_full_budget_equals_dense(G, pad):
 def test_decode_attends_only_budget_tokens():
     """With a budget of one chunk, the output is attention over outliers + 1 chunk + local + new."""
     B, H, d, C = 1, 1, 16, 8
-    kpost, v, st = make_state(B, H, d=d, outliers=1, local=1)
+    kpost, v, st, tables = make_state(B, H, d=d, outliers=1, local=1)
     q, k, vn = torch.randn(B, H, 1, d), torch.randn(B, H, 1, d), torch.randn(B, H, 1, d)
     gk, gv, gl = torch.zeros(B, H, 4, d), torch.zeros(B, H, 4, d), torch.zeros(1, dtype=torch.long)
-    out = ops.decode(q, k, vn, st, gk, gv, gl, 0.25, C, 1, "rotate_half")
+    out = ops.decode(q, k, vn, st, *tables, gk, gv, gl, 0.25, C, 1, "rotate_half")
     scores = ref.score_chunks(q, st.landmarks, st.selectable, 0.25)
     chosen = scores.argmax(-1).item()
     outlier = torch.nonzero(~st.selectable[0, 0]).item()
@@ -165,10 +166,11 @@ def test_opcheck():
     kpre = torch.randn(1, 2, 40, 8)
     cos, sin = rope_tables(1, 40, 8)
     v = torch.randn(1, 2, 40, 8)
-    torch.library.opcheck(ops.prefill_state, (kpre, kpre.clone(), v, cos, sin, None, "none", 8, 8, 1, 1))
-    _, _, st = make_state(1, 2, T=40, d=8)
+    torch.library.opcheck(ops.prefill_state, (kpre, kpre.clone(), v, None, "none", 8, 8, 1, 1, 1))
+    torch.library.opcheck(ops.rope_tables, (cos, sin, 8, 1))
+    _, _, st, tables = make_state(1, 2, T=40, d=8)
     args = (torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), list(st),
-            torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, dtype=torch.long),
+            *tables, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, dtype=torch.long),
             0.3, 8, 2, "rotate_half")
     torch.library.opcheck(ops.decode, args)
 
@@ -178,6 +180,16 @@ def test_mask_that_is_not_causal_is_rejected():
     keep = torch.ones(B, 1, T, T, dtype=torch.bool).tril()
     keep[..., 20:, :4] = False  # a sliding window
     kpre = torch.randn(B, 1, T, 8)
-    cos, sin = rope_tables(B, T, 8)
     with pytest.raises(ValueError, match="not causal"):
-        ref.prefill_state(kpre, kpre, kpre, cos, sin, keep, "bool_keep", 8, 8, 1, 1)
+        ref.prefill_state(kpre, kpre, kpre, keep, "bool_keep", 8, 8, 1, 1)
+
+
+def test_host_memory_is_checked_before_allocating(monkeypatch):
+    """Too little host memory for the values of the remaining layers: a clear error, no OOM."""
+    B, H, T, d = 2, 2, 64, 8
+    k = torch.randn(B, H, T, d)
+    per_layer = B * H * (T - 8) * d * 4  # local_chunks=1 keeps the last chunk on the device
+    monkeypatch.setattr(ref, "host_bytes_available", lambda: math.ceil(per_layer * 10 / 0.9))
+    ref.prefill_state(k, k, k, None, "none", 8, 8, 1, 1, sites_left=10)  # exactly fits
+    with pytest.raises(MemoryError, match=r"GiB .*Reduce the batch size"):
+        ref.prefill_state(k, k, k, None, "none", 8, 8, 1, 1, sites_left=11)
