@@ -1,0 +1,404 @@
+"""End-to-end decode throughput and memory: ShadowKV against dense attention on one GPU.
+
+The Llama-3.1-8B architecture with random bf16 weights built on the GPU (no download). For
+each context, dense runs HF SDPA over a static cache, compiled (CUDA graphs), at the largest
+batch its GPU memory holds; shadowpass runs the model compiled with the shadowkv backend at the
+largest batch that GPU and pinned host memory hold. Reported: decode tokens/s over `--gen`
+tokens, prefill time (one sequence) and the share spent building ShadowKV state, peak GPU and
+pinned host memory, the cache-hit rate, and the ShadowKV step against its roofline bound from
+the HBM and PCIe bandwidths measured in the same run.
+
+Shortcuts, all of which leave a decode step's cost unchanged: the dense cache is filled with
+random keys and values instead of a real prefill (its step reads every cached byte whatever the
+values), and shadowpass prefills one real sequence per context and copies its state to every
+row of the batch (each row still has its own state, pinned values and selection).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+GIB = 1 << 30
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--contexts", type=int, nargs="+", default=[61440, 122880],
+                   help="prompt lengths in tokens (the paper: 60K and 122K)")
+    p.add_argument("--gen", type=int, default=64, help="decode steps timed per run (>= 64)")
+    p.add_argument("--layers", type=int, default=32,
+                   help="decoder layers (32 = Llama-3.1-8B; fewer for a quick check)")
+    p.add_argument("--budget", type=int, default=2048, help="ShadowKV token budget per step")
+    p.add_argument("--rank", type=int, default=160, help="ShadowKV key rank")
+    p.add_argument("--batches", type=int, nargs="*", default=None,
+                   help="batch sizes to run besides the largest that fits (tokens/s vs batch)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="cap on the batch size tried (default: what memory allows)")
+    p.add_argument("--host-fraction", type=float, default=0.85,
+                   help="fraction of available host memory shadowpass may pin for values")
+    p.add_argument("--gpu-reserve-gib", type=float, default=6.0,
+                   help="GPU memory kept free for activations and workspaces when sizing batches")
+    p.add_argument("--check", action="store_true",
+                   help="only check that the benchmarked path is the real one: full rank and "
+                        "budget on a short context give dense's tokens")
+    p.add_argument("--out", default=None, help="write results JSON (and a PNG plot) here")
+
+
+@dataclass
+class Row:
+    method: str
+    context: int
+    batch: int
+    tokens_per_s: float
+    step_ms: float
+    step_ms_spread: list[float]
+    peak_gpu_gib: float
+    pinned_gib: float = 0.0
+    hit_rate: float | None = None
+    roofline_ms: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def llama8b(layers: int, vocab: int = 128256):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, num_hidden_layers=layers, vocab_size=vocab,
+                      max_position_embeddings=131072, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192})
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    return model
+
+
+def peaks() -> dict[str, float]:
+    """HBM (device-to-device copy, read + write bytes) and pinned host-to-device GB/s."""
+    from triton.testing import do_bench
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    hbm = 2 * n / do_bench(lambda: b.copy_(a), rep=200) / 1e6
+    h2d = n / do_bench(lambda: b.copy_(host, non_blocking=True), rep=200) / 1e6
+    return {"hbm_gbs": hbm, "h2d_gbs": h2d}
+
+
+def time_steps(step, n: int) -> list[float]:
+    """Per-step milliseconds of n calls (CUDA events, after the caller's warm-up)."""
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def summary(times: list[float]):
+    t = sorted(times)
+    return t[len(t) // 2], [t[len(t) // 5], t[(4 * len(t)) // 5]]
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------- dense
+def dense_run(model, B: int, T: int, gen: int) -> Row:
+    from transformers import StaticCache
+    cfg = model.config
+    H, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    torch.cuda.reset_peak_memory_stats()
+    cache = StaticCache(config=cfg, max_cache_len=T + gen + 8)
+    probe = torch.zeros(B, H, 1, d, dtype=torch.bfloat16, device="cuda")
+    for layer in cache.layers:  # a decode step reads every cached byte, whatever the values
+        layer.lazy_initialization(probe, probe)
+        layer.keys.normal_()
+        layer.values.normal_()
+        layer.cumulative_length.fill_(T)
+    forward = torch.compile(model.forward, mode="reduce-overhead")
+    ids = torch.randint(0, cfg.vocab_size, (B, 1), device="cuda")
+    pos = torch.full((B, 1), T, device="cuda")
+
+    def step():
+        nonlocal ids
+        with torch.no_grad():
+            out = forward(input_ids=ids, position_ids=pos, past_key_values=cache,
+                          use_cache=True, logits_to_keep=1)
+        ids = out.logits[:, -1:].argmax(-1)
+        pos.add_(1)
+
+    for _ in range(3):
+        step()
+    times = time_steps(step, gen)
+    med, spread = summary(times)
+    return Row("dense", T, B, B * 1e3 / med, med, spread, torch.cuda.max_memory_allocated() / GIB)
+
+
+def release():
+    """Drop compiled graphs (and the CUDA-graph pools and caches they hold) between runs."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def dense_max_batch(model, T: int, reserve: float) -> int:
+    cfg = model.config
+    per_seq = cfg.num_hidden_layers * T * 2 * cfg.num_key_value_heads * (
+        cfg.hidden_size // cfg.num_attention_heads) * 2
+    free = torch.cuda.mem_get_info()[0] - reserve * GIB
+    return max(1, int(free // per_seq))
+
+
+# ------------------------------------------------------------------------------- shadowpass
+def shadow_prefill(model, T: int, opts: dict):
+    """One real prefill through the shadowkv backend: (session, seconds, dense seconds)."""
+    from transformers import DynamicCache
+
+    import shadowpass
+    ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
+    times = {}
+    for path, extra in (("dense", {"min_sparse_len": 1 << 30}), ("shadowkv", {})):
+        torch._dynamo.reset()
+        model.compile(backend="shadowkv", options={**opts, **extra})
+        for _ in range(2):  # the first call compiles
+            cache = DynamicCache(config=model.config)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model(ids, past_key_values=cache, logits_to_keep=1)
+            torch.cuda.synchronize()
+            times[path] = time.perf_counter() - t0
+            del out
+    session = shadowpass.runtime_of(model).session
+    return session, cache, times["shadowkv"], times["dense"]
+
+
+def tile_session(session, B: int):
+    """The batch-1 session copied to B rows (real copies: each row owns its state)."""
+    from .reference import PrefillState
+    from .runtime import Session, SiteState
+    tables, sites = {}, {}
+    for name, s in session.sites.items():
+        def rows(t):
+            if t.device.type == "cpu":
+                out = torch.empty((B,) + tuple(t.shape[1:]), dtype=t.dtype, pin_memory=True)
+                out.copy_(t.expand(B, *t.shape[1:]))
+                return out
+            return t.expand(B, *t.shape[1:]).contiguous()
+        key = s.cos.untyped_storage().data_ptr()
+        if key not in tables:
+            tables[key] = (rows(s.cos), rows(s.sin))
+        cos, sin = tables[key]
+        sites[name] = SiteState(
+            prefill=PrefillState(*[rows(t) for t in s.prefill]), cos=cos, sin=sin,
+            gen_k=rows(s.gen_k), gen_v=rows(s.gen_v), gen_len=s.gen_len.clone(), used=s.used)
+    return Session(sites)
+
+
+def stub_cache(model, B: int, T: int):
+    """A DynamicCache whose layers hold zero-stride stubs of [B, Hkv, T, d], as after prefill."""
+    from transformers import DynamicCache
+    cfg = model.config
+    H, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache(config=cfg)
+    probe = torch.zeros(1, dtype=torch.bfloat16, device="cuda")
+    for layer in cache.layers:
+        layer.lazy_initialization(probe, probe)
+        layer.keys = probe.view(1, 1, 1, 1).expand(B, H, T, d)
+        layer.values = probe.view(1, 1, 1, 1).expand(B, H, T, d)
+    return cache
+
+
+def shadow_roofline(model, B: int, T: int, cfg, hit: float, bw: dict[str, float]) -> float:
+    """Milliseconds for the bytes a ShadowKV step must move: HBM and PCIe, overlapped."""
+    m = model.config
+    H, d, L = m.num_key_value_heads, m.hidden_size // m.num_attention_heads, m.num_hidden_layers
+    C = cfg.chunk_size
+    N = T // C - cfg.local_chunks
+    K = min(cfg.budget_chunks, N)
+    miss = K * (1 - hit)
+    attended = K * C + cfg.outlier_chunks * C + cfg.local_chunks * C + 64
+    per_layer_hbm = B * H * (N * d * 2                       # landmarks
+                             + miss * C * (cfg.rank * 2 + d * 2 * 2)  # U rows read, K and V written
+                             + attended * d * 2 * 2)        # keys and values attended
+    per_layer_pcie = B * H * miss * C * d * 2
+    hbm = (weight_bytes(model) + L * per_layer_hbm) / (bw["hbm_gbs"] * 1e6)
+    pcie = L * per_layer_pcie / (bw["h2d_gbs"] * 1e6)
+    return max(hbm, pcie)
+
+
+def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw) -> Row:
+    import shadowpass
+    torch.cuda.reset_peak_memory_stats()
+    batched = tile_session(session, B)
+    rt = shadowpass.runtime_of(model)
+    rt.clear()
+    rt._session = batched
+    cache = stub_cache(model, B, T)
+    ids = torch.randint(0, model.config.vocab_size, (B, 1), device="cuda")
+    pos = torch.full((B, 1), T, device="cuda")
+
+    def step():
+        nonlocal ids
+        with torch.no_grad():
+            out = model(input_ids=ids, position_ids=pos, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+        ids = out.logits[:, -1:].argmax(-1)
+        pos.add_(1)
+
+    for _ in range(3):
+        step()
+    times = time_steps(step, gen)
+    med, spread = summary(times)
+    hits = [w.hit_rate() for w in (getattr(s, "workspace", None) for s in batched.sites.values())
+            if w is not None]
+    hits = [h for h in hits if h is not None]
+    hit = sum(hits) / len(hits) if hits else None
+    row = Row("shadowkv", T, B, B * 1e3 / med, med, spread,
+              torch.cuda.max_memory_allocated() / GIB,
+              pinned_gib=batched.nbytes("host") / GIB, hit_rate=hit)
+    row.roofline_ms = shadow_roofline(model, B, T, cfg, hit or 0.0, bw)
+    rt.clear()
+    return row
+
+
+def shadow_max_batch(model, session, reserve: float, host_fraction: float) -> int:
+    from .reference import host_bytes_available
+    gpu_per_seq = session.nbytes("device")
+    host_per_seq = session.nbytes("host")
+    free = torch.cuda.mem_get_info()[0] - reserve * GIB
+    by_gpu = int(free // max(gpu_per_seq, 1))
+    by_host = int(host_fraction * host_bytes_available() // max(host_per_seq, 1))
+    log.info("shadowkv batch limit: %d by GPU, %d by host memory", by_gpu, by_host)
+    return max(1, min(by_gpu, by_host))
+
+
+# ------------------------------------------------------------------------------------ check
+def check_real_path(layers: int = 2) -> bool:
+    """Full rank and budget on a short context: shadowpass's greedy tokens equal dense."""
+    import shadowpass
+    model = llama8b(layers, vocab=1024)
+    ids = torch.randint(0, 1024, (2, 700), device="cuda")
+    kw = {"max_new_tokens": 16, "do_sample": False}
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+        model.compile(backend="shadowkv", options={"rank": 1024, "budget": 1 << 16,
+                                                       "min_sparse_len": 0, "outlier_chunks": 3})
+        ours = model.generate(ids, **kw)
+    ran = shadowpass.runtime_of(model) is not None
+    same = torch.equal(dense, ours)
+    print(f"real-path check (2 layers, 8B shape, 700 tokens, batch 2): tokens equal dense: {same}"
+          f" (shadowkv state built: {ran})")
+    torch._dynamo.reset()
+    return same
+
+
+def plot(rows: list[Row], path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, T) in sorted({(r.method, r.context) for r in rows}):
+        pts = sorted((r.batch, r.tokens_per_s) for r in rows if (r.method, r.context) == (method, T))
+        ax.plot(*zip(*pts), marker="o", label=f"{method} {T // 1024}K")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("decode tokens/s")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_bench(args) -> int:
+    if not torch.cuda.is_available():
+        print("shadowpass bench needs a CUDA GPU (it measures GPU decode throughput); "
+              "on the CPU, run the tests instead.")
+        return 2
+    from .config import ShadowKVConfig
+    torch.manual_seed(0)
+    if args.check:
+        return 0 if check_real_path() else 1
+    bw = peaks()
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}: HBM "
+          f"{bw['hbm_gbs']:.0f} GB/s, pinned H2D {bw['h2d_gbs']:.1f} GB/s")
+    model = llama8b(args.layers)
+    cfg = ShadowKVConfig(rank=args.rank, budget=args.budget)
+    opts = {"rank": args.rank, "budget": args.budget}
+    rows: list[Row] = []
+    for T in args.contexts:
+        session, cache, t_prefill, t_dense_prefill = shadow_prefill(model, T, opts)
+        print(f"T={T}: prefill (1 sequence) dense {t_dense_prefill:.2f} s, shadowkv "
+              f"{t_prefill:.2f} s (state {1 - t_dense_prefill / t_prefill:.0%})")
+        b_shadow = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
+        if args.max_batch:
+            b_shadow = min(b_shadow, args.max_batch)
+        for B in sorted({b for b in (args.batches or []) if b < b_shadow} | {1, b_shadow}):
+            row = shadow_run(model, session, B, T, args.gen, cfg, bw)
+            gc.collect()
+            row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill)
+            rows.append(row)
+            print(json.dumps(asdict(row)))
+        del session, cache
+        release()
+        b_dense = dense_max_batch(model, T, args.gpu_reserve_gib)
+        if args.max_batch:
+            b_dense = min(b_dense, args.max_batch)
+        for B in sorted({b for b in (args.batches or []) if b < b_dense} | {1, b_dense}):
+            try:
+                row = dense_run(model, B, T, args.gen)
+            except torch.OutOfMemoryError:
+                print(f"dense B={B} T={T}: out of GPU memory")
+                release()
+                continue
+            release()
+            rows.append(row)
+            print(json.dumps(asdict(row)))
+    print_table(rows)
+    if args.out:
+        import os
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "e2e.json"), "w") as f:
+            json.dump({"peaks": bw, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        plot(rows, os.path.join(args.out, "e2e_tokens_per_s.png"))
+    return 0
+
+
+def print_table(rows: list[Row]):
+    print("| context | method | batch | tokens/s | step ms (p20-p80) | peak GPU GiB | pinned GiB"
+          " | hit rate | roofline ms | measured / bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        bound = f"{r.roofline_ms:.2f}" if r.roofline_ms else "-"
+        frac = f"{r.step_ms / r.roofline_ms:.2f}x" if r.roofline_ms else "-"
+        hit = f"{r.hit_rate:.0%}" if r.hit_rate is not None else "-"
+        print(f"| {r.context} | {r.method} | {r.batch} | {r.tokens_per_s:.1f} | {r.step_ms:.2f} "
+              f"({r.step_ms_spread[0]:.2f}-{r.step_ms_spread[1]:.2f}) | {r.peak_gpu_gib:.1f} | "
+              f"{r.pinned_gib:.1f} | {hit} | {bound} | {frac} |")
+    for T in sorted({r.context for r in rows}):
+        best = {m: max((r for r in rows if r.context == T and r.method == m),
+                       key=lambda r: r.tokens_per_s, default=None) for m in ("dense", "shadowkv")}
+        if all(best.values()):
+            print(f"T={T}: throughput gain at max batch {best['shadowkv'].tokens_per_s / best['dense'].tokens_per_s:.2f}x"
+                  f" (batch {best['shadowkv'].batch} vs {best['dense'].batch})")
+        one = {m: next((r for r in rows if r.context == T and r.method == m and r.batch == 1), None)
+               for m in ("dense", "shadowkv")}
+        if all(one.values()):
+            print(f"T={T}: batch-1 latency dense {one['dense'].step_ms:.2f} ms, shadowkv "
+                  f"{one['shadowkv'].step_ms:.2f} ms")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_bench_arguments(p)
+    return run_bench(p.parse_args(argv))
