@@ -189,8 +189,11 @@ def test_smollm2_passkey_full_budget_equals_dense():
         same, found = 0, 0
         for s, want in zip(samples, dense):
             ids = torch.tensor([s.input_ids], device="cuda")
-            got = model.generate(ids, max_new_tokens=s.max_new_tokens, do_sample=False)
-            assert shadowpass.runtime_of(model) is not None
+            out = model.generate(ids, max_new_tokens=s.max_new_tokens, do_sample=False,
+                                 return_dict_in_generate=True)  # keeps the cache, so the state
+            assert len(shadowpass.runtime_of(model).sites) == model.config.num_hidden_layers
+            got = out.sequences
+            del out
             same += torch.equal(got, want)
             found += all(a in tok.decode(got[0, ids.shape[1]:]) for a in s.answers)
     print(f"SmolLM2 passkey 4K-8K, {len(samples)} prompts: identical to dense {same}/{len(samples)},"
