@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 
 from .reference import PrefillState
-from .templates.chunk_gather import fetch_values_into, full_load, rebuild_keys_into, reuse_plan
+from .templates.chunk_gather import (
+    fetch_values_into,
+    full_load,
+    rebuild_keys_into,
+    reuse_plan,
+)
 from .templates.landmark_scores import select_top_chunks
 from .templates.sparse_decode import sparse_decode
 
@@ -48,11 +52,11 @@ class DecodeWorkspace:
     sel_v: torch.Tensor
     slot_chunk: torch.Tensor
     chunk_slot: torch.Tensor
-    n_load: Optional[torch.Tensor] = None
+    n_load: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, state: PrefillState, budget_chunks: int, chunk_size: int,
-                 dtype: Optional[torch.dtype] = None) -> "DecodeWorkspace":
+                 dtype: torch.dtype | None = None) -> DecodeWorkspace:
         """Empty buffers for ``state``; K = min(budget_chunks, N); dtype defaults to the local
         keys' dtype (the model's)."""
         B, H, N, d = state.landmarks.shape
@@ -66,17 +70,17 @@ class DecodeWorkspace:
                  chunk_slot=torch.empty(B, H, N, dtype=torch.int32, device=dev))
         return ws.reset()
 
-    def reset(self) -> "DecodeWorkspace":
+    def reset(self) -> DecodeWorkspace:
         """Forget every held chunk (the next step loads all of its selection)."""
         self.slot_chunk.fill_(-1)
         self.chunk_slot.fill_(-1)
         self.n_load = None
         return self
 
-    def tensors(self) -> List[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor]:
         return [self.sel_k, self.sel_v, self.slot_chunk, self.chunk_slot]
 
-    def hit_rate(self) -> Optional[float]:
+    def hit_rate(self) -> float | None:
         """Fraction of last step's selected chunks that were reused (syncs; for reports only)."""
         if self.n_load is None or self.slot_chunk.numel() == 0:
             return None
@@ -98,7 +102,7 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen_v, gen_len,
                           chunk_size: int, budget_chunks: int, rope_style: str,
-                          workspace: Optional[DecodeWorkspace] = None,
+                          workspace: DecodeWorkspace | None = None,
                           overlap: bool = True) -> torch.Tensor:
     """One decode step of a rewritten site on Triton kernels (``reference.decode_attention``).
 
@@ -120,7 +124,7 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen
     [B, Hq, T, d] in q's dtype. Selected keys are rounded to the workspace dtype (the model's),
     where the reference keeps them in fp32.
     """
-    B, Hq, T, d = q.shape
+    Hq, T = q.shape[1], q.shape[2]
     H = k.shape[1]
     C = chunk_size
     if Hq % H:
@@ -190,7 +194,7 @@ def register_cuda_kernel() -> None:
 @torch.library.triton_op("shadowkv::decode_triton",
                          mutates_args=("gen_k", "gen_v", "gen_len", "sel_k", "sel_v",
                                        "slot_chunk", "chunk_slot"))
-def decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
+def decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: list[torch.Tensor],
                   gen_k: torch.Tensor, gen_v: torch.Tensor, gen_len: torch.Tensor,
                   sel_k: torch.Tensor, sel_v: torch.Tensor, slot_chunk: torch.Tensor,
                   chunk_slot: torch.Tensor, scale: float, chunk_size: int, budget_chunks: int,

@@ -242,7 +242,7 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
         raise ValueError("fetch_values_into: the value store must be contiguous [B, H, N, C, d]")
     if B * H * KC == 0:
         return out
-    BLOCK_ROWS = block_rows or (32 if INTERPRET else 32)
+    BLOCK_ROWS = block_rows or 32
     grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
     # out goes first: Inductor takes a user kernel's device from its first tensor argument
     launch(_fetch_values_kernel)[grid](
@@ -251,4 +251,4 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
     return out
 
 
-__all__ = ["reuse_plan", "full_load", "rebuild_keys_into", "fetch_values_into", "ROPE_CODES"]
+__all__ = ["ROPE_CODES", "fetch_values_into", "full_load", "rebuild_keys_into", "reuse_plan"]

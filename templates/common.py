@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "dot", "launch", "next_pow2", "as_bytes"]
+__all__ = ["INTERPRET", "as_bytes", "dot", "launch", "next_pow2"]
 
 # Read at import: the interpreter is chosen per process by this variable, as Triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

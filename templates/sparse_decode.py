@@ -216,7 +216,7 @@ def sparse_decode(q: torch.Tensor, scale: float,
     S = num_splits or default_splits(B * H, Lo + Ls + Ll + Gcap, BLOCK_N, q.device)
     M_PAD = next_pow2(M, 16)
     D_PAD = next_pow2(d, 16)
-    f32 = dict(dtype=torch.float32, device=q.device)
+    f32 = {"dtype": torch.float32, "device": q.device}
     po = torch.empty(B * H * S * M_PAD, d, **f32)
     pm = torch.empty(B * H * S * M_PAD, **f32)
     pl = torch.empty(B * H * S * M_PAD, **f32)
@@ -236,4 +236,4 @@ def sparse_decode(q: torch.Tensor, scale: float,
     return out
 
 
-__all__ = ["sparse_decode", "default_splits"]
+__all__ = ["default_splits", "sparse_decode"]
