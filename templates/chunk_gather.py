@@ -65,7 +65,7 @@ def _reuse_plan_kernel(
 @triton.jit
 def _rebuild_keys_kernel(
     out_ptr, u_ptr, sv_ptr, cos_ptr, sin_ptr, load_chunk_ptr, load_slot_ptr, nload_ptr,
-    H, N, K, C, R, RD,
+    H, N, K, C, R, RD, tab_bstride,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
     ROPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -79,7 +79,8 @@ def _rebuild_keys_kernel(
     ok = j < n_load
     chunk = tl.load(load_chunk_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
     slot = tl.load(load_slot_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
-    tok = b * N * C + chunk * C + c  # row of U / cos / sin: the token's prompt position
+    pos = chunk * C + c  # the token's prompt position
+    tok = b * N * C + pos  # its row of U
     cols = tl.arange(0, D_PAD)
     d_ok = cols < D
     # RoPE is linear along d, so rot(U @ SV) = U @ rot(SV): a second GEMM against SV with
@@ -106,7 +107,7 @@ def _rebuild_keys_kernel(
             svr = tl.load(sv_rows + src[None, :], mask=r_ok[:, None] & rot_ok[None, :], other=0.0)
             acc_rot += dot(u, svr, UPCAST)
     if ROPE != 0:
-        tab = tok[:, None] * RD + cols[None, :]
+        tab = b * tab_bstride + pos[:, None] * RD + cols[None, :]
         t_ok = ok[:, None] & rot_ok[None, :]
         cs = tl.load(cos_ptr + tab, mask=t_ok, other=1.0).to(tl.float32)  # dims >= rd pass through
         sn = tl.load(sin_ptr + tab, mask=t_ok, other=0.0).to(tl.float32)
@@ -187,7 +188,8 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
     ----------
     out : [B, H, K*C, d] selected-K buffer (any float dtype; fp32 accumulation), written in place.
     U : [B, N*C, r] left factor; SV : [B, H, r, d] right factor (same dtype as U).
-    cos, sin : [B, N*C, rd] rotary factors at prompt positions (ignored when rope_style="none").
+    cos, sin : [B, N*C, rd] rotary factors at prompt positions (ignored when rope_style="none");
+        [1, N*C, rd] or a batch-expanded view of it shares one table across the batch.
     load_chunk, load_slot : [B, H, K] int32; n_load : [B, H] int32 (see ``reuse_plan``).
     chunk_size : C. rope_style : "rotate_half", "interleaved" or "none".
 
@@ -206,11 +208,15 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
         raise ValueError(f"rotary dims must be even, got {RD}")
     if B * H * KC == 0:
         return out
+    if cos.shape[0] == 1 or cos.stride(0) == 0:  # one table for the whole batch
+        cos, sin, tab_bstride = cos[:1].contiguous(), sin[:1].contiguous(), 0
+    else:
+        cos, sin, tab_bstride = cos.contiguous(), sin.contiguous(), N * C * RD
     BLOCK_ROWS = block_rows or (32 if INTERPRET else 64)
     grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
     launch(_rebuild_keys_kernel)[grid](
-        out, U.contiguous(), SV.contiguous(), cos.contiguous(), sin.contiguous(),
-        load_chunk, load_slot, n_load, H, N, K, C, R, RD,
+        out, U.contiguous(), SV.contiguous(), cos, sin,
+        load_chunk, load_slot, n_load, H, N, K, C, R, RD, tab_bstride,
         D=d, D_PAD=next_pow2(d, 16), BLOCK_ROWS=BLOCK_ROWS,
         BLOCK_R=min(32, next_pow2(R, 16)), ROPE=rope, UPCAST=INTERPRET, num_warps=4)
     return out

@@ -156,6 +156,18 @@ def test_rebuild_keys_match_reference(style, rd_frac, dtype, d):
     close(out16, want, dtype, "model-dtype buffer")
 
 
+@pytest.mark.parametrize("shared", ["one_row", "expanded"])
+def test_rebuild_keys_with_one_rope_table_for_the_batch(shared):
+    B, H, N, C, d, r, K = 3, 2, 7, 8, 64, 16, 3
+    st = synthetic_state(B, H, N, C, d, r, d, 0, 0, "rotate_half", torch.float32)
+    idx = distinct_chunks(B, H, N, K, seed=4).to(DEV)
+    want = ref.rebuild_keys(st.U, st.SV, st.cos, st.sin, idx, C, "rotate_half")
+    cos, sin = (t[:1] if shared == "one_row" else t[:1].expand(B, -1, -1) for t in (st.cos, st.sin))
+    out = torch.empty(B, H, K * C, d, device=DEV)
+    rebuild_keys_into(out, st.U, st.SV, cos, sin, *full_load(idx), C, "rotate_half")
+    close(out, want, torch.float32)
+
+
 def test_rebuild_keys_odd_chunk_and_rank():
     B, H, N, C, d, r, K = 1, 3, 9, 3, 64, 20, 4  # C=3: load rows straddle program blocks
     st = synthetic_state(B, H, N, C, d, r, 32, 0, 0, "rotate_half", torch.float32)
