@@ -525,3 +525,20 @@ def test_gpu_fetch_rejects_pageable_host_memory():
     idx = torch.tensor([[[0, 2]]], device="cuda")
     with pytest.raises(ValueError, match="pinned"):
         fetch_values_into(out, values, *full_load(idx))
+
+
+# ----------------------------------------------------------------------------- prefill landmarks
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C,d", [(8, 64), (8, 128), (3, 64)])
+def test_chunk_landmarks_match_reference(dtype, C, d):
+    from shadowpass.templates.chunk_landmarks import chunk_landmarks
+    B, H, N, T = 2, 2, 9, 9 * C + 5
+    k = torch.randn(B, H, T, d, device=DEV, dtype=dtype)
+    valid = torch.ones(B, N * C, dtype=torch.bool, device=DEV)
+    valid[0, :C + 2] = False  # one chunk all padding (+inf), one partly padding
+    k_sparse = k[:, :, :N * C]  # a strided slice, as prefill passes it
+    lm, min_cos = chunk_landmarks(k_sparse, valid, C, block_ch=4)
+    want_lm, want_cos = ref.chunk_landmarks(k_sparse, valid, C)
+    torch.testing.assert_close(lm, want_lm, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(min_cos, want_cos, atol=2e-6, rtol=2e-6)
+    assert torch.isinf(min_cos[0, :, 0]).all()
