@@ -19,14 +19,24 @@ triton = pytest.importorskip("triton", reason="the kernels need Triton (pip inst
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 
-from shadowpass import ops, reference as ref  # noqa: E402
-from shadowpass.kernels import DecodeWorkspace, decode_attention_cuda, register_cuda_kernel  # noqa: E402
-from shadowpass.templates.chunk_gather import (  # noqa: E402
-    fetch_values_into, full_load, rebuild_keys_into, reuse_plan)
-from shadowpass.templates.common import INTERPRET  # noqa: E402
-from shadowpass.templates.landmark_scores import landmark_scores, select_top_chunks  # noqa: E402
-from shadowpass.templates.sparse_decode import sparse_decode  # noqa: E402
-from tolerances import KERNEL_BF16, KERNEL_FP16, KERNEL_FP32, SCORES  # noqa: E402
+from shadowpass.templates.chunk_gather import (
+    fetch_values_into,
+    full_load,
+    rebuild_keys_into,
+    reuse_plan,
+)
+from shadowpass.templates.common import INTERPRET
+from shadowpass.templates.landmark_scores import landmark_scores, select_top_chunks
+from shadowpass.templates.sparse_decode import sparse_decode
+from tolerances import KERNEL_BF16, KERNEL_FP16, KERNEL_FP32, SCORES
+
+from shadowpass import ops
+from shadowpass import reference as ref
+from shadowpass.kernels import (
+    DecodeWorkspace,
+    decode_attention_cuda,
+    register_cuda_kernel,
+)
 
 DEV = "cpu" if INTERPRET else "cuda"
 if DEV == "cuda" and not torch.cuda.is_available():
@@ -408,7 +418,11 @@ def gpu(fn):
     """Real-size test on the GPU machine: pytest -m gpu tests/test_kernels.py."""
     fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn)
     return pytest.mark.gpu(fn)
-LLAMA = dict(B=2, H=8, G=4, d=128, r=160, C=8, N=4096, O=48, L=37, budget=2048)  # 32K context
+
+
+# the Llama-3.1-8B layer at 32K context
+LLAMA = {"B": 2, "H": 8, "G": 4, "d": 128, "r": 160, "C": 8, "N": 4096, "O": 48, "L": 37,
+         "budget": 2048}
 
 
 def llama_state(dtype=torch.bfloat16, **over):
