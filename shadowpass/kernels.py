@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import reference as ref
 from .reference import PrefillState
 from .templates.chunk_gather import (
     fetch_values_into,
@@ -27,6 +28,7 @@ from .templates.chunk_gather import (
     rebuild_keys_into,
     reuse_plan,
 )
+from .templates.common import is_fake
 from .templates.landmark_scores import select_top_chunks
 from .templates.sparse_decode import sparse_decode
 
@@ -96,10 +98,6 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[device]
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    return isinstance(t, torch._subclasses.FakeTensor)
-
-
 def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen_v, gen_len,
                           chunk_size: int, budget_chunks: int, rope_style: str,
                           workspace: DecodeWorkspace | None = None,
@@ -150,7 +148,7 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen
             load_chunk, load_slot, n_load = full_load(idx)
             slot_chunk = load_chunk
         workspace.n_load = n_load
-        side = (overlap and q.is_cuda and not _is_fake(q) and not torch.compiler.is_compiling()
+        side = (overlap and q.is_cuda and not is_fake(q) and not torch.compiler.is_compiling()
                 and not torch.cuda.is_current_stream_capturing())
         if side:
             main = torch.cuda.current_stream(q.device)
@@ -175,20 +173,31 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen
                          gen_k, gen_v, gen_len, chunk_size=C)
 
 
+_ROUTE = {"registered": False, "enabled": False}
+
+
 def _decode_op_cuda(q, k, v, state, gen_k, gen_v, gen_len, scale, chunk_size, budget_chunks,
                     rope_style):
     """``shadowkv::decode``'s signature (state as a list; no workspace, so no reuse)."""
+    if not _ROUTE["enabled"]:
+        return ref.decode_attention(q, k, v, scale, PrefillState(*state), gen_k, gen_v, gen_len,
+                                    chunk_size, budget_chunks, rope_style)
     return decode_attention_cuda(q, k, v, scale, PrefillState(*state), gen_k, gen_v, gen_len,
                                  chunk_size, budget_chunks, rope_style)
 
 
-def register_cuda_kernel() -> None:
-    """Make ``decode_attention_cuda`` the CUDA kernel of ``shadowkv::decode`` (idempotent)."""
+def register_cuda_kernel(enabled: bool = True) -> None:
+    """Route ``shadowkv::decode`` on CUDA tensors to ``decode_attention_cuda``.
+
+    Idempotent; ``enabled=False`` routes CUDA back to the reference implementation (tests use
+    it to leave the op as they found it).
+    """
     from . import ops
-    if not getattr(register_cuda_kernel, "_done", False):
+    if not _ROUTE["registered"]:
         ops.decode.register_kernel("cuda")(_decode_op_cuda)
-        register_cuda_kernel._done = True
-        log.debug("shadowkv::decode: CUDA kernel = shadowpass.kernels.decode_attention_cuda")
+        _ROUTE["registered"] = True
+    _ROUTE["enabled"] = enabled
+    log.debug("shadowkv::decode on CUDA: %s", "Triton kernels" if enabled else "reference")
 
 
 @torch.library.triton_op("shadowkv::decode_triton",

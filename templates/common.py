@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "as_bytes", "dot", "launch", "next_pow2"]
+__all__ = ["INTERPRET", "as_bytes", "dot", "is_fake", "launch", "next_pow2"]
 
 # Read at import: the interpreter is chosen per process by this variable, as Triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -39,6 +39,11 @@ def launch(kernel):
 
 def next_pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """True for the FakeTensors that torch.compile traces with (no data, no pinned state)."""
+    return isinstance(t, torch._subclasses.FakeTensor)
 
 
 def as_bytes(mask: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Sub notation:
     B batch, H = Hkv KV heads, Hq query heads, G = Hq // H (GQA group), T query positions,
     d head dim, N chunks, M = G * T query rows of one KV head (row m -> g = m // T, t = m % T).
     Constexprs: D (= d), D_PAD (power of two >= d), M_PAD (power of two >= max(16, M), the
-    tl.dot minimum), BLOCK_N chunks per program, NB_PAD (power of two >= number of N-blocks),
+    tl.dot minimum), BLOCK_N chunks per program, NB_TILE block statistics merged per step,
     G_PAD / T_PAD (powers of two >= G / T), UPCAST (see templates.common).
 
 Parallelization: two kernels, each on a grid (cdiv(N, BLOCK_N), B * H) so that even batch 1
@@ -62,7 +62,7 @@ def _landmark_logits_kernel(
 def _landmark_softmax_kernel(
     logit_ptr, bmax_ptr, bsum_ptr, sel_ptr, score_ptr,
     fill, G, T, N, NB,
-    G_PAD: tl.constexpr, T_PAD: tl.constexpr, NB_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    G_PAD: tl.constexpr, T_PAD: tl.constexpr, NB_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -71,15 +71,21 @@ def _landmark_softmax_kernel(
     t = tl.arange(0, T_PAD)[None, :, None]
     m3 = g * T + t  # [G_PAD, T_PAD, 1] query row
     row_ok = (g < G) & (t < T)
-    # merge the per-block statistics of this (b, h): global max and sum of exp per row
-    blk = tl.arange(0, NB_PAD)[None, None, :]
-    st_ok = row_ok & (blk < NB)
-    bmax = tl.load(bmax_ptr + (bh * M + m3) * NB + blk, mask=st_ok, other=float("-inf"))
-    bsum = tl.load(bsum_ptr + (bh * M + m3) * NB + blk, mask=st_ok, other=0.0)
-    gmax = tl.max(bmax, axis=2)  # [G_PAD, T_PAD]
+    # merge the per-block statistics of this (b, h): global max and sum of exp per row, a tile
+    # of blocks at a time (no constexpr depends on N, so a new prompt length needs no recompile)
+    gmax = tl.full([G_PAD, T_PAD], float("-inf"), dtype=tl.float32)
+    gsum = tl.zeros([G_PAD, T_PAD], dtype=tl.float32)
+    for blk0 in range(0, NB, NB_TILE):
+        blk = blk0 + tl.arange(0, NB_TILE)[None, None, :]
+        st_ok = row_ok & (blk < NB)
+        bmax = tl.load(bmax_ptr + (bh * M + m3) * NB + blk, mask=st_ok, other=float("-inf"))
+        bsum = tl.load(bsum_ptr + (bh * M + m3) * NB + blk, mask=st_ok, other=0.0)
+        new_max = tl.maximum(gmax, tl.max(bmax, axis=2))
+        new_safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        gsum = gsum * tl.exp2(gmax - new_safe) + tl.sum(bsum * tl.exp2(bmax - new_safe[:, :, None]),
+                                                         axis=2)
+        gmax = new_max
     gmax_safe = tl.where(gmax == float("-inf"), 0.0, gmax)
-    bmax_safe = tl.where(bmax == float("-inf"), gmax_safe[:, :, None], bmax)
-    gsum = tl.sum(bsum * tl.exp2(bmax_safe - gmax_safe[:, :, None]), axis=2)
     inv = tl.where(gsum > 0, 1.0 / tl.where(gsum > 0, gsum, 1.0), 0.0)
     # normalize this block of logits; masked chunks give exp2(-inf) = 0 (reference: nan_to_num)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,7 +125,8 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     if N == 0 or B * H == 0:
         return scores
     BLOCK_N = block_n or (32 if INTERPRET else 128)
-    BLOCK_N = min(BLOCK_N, next_pow2(N, 16))
+    if isinstance(N, int) and N < BLOCK_N:  # small prompts (tests); SymInt N keeps the default
+        BLOCK_N = next_pow2(N, 16)
     NB = triton.cdiv(N, BLOCK_N)
     logits = torch.empty(B, H, M, N, dtype=torch.float32, device=landmarks.device)
     bmax = torch.empty(B, H, M, NB, dtype=torch.float32, device=landmarks.device)
@@ -135,7 +142,7 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     launch(_landmark_softmax_kernel)[grid](
         logits, bmax, bsum, sel, scores,
         float(fill), G, T, N, NB,
-        G_PAD=next_pow2(G), T_PAD=next_pow2(T), NB_PAD=next_pow2(NB), BLOCK_N=BLOCK_N,
+        G_PAD=next_pow2(G), T_PAD=next_pow2(T), NB_TILE=64, BLOCK_N=BLOCK_N,
         num_warps=4)
     return scores
 

@@ -210,10 +210,15 @@ def sparse_decode(q: torch.Tensor, scale: float,
         raise ValueError(f"sel_k holds {Ls} rows; expected K*C = {K}*{C}")
     if gen_v.shape[-1] != d or sel_v.shape[-1] != d:
         raise ValueError("sparse_decode: value head dim must equal the key head dim")
+    if M > 128:
+        raise ValueError(f"sparse_decode: {M} query rows per KV head (G*T = {G}*{T}); the kernel "
+                         "holds them in registers and supports at most 128: decode fewer tokens "
+                         "per step")
     if out is None:
         out = torch.empty(B, Hq, T, d, dtype=q.dtype, device=q.device)
     BLOCK_N = block_n or (16 if INTERPRET else 64)
-    S = num_splits or default_splits(B * H, Lo + Ls + Ll + Gcap, BLOCK_N, q.device)
+    # Ll (local tail) varies with the prompt length: leave it out so S does not
+    S = num_splits or default_splits(B * H, Lo + Ls + Gcap, BLOCK_N, q.device)
     M_PAD = next_pow2(M, 16)
     D_PAD = next_pow2(d, 16)
     f32 = {"dtype": torch.float32, "device": q.device}

@@ -6,6 +6,7 @@ kernels on CUDA. Tests marked ``gpu`` use real sizes (Llama-3.1-8B layer) and ne
 
     pytest -m gpu tests/test_kernels.py
 """
+import functools
 import math
 import os
 
@@ -18,6 +19,12 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="the kernels need Triton (pip install triton numpy)")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(triton.language.standard.max, InterpretedFunction):
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its library "
+                           "functions are not interpreted; set it in the environment (conftest.py "
+                           "does so on machines without CUDA)")
 
 from shadowpass.templates.chunk_gather import (
     fetch_values_into,
@@ -415,9 +422,14 @@ def test_decode_triton_op_eager():
 
 # ----------------------------------------------------------------------------- GPU, real sizes
 def gpu(fn):
-    """Real-size test on the GPU machine: pytest -m gpu tests/test_kernels.py."""
-    fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn)
-    return pytest.mark.gpu(fn)
+    """Real-size test on the GPU machine: pytest -m gpu tests/test_kernels.py. It fails (not
+    skips) when the interpreter is on, so a GPU run cannot pass without compiled kernels."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        assert not INTERPRET, "GPU tests must run compiled kernels: unset TRITON_INTERPRET"
+        return fn(*args, **kwargs)
+    run = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(run)
+    return pytest.mark.gpu(run)
 
 
 # the Llama-3.1-8B layer at 32K context
@@ -435,7 +447,6 @@ def llama_state(dtype=torch.bfloat16, **over):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @gpu
 def test_gpu_kernels_at_llama_shape(dtype):
-    assert not INTERPRET, "GPU tests must run compiled kernels: unset TRITON_INTERPRET"
     st, p = llama_state(dtype)
     B, H, G, d, C = p["B"], p["H"], p["G"], p["d"], p["C"]
     K = p["budget"] // C
@@ -482,11 +493,12 @@ def test_gpu_decode_steps_with_reuse():
 
 
 @gpu
-def test_gpu_registered_op_compiled_and_cuda_graph():
+def test_gpu_registered_op_compiled_and_cuda_graph(request):
     st, p = llama_state(N=1024)
     B, H, G, d, C = p["B"], p["H"], p["G"], p["d"], p["C"]
     K = 64
     register_cuda_kernel()
+    request.addfinalizer(lambda: register_cuda_kernel(enabled=False))  # leave the op as found
     gk, gv = (torch.zeros(B, H, 16, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     gl = torch.zeros(1, dtype=torch.long, device="cuda")
     q, k, v = (torch.randn(B, n, 1, d, device="cuda", dtype=torch.bfloat16) for n in (H * G, H, H))
@@ -556,3 +568,26 @@ def test_chunk_landmarks_match_reference(dtype, C, d):
     torch.testing.assert_close(lm, want_lm, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(min_cos, want_cos, atol=2e-6, rtol=2e-6)
     assert torch.isinf(min_cos[0, :, 0]).all()
+
+
+def test_landmark_scores_many_blocks():
+    """More blocks than one tile of block statistics (64): the merge loops."""
+    B, H, G, N, d = 1, 1, 2, 1100, 64
+    q = torch.randn(B, H * G, 1, d, device=DEV)
+    lm = torch.randn(B, H, N, d, device=DEV)
+    sel = torch.rand(B, H, N, device=DEV) > 0.1
+    got = landmark_scores(q, lm, sel, 0.3, block_n=16)
+    torch.testing.assert_close(got, ref.score_chunks(q, lm, sel, 0.3), atol=SCORES[0], rtol=SCORES[1])
+
+
+@gpu
+def test_gpu_decode_triton_opcheck():
+    st, p = llama_state(N=256, B=1, O=4)
+    B, H, G, d, C = p["B"], p["H"], p["G"], p["d"], p["C"]
+    ws = DecodeWorkspace.allocate(st, 16, C)
+    gk, gv = (torch.zeros(B, H, 8, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    gl = torch.zeros(1, dtype=torch.long, device="cuda")
+    q, k, v = (torch.randn(B, n, 1, d, device="cuda", dtype=torch.bfloat16) for n in (H * G, H, H))
+    args = (q, k, v, list(st), gk, gv, gl, *ws.tensors(), 0.09, C, 16, "rotate_half")
+    torch.library.opcheck(torch.ops.shadowkv.decode_triton, args,
+                          test_utils=("test_schema", "test_faketensor"))
