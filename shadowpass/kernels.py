@@ -148,6 +148,12 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen
             load_chunk, load_slot, n_load = full_load(idx)
             slot_chunk = load_chunk
         workspace.n_load = n_load
+        if q.is_cuda and _pageable(state.values):
+            # the GPU cannot read pageable host memory: gather on the host (syncs; slow)
+            rebuild_keys_into(workspace.sel_k, state.U, state.SV, state.cos, state.sin,
+                              load_chunk, load_slot, n_load, C, rope_style)
+            workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
+            return _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C)
         side = (overlap and q.is_cuda and not is_fake(q) and not torch.compiler.is_compiling()
                 and not torch.cuda.is_current_stream_capturing())
         if side:
@@ -167,10 +173,29 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen
             fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
     else:
         slot_chunk = workspace.slot_chunk
+    return _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C)
+
+
+def _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C):
     return sparse_decode(q, scale, state.outlier_k, state.outlier_v, state.outlier_valid,
                          workspace.sel_k, workspace.sel_v, slot_chunk, state.sparse_valid,
                          state.selectable, state.local_k, state.local_v, state.local_valid,
                          gen_k, gen_v, gen_len, chunk_size=C)
+
+
+_WARNED = set()
+
+
+def _pageable(values: torch.Tensor) -> bool:
+    """True (and a warning, once) for a host value store that is not pinned."""
+    if is_fake(values) or values.is_cuda or values.is_pinned():
+        return False
+    if "pageable" not in _WARNED:
+        _WARNED.add("pageable")
+        log.warning("shadowkv: the host value store is not pinned memory, so the GPU cannot read "
+                    "it directly; values are gathered on the host each step (slow). Pin it "
+                    "(torch.empty(..., pin_memory=True)) for zero-copy fetches.")
+    return True
 
 
 _ROUTE = {"registered": False, "enabled": False}

@@ -153,12 +153,13 @@ def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torc
 
     Returns
     -------
-    idx : [B, H, K] int64 chunk ids, K = min(budget_chunks, N), sorted by descending score.
+    idx : [B, H, K] int64 chunk ids, K = min(budget_chunks, N), in no particular order (the
+        attention does not depend on it; unsorted top-k skips a sort).
     scores : [B, H, N] float32, unselectable chunks at -1 (below every softmax probability).
     """
     scores = landmark_scores(q, landmarks, selectable, scale, fill=-1.0)
     k = min(budget_chunks, scores.shape[-1])
-    return scores.topk(k, dim=-1).indices, scores
+    return scores.topk(k, dim=-1, sorted=False).indices, scores
 
 
 __all__ = ["landmark_scores", "select_top_chunks"]

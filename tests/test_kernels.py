@@ -503,7 +503,8 @@ def test_gpu_registered_op_compiled_and_cuda_graph(request):
     gl = torch.zeros(1, dtype=torch.long, device="cuda")
     q, k, v = (torch.randn(B, n, 1, d, device="cuda", dtype=torch.bfloat16) for n in (H * G, H, H))
     snapshot = [t.clone() for t in (gk, gv, gl)]
-    want = ref.decode_attention(q, k, v, 0.09, st, *snapshot, C, K, "rotate_half")
+    want = ref.decode_attention(q, k, v, 0.09, st, *(t.clone() for t in snapshot), C, K,
+                                "rotate_half")
     # 1. shadowkv::decode dispatches to the Triton kernels on CUDA
     got = ops.decode(q, k, v, list(st), gk, gv, gl, 0.09, C, K, "rotate_half")
     close(got, want, torch.bfloat16, "shadowkv::decode")
@@ -591,3 +592,19 @@ def test_gpu_decode_triton_opcheck():
     args = (q, k, v, list(st), gk, gv, gl, *ws.tensors(), 0.09, C, 16, "rotate_half")
     torch.library.opcheck(torch.ops.shadowkv.decode_triton, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+def test_gpu_decode_falls_back_for_pageable_values():
+    st, p = llama_state(N=512, B=1)
+    st = st._replace(values=st.values.clone())  # a clone is pageable, not pinned
+    assert not st.values.is_pinned()
+    B, H, G, d, C = p["B"], p["H"], p["G"], p["d"], p["C"]
+    gk, gv = (torch.zeros(B, H, 8, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    gl = torch.zeros(1, dtype=torch.long, device="cuda")
+    rk, rv, rl = gk.clone(), gv.clone(), gl.clone()
+    q, k, v = (torch.randn(B, n, 1, d, device="cuda", dtype=torch.bfloat16) for n in (H * G, H, H))
+    got = decode_attention_cuda(q, k, v, 0.09, st, gk, gv, gl, C, 32, "rotate_half",
+                                workspace=DecodeWorkspace.allocate(st, 32, C))
+    want = ref.decode_attention(q, k, v, 0.09, st, rk, rv, rl, C, 32, "rotate_half")
+    close(got, want, torch.bfloat16)
