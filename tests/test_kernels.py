@@ -383,6 +383,22 @@ def test_decode_step_matches_reference(dtype, G, d, style, rd_frac, budget, C, N
         q_prev = q
 
 
+def test_decode_step_with_no_sparse_chunks():
+    """A prompt no longer than the local window: nothing to select, attention over the rest.
+    (reference.rebuild_keys cannot reshape an empty selection, so the check is the direct
+    formula.)"""
+    B, H, G, d, C = 1, 2, 2, 64, 8
+    st = synthetic_state(B, H, 0, C, d, 8, d, 0, 13, "rotate_half", torch.float32)
+    gk, gv = (torch.zeros(B, H, 4, d, device=DEV) for _ in range(2))
+    gl = torch.zeros(1, dtype=torch.long, device=DEV)
+    q, k, v = (torch.randn(B, n, 1, d, device=DEV) for n in (H * G, H, H))
+    ws = DecodeWorkspace.allocate(st, 4, C)
+    got = decode_attention_cuda(q, k, v, 0.125, st, gk, gv, gl, C, 4, "rotate_half", workspace=ws)
+    assert ws.sel_k.shape[2] == 0 and gl.item() == 1
+    want = reference_segments(q, 0.125, st, ws.sel_k, ws.sel_v, ws.slot_chunk, gk, gv, gl, C)
+    close(got, want, torch.float32)
+
+
 def test_decode_without_workspace_and_real_prefill_state():
     """A state built by the real prefill op (prompt length not a multiple of C, padding)."""
     B, H, G, T, d, C = 2, 2, 2, 203, 64, 8
