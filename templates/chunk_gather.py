@@ -212,13 +212,15 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
         cos, sin, tab_bstride = cos[:1].contiguous(), sin[:1].contiguous(), 0
     else:
         cos, sin, tab_bstride = cos.contiguous(), sin.contiguous(), N * C * RD
-    BLOCK_ROWS = block_rows or (32 if INTERPRET else 64)
+    # 32 rows x 8 warps: two fp32 [rows, d] accumulators fit in registers at d=128 (sm_90,
+    # scripts/compile_kernels.py: 64 rows x 4 warps spilled 2 KB)
+    BLOCK_ROWS = block_rows or 32
     grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
     launch(_rebuild_keys_kernel)[grid](
         out, U.contiguous(), SV.contiguous(), cos, sin,
         load_chunk, load_slot, n_load, H, N, K, C, R, RD, tab_bstride,
         D=d, D_PAD=next_pow2(d, 16), BLOCK_ROWS=BLOCK_ROWS,
-        BLOCK_R=min(32, next_pow2(R, 16)), ROPE=rope, UPCAST=INTERPRET, num_warps=4)
+        BLOCK_R=min(32, next_pow2(R, 16)), ROPE=rope, UPCAST=INTERPRET, num_warps=8)
     return out
 
 
@@ -248,12 +250,14 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
         raise ValueError("fetch_values_into: the value store must be contiguous [B, H, N, C, d]")
     if B * H * KC == 0:
         return out
-    BLOCK_ROWS = block_rows or 32
+    # small programs (16 rows = 4 KB at d=128, 8 warps, ~60 registers) so that many are
+    # resident per SM: zero-copy reads over PCIe need many requests in flight
+    BLOCK_ROWS = block_rows or 16
     grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
     # out goes first: Inductor takes a user kernel's device from its first tensor argument
     launch(_fetch_values_kernel)[grid](
         out, values, load_chunk, load_slot, n_load, N, K, C,
-        D=d, D_PAD=next_pow2(d, 16), BLOCK_ROWS=BLOCK_ROWS, num_warps=4)
+        D=d, D_PAD=next_pow2(d, 16), BLOCK_ROWS=BLOCK_ROWS, num_warps=8)
     return out
 
 

@@ -124,7 +124,8 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     scores = torch.empty(B, H, N, dtype=torch.float32, device=landmarks.device)
     if N == 0 or B * H == 0:
         return scores
-    BLOCK_N = block_n or (32 if INTERPRET else 128)
+    # 128 chunks of 2-byte landmarks per program; fp32 halves it (register spills at d=128)
+    BLOCK_N = block_n or (32 if INTERPRET else (128 if landmarks.element_size() == 2 else 64))
     if isinstance(N, int) and N < BLOCK_N:  # small prompts (tests); SymInt N keeps the default
         BLOCK_N = next_pow2(N, 16)
     NB = triton.cdiv(N, BLOCK_N)

@@ -9,6 +9,8 @@ kernels on CUDA. Tests marked ``gpu`` use real sizes (Llama-3.1-8B layer) and ne
 import functools
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -624,3 +626,19 @@ def test_gpu_decode_falls_back_for_pageable_values():
                                 workspace=DecodeWorkspace.allocate(st, 32, C))
     want = ref.decode_attention(q, k, v, 0.09, st, rk, rv, rl, C, 32, "rotate_half")
     close(got, want, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- GPU compilation
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter does not compile kernels; this compiles each one for sm_90 ahead of time
+    (scripts/compile_kernels.py: Triton -> PTX -> cubin with Triton's own ptxas)."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"this Triton install has no NVIDIA ptxas ({ptxas})")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "compile_kernels.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, script, "--quick", "--arch", "90"], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "0 failed to compile" in out.stdout
+    assert out.stdout.count("_kernel") >= 18, out.stdout  # every kernel of both variants
