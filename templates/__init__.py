@@ -1,4 +1,10 @@
-"""Triton kernel templates for the ShadowKV ops (installed as ``shadowpass.templates``).
+"""Triton kernels for the ShadowKV ops (installed as ``shadowpass.templates``).
 
-Not written yet (issue 4); see ``shadowpass.lowering``.
+Each module opens with a sub-notation block and holds the kernels plus thin launch wrappers;
+none imports Inductor. The decode step that composes them is ``shadowpass.kernels``.
+
+- ``landmark_scores``: chunk scores (softmax over chunks, max over the GQA group) and top-k.
+- ``chunk_gather``: cache-hit reuse plan, key rebuild (U @ SV with RoPE), value fetch (host).
+- ``sparse_decode``: split-K attention over [outliers | selected | local | generated].
+- ``chunk_landmarks``: prefill landmarks and min-cosine outlier scores.
 """

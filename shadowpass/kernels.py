@@ -1,0 +1,244 @@
+"""The ShadowKV decode step composed from the Triton kernels in ``shadowpass.templates``.
+
+``decode_attention_cuda`` has the inputs and output of ``reference.decode_attention`` plus an
+optional ``DecodeWorkspace`` that carries the selected-K/V buffers from one step to the next,
+so chunks selected again (the paper sees ~60% hits) are neither rebuilt nor fetched. Two op
+routes use it:
+
+* ``register_cuda_kernel()`` makes it the CUDA kernel of ``shadowkv::decode`` (no workspace in
+  that op's schema, so no reuse: every selected chunk is rebuilt and fetched each step);
+* ``shadowkv::decode_triton`` is a ``torch.library.triton_op`` whose schema carries the
+  workspace tensors (declared mutated), so Inductor sees into the kernels and reuse works.
+
+CPU stays on the reference path; these functions need Triton (on CPU only under
+``TRITON_INTERPRET=1``, for tests).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import reference as ref
+from .reference import PrefillState
+from .templates.chunk_gather import (
+    fetch_values_into,
+    full_load,
+    rebuild_keys_into,
+    reuse_plan,
+)
+from .templates.common import is_fake
+from .templates.landmark_scores import select_top_chunks
+from .templates.sparse_decode import sparse_decode
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DecodeWorkspace", "decode_attention_cuda", "decode_triton", "register_cuda_kernel"]
+
+
+@dataclass
+class DecodeWorkspace:
+    """Selected-chunk buffers of one site, kept across decode steps for cache-hit reuse.
+
+    sel_k, sel_v : [B, Hkv, K*C, d] rebuilt keys / fetched values, slot-major.
+    slot_chunk : [B, Hkv, K] int32 chunk held by each slot (-1: empty).
+    chunk_slot : [B, Hkv, N] int32 inverse map (-1: chunk not held).
+    n_load : [B, Hkv] int32 chunks loaded by the last step (misses), for hit-rate reports.
+
+    Allocate one per site after prefill (``allocate``); a new prompt needs a new one (or
+    ``reset``), since slots refer to the old prompt's chunks.
+    """
+
+    sel_k: torch.Tensor
+    sel_v: torch.Tensor
+    slot_chunk: torch.Tensor
+    chunk_slot: torch.Tensor
+    n_load: torch.Tensor | None = None
+
+    @classmethod
+    def allocate(cls, state: PrefillState, budget_chunks: int, chunk_size: int,
+                 dtype: torch.dtype | None = None) -> DecodeWorkspace:
+        """Empty buffers for ``state``; K = min(budget_chunks, N); dtype defaults to the local
+        keys' dtype (the model's)."""
+        B, H, N, d = state.landmarks.shape
+        K = min(budget_chunks, N)
+        dev = state.landmarks.device
+        dtype = dtype or state.local_k.dtype
+        dv = state.local_v.shape[-1]
+        ws = cls(sel_k=torch.empty(B, H, K * chunk_size, d, dtype=dtype, device=dev),
+                 sel_v=torch.empty(B, H, K * chunk_size, dv, dtype=dtype, device=dev),
+                 slot_chunk=torch.empty(B, H, K, dtype=torch.int32, device=dev),
+                 chunk_slot=torch.empty(B, H, N, dtype=torch.int32, device=dev))
+        return ws.reset()
+
+    def reset(self) -> DecodeWorkspace:
+        """Forget every held chunk (the next step loads all of its selection)."""
+        self.slot_chunk.fill_(-1)
+        self.chunk_slot.fill_(-1)
+        self.n_load = None
+        return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.sel_k, self.sel_v, self.slot_chunk, self.chunk_slot]
+
+    def hit_rate(self) -> float | None:
+        """Fraction of last step's selected chunks that were reused (syncs; for reports only)."""
+        if self.n_load is None or self.slot_chunk.numel() == 0:
+            return None
+        return 1.0 - self.n_load.sum().item() / self.slot_chunk.numel()
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device: torch.device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen_v, gen_len,
+                          chunk_size: int, budget_chunks: int, rope_style: str,
+                          workspace: DecodeWorkspace | None = None,
+                          overlap: bool = True) -> torch.Tensor:
+    """One decode step of a rewritten site on Triton kernels (``reference.decode_attention``).
+
+    Parameters
+    ----------
+    q : [B, Hq, T, d] post-RoPE queries; k, v : [B, Hkv, T, d] the new tokens' post-RoPE keys
+        and values.
+    scale : the model's attention scale.
+    state : the site's PrefillState (device tensors; ``values`` pinned host memory on CUDA).
+    gen_k, gen_v : [B, Hkv, Gcap, d] generated tokens (updated in place);
+    gen_len : [1] int64 generated count (updated in place). No host sync anywhere.
+    chunk_size, budget_chunks, rope_style : as the reference.
+    workspace : buffers from the previous step of this site; None allocates fresh ones and
+        loads every selected chunk. With a workspace only chunks not held already are loaded.
+    overlap : fetch values on a side stream, overlapped with the key rebuild (eager CUDA only).
+
+    Returns
+    -------
+    [B, Hq, T, d] in q's dtype. Selected keys are rounded to the workspace dtype (the model's),
+    where the reference keeps them in fp32.
+    """
+    Hq, T = q.shape[1], q.shape[2]
+    H = k.shape[1]
+    C = chunk_size
+    if Hq % H:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
+    pos = gen_len + torch.arange(T, device=gen_len.device)
+    gen_k.index_copy_(2, pos, k.to(gen_k.dtype))
+    gen_v.index_copy_(2, pos, v.to(gen_v.dtype))
+    gen_len.add_(T)
+
+    if workspace is None:
+        workspace = DecodeWorkspace.allocate(state, budget_chunks, C, dtype=gen_k.dtype)
+        reuse = False
+    else:
+        reuse = True
+    K = workspace.slot_chunk.shape[-1]
+    if K > 0:
+        idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks)
+        if reuse:
+            load_chunk, load_slot, n_load = reuse_plan(idx, workspace.slot_chunk,
+                                                       workspace.chunk_slot)
+            slot_chunk = workspace.slot_chunk
+        else:
+            load_chunk, load_slot, n_load = full_load(idx)
+            slot_chunk = load_chunk
+        workspace.n_load = n_load
+        if q.is_cuda and _pageable(state.values):
+            # the GPU cannot read pageable host memory: gather on the host (syncs; slow)
+            rebuild_keys_into(workspace.sel_k, state.U, state.SV, state.cos, state.sin,
+                              load_chunk, load_slot, n_load, C, rope_style)
+            workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
+            return _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C)
+        side = (overlap and q.is_cuda and not is_fake(q) and not torch.compiler.is_compiling()
+                and not torch.cuda.is_current_stream_capturing())
+        if side:
+            main = torch.cuda.current_stream(q.device)
+            stream = _side_stream(q.device)
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
+            rebuild_keys_into(workspace.sel_k, state.U, state.SV, state.cos, state.sin,
+                              load_chunk, load_slot, n_load, C, rope_style)
+            main.wait_stream(stream)
+            for t in (load_chunk, load_slot, n_load):
+                t.record_stream(stream)  # freed on main after use on the side stream
+        else:
+            rebuild_keys_into(workspace.sel_k, state.U, state.SV, state.cos, state.sin,
+                              load_chunk, load_slot, n_load, C, rope_style)
+            fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
+    else:
+        slot_chunk = workspace.slot_chunk
+    return _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C)
+
+
+def _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C):
+    return sparse_decode(q, scale, state.outlier_k, state.outlier_v, state.outlier_valid,
+                         workspace.sel_k, workspace.sel_v, slot_chunk, state.sparse_valid,
+                         state.selectable, state.local_k, state.local_v, state.local_valid,
+                         gen_k, gen_v, gen_len, chunk_size=C)
+
+
+_WARNED = set()
+
+
+def _pageable(values: torch.Tensor) -> bool:
+    """True (and a warning, once) for a host value store that is not pinned."""
+    if is_fake(values) or values.is_cuda or values.is_pinned():
+        return False
+    if "pageable" not in _WARNED:
+        _WARNED.add("pageable")
+        log.warning("shadowkv: the host value store is not pinned memory, so the GPU cannot read "
+                    "it directly; values are gathered on the host each step (slow). Pin it "
+                    "(torch.empty(..., pin_memory=True)) for zero-copy fetches.")
+    return True
+
+
+_ROUTE = {"registered": False, "enabled": False}
+
+
+def _decode_op_cuda(q, k, v, state, gen_k, gen_v, gen_len, scale, chunk_size, budget_chunks,
+                    rope_style):
+    """``shadowkv::decode``'s signature (state as a list; no workspace, so no reuse)."""
+    if not _ROUTE["enabled"]:
+        return ref.decode_attention(q, k, v, scale, PrefillState(*state), gen_k, gen_v, gen_len,
+                                    chunk_size, budget_chunks, rope_style)
+    return decode_attention_cuda(q, k, v, scale, PrefillState(*state), gen_k, gen_v, gen_len,
+                                 chunk_size, budget_chunks, rope_style)
+
+
+def register_cuda_kernel(enabled: bool = True) -> None:
+    """Route ``shadowkv::decode`` on CUDA tensors to ``decode_attention_cuda``.
+
+    Idempotent; ``enabled=False`` routes CUDA back to the reference implementation (tests use
+    it to leave the op as they found it).
+    """
+    from . import ops
+    if not _ROUTE["registered"]:
+        ops.decode.register_kernel("cuda")(_decode_op_cuda)
+        _ROUTE["registered"] = True
+    _ROUTE["enabled"] = enabled
+    log.debug("shadowkv::decode on CUDA: %s", "Triton kernels" if enabled else "reference")
+
+
+@torch.library.triton_op("shadowkv::decode_triton",
+                         mutates_args=("gen_k", "gen_v", "gen_len", "sel_k", "sel_v",
+                                       "slot_chunk", "chunk_slot"))
+def decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: list[torch.Tensor],
+                  gen_k: torch.Tensor, gen_v: torch.Tensor, gen_len: torch.Tensor,
+                  sel_k: torch.Tensor, sel_v: torch.Tensor, slot_chunk: torch.Tensor,
+                  chunk_slot: torch.Tensor, scale: float, chunk_size: int, budget_chunks: int,
+                  rope_style: str) -> torch.Tensor:
+    """``shadowkv::decode`` with the reuse workspace in its schema, as a triton_op.
+
+    sel_k, sel_v, slot_chunk, chunk_slot are a ``DecodeWorkspace``'s tensors (see there);
+    the rest as ``shadowkv::decode``. Returns [B, Hq, T, d] in q's dtype.
+    """
+    ws = DecodeWorkspace(sel_k, sel_v, slot_chunk, chunk_slot)
+    return decode_attention_cuda(q, k, v, scale, PrefillState(*state), gen_k, gen_v, gen_len,
+                                 chunk_size, budget_chunks, rope_style, workspace=ws,
+                                 overlap=False)

@@ -1,0 +1,264 @@
+"""Selected-chunk data movement for one decode step: the reuse plan, the key rebuild (gathered
+low-rank GEMM with RoPE in the epilogue) and the value fetch from host memory.
+
+Sub notation:
+    B batch, H = Hkv KV heads, d head dim, rd rotary dims (<= d), C chunk size, N chunks of the
+    sparse region (N*C prompt tokens), r rank, K selected chunks (slots) per (b, h).
+    A *load list* per (b, h) is n_load[b, h] <= K pairs (load_chunk[j], load_slot[j]): chunk
+    load_chunk[j] goes into rows [slot*C, slot*C + C) of the [B, H, K*C, d] output buffer.
+    Flattened load row i -> j = i // C, c = i % C (any C, not only powers of two).
+    Constexprs: D (= d), D_PAD (power of two >= d), BLOCK_ROWS load rows per program, BLOCK_R
+    rank columns per GEMM step, ROPE (0 none, 1 rotate_half, 2 interleaved), K_PAD (power of
+    two >= K), UPCAST (see templates.common).
+
+Parallelization: rebuild and fetch run on a grid (cdiv(K*C, BLOCK_ROWS), B*H); programs past
+n_load[b, h]*C issue only masked (no-op) memory traffic. The plan runs one program per (b, h).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, dot, is_fake, launch, next_pow2
+
+ROPE_CODES = {"none": 0, "rotate_half": 1, "interleaved": 2}
+
+
+@triton.jit
+def _reuse_plan_kernel(
+    idx_ptr, slot_chunk_ptr, chunk_slot_ptr, kept_ptr, load_chunk_ptr, load_slot_ptr, nload_ptr,
+    N, K, K_PAD: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, K_PAD)
+    k_ok = k < K
+    idx = tl.load(idx_ptr + bh * K + k, mask=k_ok, other=0).to(tl.int32)
+    prev = tl.load(chunk_slot_ptr + bh * N + idx, mask=k_ok, other=-1)  # slot last step, or -1
+    hit = (prev >= 0) & k_ok
+    miss = (prev < 0) & k_ok
+    # kept[s] = 1 when a chunk selected again still sits in slot s
+    tl.store(kept_ptr + bh * K + k, tl.zeros([K_PAD], dtype=tl.int32), mask=k_ok)
+    tl.debug_barrier()
+    tl.store(kept_ptr + bh * K + prev, tl.full([K_PAD], 1, dtype=tl.int32), mask=hit)
+    tl.debug_barrier()
+    kept = tl.load(kept_ptr + bh * K + k, mask=k_ok, other=1, volatile=True)
+    free = (kept == 0) & k_ok
+    miss_i = miss.to(tl.int32)
+    free_i = free.to(tl.int32)
+    miss_rank = tl.cumsum(miss_i, axis=0) - miss_i  # exclusive prefix count
+    free_rank = tl.cumsum(free_i, axis=0) - free_i
+    n_miss = tl.sum(miss_i, axis=0)
+    # the i-th miss goes into the i-th freed slot (both counts equal K - hits)
+    tl.store(load_chunk_ptr + bh * K + miss_rank, idx, mask=miss)
+    tl.store(load_slot_ptr + bh * K + free_rank, k, mask=free)
+    old = tl.load(slot_chunk_ptr + bh * K + k, mask=free, other=-1)  # evicted chunk per freed slot
+    tl.store(chunk_slot_ptr + bh * N + old, tl.full([K_PAD], -1, dtype=tl.int32),
+             mask=free & (old >= 0))
+    tl.debug_barrier()
+    slot = tl.load(load_slot_ptr + bh * K + miss_rank, mask=miss, other=0, volatile=True)
+    tl.store(chunk_slot_ptr + bh * N + idx, slot, mask=miss)
+    tl.store(slot_chunk_ptr + bh * K + slot, idx, mask=miss)
+    tl.store(nload_ptr + bh, n_miss)
+
+
+@triton.jit
+def _rebuild_keys_kernel(
+    out_ptr, u_ptr, sv_ptr, cos_ptr, sin_ptr, load_chunk_ptr, load_slot_ptr, nload_ptr,
+    H, N, K, C, R, RD, tab_bstride,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ROPE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    n_load = tl.load(nload_ptr + bh)
+    i = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    j = i // C
+    c = i % C
+    ok = j < n_load
+    chunk = tl.load(load_chunk_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
+    slot = tl.load(load_slot_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
+    pos = chunk * C + c  # the token's prompt position
+    tok = b * N * C + pos  # its row of U
+    cols = tl.arange(0, D_PAD)
+    d_ok = cols < D
+    # RoPE is linear along d, so rot(U @ SV) = U @ rot(SV): a second GEMM against SV with
+    # permuted columns gives the rotated keys without shuffling registers.
+    HALF = RD // 2
+    if ROPE == 1:  # rotate_half: [x1, x2] -> [-x2, x1] on the first rd dims
+        src = tl.where(cols < HALF, cols + HALF, cols - HALF)
+        sign = tl.where(cols < HALF, -1.0, 1.0)
+    else:  # interleaved pairs: (a, b) -> (-b, a)
+        src = tl.where(cols % 2 == 0, cols + 1, cols - 1)
+        sign = tl.where(cols % 2 == 0, -1.0, 1.0)
+    rot_ok = cols < RD
+    acc = tl.zeros([BLOCK_ROWS, D_PAD], dtype=tl.float32)
+    acc_rot = tl.zeros([BLOCK_ROWS, D_PAD], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        u = tl.load(u_ptr + tok[:, None] * R + rr[None, :], mask=ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        sv_rows = sv_ptr + (bh * R + rr)[:, None] * D
+        sv = tl.load(sv_rows + cols[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += dot(u, sv, UPCAST)
+        if ROPE != 0:
+            svr = tl.load(sv_rows + src[None, :], mask=r_ok[:, None] & rot_ok[None, :], other=0.0)
+            acc_rot += dot(u, svr, UPCAST)
+    if ROPE != 0:
+        tab = b * tab_bstride + pos[:, None] * RD + cols[None, :]
+        t_ok = ok[:, None] & rot_ok[None, :]
+        cs = tl.load(cos_ptr + tab, mask=t_ok, other=1.0).to(tl.float32)  # dims >= rd pass through
+        sn = tl.load(sin_ptr + tab, mask=t_ok, other=0.0).to(tl.float32)
+        acc = acc * cs + acc_rot * (sn * sign[None, :])
+    dst = out_ptr + ((bh * K + slot) * C + c)[:, None] * D + cols[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _fetch_values_kernel(
+    out_ptr, values_ptr, load_chunk_ptr, load_slot_ptr, nload_ptr,
+    N, K, C,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_load = tl.load(nload_ptr + bh)
+    i = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    j = i // C
+    c = i % C
+    ok = j < n_load
+    chunk = tl.load(load_chunk_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
+    slot = tl.load(load_slot_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
+    cols = tl.arange(0, D_PAD)
+    m = ok[:, None] & (cols < D)[None, :]
+    # one chunk of one head is C*d contiguous elements of the host store: long coalesced reads
+    x = tl.load(values_ptr + ((bh * N + chunk) * C + c)[:, None] * D + cols[None, :], mask=m)
+    tl.store(out_ptr + ((bh * K + slot) * C + c)[:, None] * D + cols[None, :],
+             x.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def reuse_plan(idx: torch.Tensor, slot_chunk: torch.Tensor, chunk_slot: torch.Tensor):
+    """Plan which selected chunks must be loaded, keeping chunks selected again in their slots.
+
+    Parameters
+    ----------
+    idx : [B, H, K] int64 chunk ids selected this step (distinct per (b, h), e.g. from topk).
+    slot_chunk : [B, H, K] int32 chunk held by each slot of the selected-K/V buffers (-1: empty);
+        updated in place to this step's assignment (its set equals idx's set per (b, h)).
+    chunk_slot : [B, H, N] int32 inverse map, chunk -> slot or -1; updated in place.
+
+    Returns
+    -------
+    load_chunk, load_slot : [B, H, K] int32; entries [:n_load] are the misses and the slots
+        they go to (the rest is scratch).
+    n_load : [B, H] int32 misses per (b, h).
+    """
+    B, H, K = idx.shape
+    N = chunk_slot.shape[-1]
+    dev = idx.device
+    load_chunk = torch.empty(B, H, K, dtype=torch.int32, device=dev)
+    load_slot = torch.empty(B, H, K, dtype=torch.int32, device=dev)
+    kept = torch.empty(B, H, K, dtype=torch.int32, device=dev)
+    n_load = torch.empty(B, H, dtype=torch.int32, device=dev)
+    if B * H * K == 0:
+        return load_chunk, load_slot, n_load.zero_()
+    launch(_reuse_plan_kernel)[(B * H,)](
+        idx.contiguous(), slot_chunk, chunk_slot, kept, load_chunk, load_slot, n_load,
+        N, K, K_PAD=next_pow2(K), num_warps=4)
+    return load_chunk, load_slot, n_load
+
+
+def full_load(idx: torch.Tensor):
+    """The load list that loads every chunk of idx [B, H, K] into slot k (no reuse)."""
+    B, H, K = idx.shape
+    slots = torch.arange(K, dtype=torch.int32, device=idx.device).expand(B, H, K)
+    n_load = torch.full((B, H), K, dtype=torch.int32, device=idx.device)
+    return idx.to(torch.int32), slots.contiguous(), n_load
+
+
+def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, load_chunk: torch.Tensor, load_slot: torch.Tensor,
+                      n_load: torch.Tensor, chunk_size: int, rope_style: str,
+                      block_rows: int = 0) -> torch.Tensor:
+    """Rebuild post-RoPE keys of the listed chunks into their slots (``reference.rebuild_keys``).
+
+    Parameters
+    ----------
+    out : [B, H, K*C, d] selected-K buffer (any float dtype; fp32 accumulation), written in place.
+    U : [B, N*C, r] left factor; SV : [B, H, r, d] right factor (same dtype as U).
+    cos, sin : [B, N*C, rd] rotary factors at prompt positions (ignored when rope_style="none");
+        [1, N*C, rd] or a batch-expanded view of it shares one table across the batch.
+    load_chunk, load_slot : [B, H, K] int32; n_load : [B, H] int32 (see ``reuse_plan``).
+    chunk_size : C. rope_style : "rotate_half", "interleaved" or "none".
+
+    Returns
+    -------
+    out
+    """
+    B, H, KC, d = out.shape
+    C = chunk_size
+    K = KC // C
+    N = U.shape[1] // C
+    R = U.shape[-1]
+    rope = ROPE_CODES[rope_style]
+    RD = cos.shape[-1] if rope else 0
+    if rope and RD % 2:
+        raise ValueError(f"rotary dims must be even, got {RD}")
+    if B * H * KC == 0:
+        return out
+    if cos.shape[0] == 1 or cos.stride(0) == 0:  # one table for the whole batch
+        cos, sin, tab_bstride = cos[:1].contiguous(), sin[:1].contiguous(), 0
+    else:
+        cos, sin, tab_bstride = cos.contiguous(), sin.contiguous(), N * C * RD
+    # 32 rows x 8 warps: two fp32 [rows, d] accumulators fit in registers at d=128 (sm_90,
+    # scripts/compile_kernels.py: 64 rows x 4 warps spilled 2 KB)
+    BLOCK_ROWS = block_rows or 32
+    grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
+    launch(_rebuild_keys_kernel)[grid](
+        out, U.contiguous(), SV.contiguous(), cos, sin,
+        load_chunk, load_slot, n_load, H, N, K, C, R, RD, tab_bstride,
+        D=d, D_PAD=next_pow2(d, 16), BLOCK_ROWS=BLOCK_ROWS,
+        BLOCK_R=min(32, next_pow2(R, 16)), ROPE=rope, UPCAST=INTERPRET, num_warps=8)
+    return out
+
+
+def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch.Tensor,
+                      load_slot: torch.Tensor, n_load: torch.Tensor,
+                      block_rows: int = 0) -> torch.Tensor:
+    """Copy the listed chunks' values into their slots (``reference.fetch_values``).
+
+    Parameters
+    ----------
+    out : [B, H, K*C, d] selected-V buffer on the compute device, written in place.
+    values : [B, H, N, C, d] contiguous host store. On CUDA it must be pinned: the kernel reads
+        it directly through unified virtual addressing (zero-copy, no staging copy).
+    load_chunk, load_slot : [B, H, K] int32; n_load : [B, H] int32 (see ``reuse_plan``).
+
+    Returns
+    -------
+    out
+    """
+    B, H, N, C, d = values.shape
+    KC = out.shape[2]
+    K = KC // C
+    if out.is_cuda and not is_fake(values) and not (values.is_cuda or values.is_pinned()):
+        raise ValueError("fetch_values_into: the host value store must be pinned memory "
+                         "(torch.empty(..., pin_memory=True)) for the GPU to read it zero-copy")
+    if not values.is_contiguous():
+        raise ValueError("fetch_values_into: the value store must be contiguous [B, H, N, C, d]")
+    if B * H * KC == 0:
+        return out
+    # small programs (16 rows = 4 KB at d=128, 8 warps, ~60 registers) so that many are
+    # resident per SM: zero-copy reads over PCIe need many requests in flight
+    BLOCK_ROWS = block_rows or 16
+    grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
+    # out goes first: Inductor takes a user kernel's device from its first tensor argument
+    launch(_fetch_values_kernel)[grid](
+        out, values, load_chunk, load_slot, n_load, N, K, C,
+        D=d, D_PAD=next_pow2(d, 16), BLOCK_ROWS=BLOCK_ROWS, num_warps=8)
+    return out
+
+
+__all__ = ["ROPE_CODES", "fetch_values_into", "full_load", "rebuild_keys_into", "reuse_plan"]

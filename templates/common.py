@@ -1,0 +1,51 @@
+"""Small pieces shared by the ShadowKV Triton kernels (no Inductor imports here).
+
+Sub notation:
+    UPCAST: constexpr bool; True under the Triton interpreter, whose bf16 ``tl.dot`` returns
+        garbage (seen with triton 3.9 on CPU), so operands are widened to fp32 first. On a GPU it
+        is False and bf16/fp16 operands go to the tensor cores with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRET", "as_bytes", "dot", "is_fake", "launch", "next_pow2"]
+
+# Read at import: the interpreter is chosen per process by this variable, as Triton does.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def dot(a, b, UPCAST: tl.constexpr):
+    """a [M, K] @ b [K, N] with fp32 accumulation; fp32 operands use exact (IEEE) products."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        # input_precision only affects fp32 operands: no TF32 rounding of fp32 models' keys.
+        return tl.dot(a, b, input_precision="ieee")
+
+
+def launch(kernel):
+    """The kernel wrapped so that ``torch.library.triton_op`` bodies let Inductor see into it.
+
+    ``wrap_triton`` calls the kernel directly in eager mode, so one launch path serves both.
+    """
+    return torch.library.wrap_triton(kernel)
+
+
+def next_pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """True for the FakeTensors that torch.compile traces with (no data, no pinned state)."""
+    return isinstance(t, torch._subclasses.FakeTensor)
+
+
+def as_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask viewed as uint8 (one byte per element), so kernels load it as integers."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask

@@ -1,0 +1,245 @@
+"""Sparse decode attention (flash-decoding, split over the key axis) over the four ShadowKV key
+segments [outliers | selected | local | generated] (``reference.decode_attention``'s last part).
+
+Sub notation:
+    B batch, H = Hkv KV heads, Hq query heads, G = Hq // H, T query positions, d head dim,
+    M = G * T query rows per KV head (row m -> g = m // T, t = m % T), C chunk size,
+    N chunks, K selected chunks (slots); segment lengths Lo = O*C outliers, Ls = K*C selected,
+    Ll local, Lg = gen_len generated (read on the device, so no host sync and CUDA-graph safe);
+    P = Lo + Ls + Ll + Lg keys in all, S splits.
+    Validity: outliers by outlier_valid [B, H, Lo]; selected token (slot, c) by chunk =
+    slot_chunk[b, h, slot] >= 0, sparse_valid[b, chunk*C + c] and selectable[b, h, chunk];
+    local by local_valid [B, Ll]; generated j for row (g, t) when j <= Lg - T + t (causal).
+    Constexprs: D (= d), D_PAD, M_PAD (power of two >= max(16, M)), BLOCK_N keys per step,
+    S_PAD (power of two >= S), UPCAST (see templates.common).
+
+Parallelization: split kernel on a grid (B*H, S): program (bh, s) takes keys
+[s*per, (s+1)*per) of the virtual concatenation (per = cdiv(P, S) rounded up to BLOCK_N), so
+the work is balanced whatever the segment sizes; it processes all G*T query rows of its KV head
+at once (one K/V read serves the whole GQA group) with an online softmax in fp32 and writes an
+unnormalized partial output, its row max and its row sum. The combine kernel (grid B*H) merges
+the S partials and writes [B, Hq, T, d] in the output's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, as_bytes, dot, launch, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend(q, k_base, v_base, pos, pos_ok, allowed, m_i, l_i, acc, qk_scale,
+            cols, d_ok, D: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step over keys at rows pos of one (b, h) segment."""
+    kv_mask = pos_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + pos[:, None] * D + cols[None, :], mask=kv_mask, other=0.0)
+    s = dot(q.to(k.dtype), tl.trans(k), UPCAST) * qk_scale  # [M_PAD, BLOCK_N], log2 units
+    s = tl.where(allowed & pos_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep zeros
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + pos[:, None] * D + cols[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sparse_decode_split_kernel(
+    q_ptr,
+    ok_ptr, ov_ptr, ovalid_ptr,
+    sk_ptr, sv_ptr, slot_chunk_ptr, tok_valid_ptr, selectable_ptr,
+    lk_ptr, lv_ptr, lvalid_ptr,
+    gk_ptr, gv_ptr, gen_len_ptr,
+    po_ptr, pm_ptr, pl_ptr,
+    qk_scale, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
+    D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = bh // H
+    M = G * T
+    rows = tl.arange(0, M_PAD)
+    t_row = rows % T
+    cols = tl.arange(0, D_PAD)
+    d_ok = cols < D
+    q = tl.load(q_ptr + (bh * M + rows)[:, None] * D + cols[None, :],
+                mask=(rows < M)[:, None] & d_ok[None, :], other=0.0)
+
+    Lg = tl.load(gen_len_ptr).to(tl.int32)
+    gen_old = Lg - T
+    P = Lo + Ls + Ll + Lg
+    per = tl.cdiv(tl.cdiv(P, S), BLOCK_N) * BLOCK_N
+    start = split * per
+    end = tl.minimum(start + per, P)
+
+    m_i = tl.full([M_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M_PAD], dtype=tl.float32)
+    acc = tl.zeros([M_PAD, D_PAD], dtype=tl.float32)
+    every_row = rows[:, None] >= 0  # [M_PAD, 1] all True, to broadcast token masks
+
+    # outliers: keys [0, Lo)
+    hi = tl.minimum(end, Lo)
+    for n0 in range(tl.maximum(start, 0), hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_ok = pos < hi
+        valid = tl.load(ovalid_ptr + bh * Lo + pos, mask=pos_ok, other=0) != 0
+        m_i, l_i, acc = _attend(q, ok_ptr + bh * Lo * D, ov_ptr + bh * Lo * D, pos, pos_ok,
+                                every_row & valid[None, :], m_i, l_i, acc, qk_scale,
+                                cols, d_ok, D, UPCAST)
+    # selected chunks: keys [Lo, Lo + Ls)
+    hi = tl.minimum(end - Lo, Ls)
+    for n0 in range(tl.maximum(start - Lo, 0), hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_ok = pos < hi
+        chunk = tl.load(slot_chunk_ptr + bh * K + pos // C, mask=pos_ok, other=-1).to(tl.int64)
+        have = pos_ok & (chunk >= 0)
+        tok_ok = tl.load(tok_valid_ptr + b * N * C + chunk * C + pos % C, mask=have, other=0)
+        chunk_ok = tl.load(selectable_ptr + bh * N + chunk, mask=have, other=0)
+        valid = (tok_ok != 0) & (chunk_ok != 0)
+        m_i, l_i, acc = _attend(q, sk_ptr + bh * Ls * D, sv_ptr + bh * Ls * D, pos, pos_ok,
+                                every_row & valid[None, :], m_i, l_i, acc, qk_scale,
+                                cols, d_ok, D, UPCAST)
+    # local window: keys [Lo + Ls, Lo + Ls + Ll)
+    off = Lo + Ls
+    hi = tl.minimum(end - off, Ll)
+    for n0 in range(tl.maximum(start - off, 0), hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_ok = pos < hi
+        valid = tl.load(lvalid_ptr + b * Ll + pos, mask=pos_ok, other=0) != 0
+        m_i, l_i, acc = _attend(q, lk_ptr + bh * Ll * D, lv_ptr + bh * Ll * D, pos, pos_ok,
+                                every_row & valid[None, :], m_i, l_i, acc, qk_scale,
+                                cols, d_ok, D, UPCAST)
+    # generated tokens: keys [Lo + Ls + Ll, P), causal among this step's T new tokens
+    off = Lo + Ls + Ll
+    hi = tl.minimum(end - off, Lg)
+    for n0 in range(tl.maximum(start - off, 0), hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_ok = pos < hi
+        allowed = pos[None, :] <= (gen_old + t_row)[:, None]
+        m_i, l_i, acc = _attend(q, gk_ptr + bh * Gcap * D, gv_ptr + bh * Gcap * D, pos, pos_ok,
+                                allowed, m_i, l_i, acc, qk_scale, cols, d_ok, D, UPCAST)
+
+    part = bh * S + split
+    tl.store(po_ptr + (part * M_PAD + rows)[:, None] * D + cols[None, :], acc,
+             mask=(rows >= 0)[:, None] & d_ok[None, :])
+    tl.store(pm_ptr + part * M_PAD + rows, m_i)
+    tl.store(pl_ptr + part * M_PAD + rows, l_i)
+
+
+@triton.jit
+def _sparse_decode_combine_kernel(
+    out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S,
+    D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, S_PAD: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    M = G * T
+    rows = tl.arange(0, M_PAD)
+    cols = tl.arange(0, D_PAD)
+    d_ok = cols < D
+    sp = tl.arange(0, S_PAD)
+    st = (bh * S + sp)[:, None] * M_PAD + rows[None, :]
+    pm = tl.load(pm_ptr + st, mask=(sp < S)[:, None], other=float("-inf"))  # [S_PAD, M_PAD]
+    pl = tl.load(pl_ptr + st, mask=(sp < S)[:, None], other=0.0)
+    gmax = tl.max(pm, axis=0)
+    gmax = tl.where(gmax == float("-inf"), 0.0, gmax)
+    denom = tl.sum(pl * tl.exp2(pm - gmax[None, :]), axis=0)  # [M_PAD]
+    acc = tl.zeros([M_PAD, D_PAD], dtype=tl.float32)
+    for s in range(S):
+        part = bh * S + s
+        w = tl.exp2(tl.load(pm_ptr + part * M_PAD + rows) - gmax)
+        o = tl.load(po_ptr + (part * M_PAD + rows)[:, None] * D + cols[None, :],
+                    mask=(rows >= 0)[:, None] & d_ok[None, :], other=0.0)
+        acc += o * w[:, None]
+    out = acc / denom[:, None]  # a row with no valid key gives nan, as the reference's softmax
+    tl.store(out_ptr + (bh * M + rows)[:, None] * D + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & d_ok[None, :])
+
+
+def default_splits(batch_heads: int, keys: int, block_n: int, device: torch.device) -> int:
+    """Splits of the key axis so that about two programs run per SM (flash-decoding)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = triton.cdiv(2 * sms, max(batch_heads, 1))
+    return max(1, min(want, triton.cdiv(max(keys, 1), block_n), 128))
+
+
+def sparse_decode(q: torch.Tensor, scale: float,
+                  outlier_k: torch.Tensor, outlier_v: torch.Tensor, outlier_valid: torch.Tensor,
+                  sel_k: torch.Tensor, sel_v: torch.Tensor, slot_chunk: torch.Tensor,
+                  sparse_valid: torch.Tensor, selectable: torch.Tensor,
+                  local_k: torch.Tensor, local_v: torch.Tensor, local_valid: torch.Tensor,
+                  gen_k: torch.Tensor, gen_v: torch.Tensor, gen_len: torch.Tensor,
+                  chunk_size: int, num_splits: int = 0, block_n: int = 0,
+                  out: torch.Tensor = None) -> torch.Tensor:
+    """Exact softmax attention of q over [outliers | selected | local | generated].
+
+    Parameters
+    ----------
+    q : [B, Hq, T, d] post-RoPE queries (T = 1 for plain decoding).
+    scale : the model's attention scale.
+    outlier_k, outlier_v : [B, H, Lo, d]; outlier_valid : [B, H, Lo] bool.
+    sel_k, sel_v : [B, H, K*C, d] selected-chunk buffers; slot_chunk : [B, H, K] int32/int64
+        chunk held by each slot (-1: empty slot, attended by nobody).
+    sparse_valid : [B, N*C] bool token is real; selectable : [B, H, N] bool.
+    local_k, local_v : [B, H, Ll, d]; local_valid : [B, Ll] bool.
+    gen_k, gen_v : [B, H, Gcap, d]; gen_len : [1] int64 generated tokens *including* this
+        step's T (as after ``reference.decode_attention``'s in-place update).
+    chunk_size : C. num_splits, block_n : 0 picks defaults.
+    out : optional [B, Hq, T, d] output buffer (default: new, q's dtype).
+
+    Returns
+    -------
+    [B, Hq, T, d] in out's dtype (q's dtype by default); accumulation in fp32.
+    All K tensors share one dtype, as do all V tensors.
+    """
+    B, Hq, T, d = q.shape
+    H = outlier_k.shape[1]
+    G = Hq // H
+    M = G * T
+    C = chunk_size
+    N = selectable.shape[-1]
+    K = slot_chunk.shape[-1]
+    Lo, Ls, Ll, Gcap = outlier_k.shape[2], sel_k.shape[2], local_k.shape[2], gen_k.shape[2]
+    if Ls != K * C:
+        raise ValueError(f"sel_k holds {Ls} rows; expected K*C = {K}*{C}")
+    if gen_v.shape[-1] != d or sel_v.shape[-1] != d:
+        raise ValueError("sparse_decode: value head dim must equal the key head dim")
+    if M > 128:
+        raise ValueError(f"sparse_decode: {M} query rows per KV head (G*T = {G}*{T}); the kernel "
+                         "holds them in registers and supports at most 128: decode fewer tokens "
+                         "per step")
+    if out is None:
+        out = torch.empty(B, Hq, T, d, dtype=q.dtype, device=q.device)
+    # 32 keys per step keeps the split kernel near 128 registers (sm_90): 4 CTAs per SM
+    BLOCK_N = block_n or (16 if INTERPRET else 32)
+    # Ll (local tail) varies with the prompt length: leave it out so S does not
+    S = num_splits or default_splits(B * H, Lo + Ls + Gcap, BLOCK_N, q.device)
+    M_PAD = next_pow2(M, 16)
+    D_PAD = next_pow2(d, 16)
+    f32 = {"dtype": torch.float32, "device": q.device}
+    po = torch.empty(B * H * S * M_PAD, d, **f32)
+    pm = torch.empty(B * H * S * M_PAD, **f32)
+    pl = torch.empty(B * H * S * M_PAD, **f32)
+    launch(_sparse_decode_split_kernel)[(B * H, S)](
+        q.contiguous(),
+        outlier_k.contiguous(), outlier_v.contiguous(), as_bytes(outlier_valid.contiguous()),
+        sel_k, sel_v, slot_chunk.contiguous(), as_bytes(sparse_valid.contiguous()),
+        as_bytes(selectable.contiguous()),
+        local_k.contiguous(), local_v.contiguous(), as_bytes(local_valid.contiguous()),
+        gen_k, gen_v, gen_len,
+        po, pm, pl,
+        float(scale) * LOG2E, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
+        D=d, D_PAD=D_PAD, M_PAD=M_PAD, BLOCK_N=BLOCK_N, UPCAST=INTERPRET, num_warps=4)
+    launch(_sparse_decode_combine_kernel)[(B * H,)](
+        out, po, pm, pl, G, T, S,
+        D=d, D_PAD=D_PAD, M_PAD=M_PAD, S_PAD=next_pow2(S), num_warps=4)
+    return out
+
+
+__all__ = ["default_splits", "sparse_decode"]
