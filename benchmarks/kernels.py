@@ -213,8 +213,8 @@ def bench_config(ctx, B, env):
         outlier_valid=torch.ones(B, H, OUTLIERS * C, dtype=torch.bool, device=dev),
         local_k=rnd(B, H, LOCAL, D), local_v=rnd(B, H, LOCAL, D),
         local_valid=torch.ones(B, LOCAL, dtype=torch.bool, device=dev),
-        values=pool[:B * H * N * C * D].view(B, H, N, C, D),
-        cos=emb.cos().to(DTYPE)[None].expand(B, S, D), sin=emb.sin().to(DTYPE)[None].expand(B, S, D))
+        values=pool[:B * H * N * C * D].view(B, H, N, C, D))
+    cos, sin = emb.cos().to(DTYPE)[None].expand(B, S, D), emb.sin().to(DTYPE)[None].expand(B, S, D)
     gen_k, gen_v = rnd(B, H, GEN_CAP, D), rnd(B, H, GEN_CAP, D)
     gen_len = torch.tensor([GEN], device=dev)
     q = rnd(B, Hq, 1, D)
@@ -245,15 +245,15 @@ def bench_config(ctx, B, env):
     lc, ls, nl = full_load(idx)
     sel_k = torch.empty(B, H, K * C, D, device=dev, dtype=DTYPE)
     sel_v = torch.empty_like(sel_k)
-    want_k = ref.rebuild_keys(st.U, st.SV, st.cos, st.sin, idx, C, "rotate_half")
-    rebuild_keys_into(sel_k, st.U, st.SV, st.cos, st.sin, lc, ls, nl, C, "rotate_half")
+    want_k = ref.rebuild_keys(st.U, st.SV, cos, sin, idx, C, "rotate_half")
+    rebuild_keys_into(sel_k, st.U, st.SV, cos, sin, lc, ls, nl, C, "rotate_half")
     err_k = ((sel_k.float() - want_k).abs().max() / want_k.abs().max()).item()
     fetch_values_into(sel_v, st.values, lc, ls, nl)
     err_v = (sel_v.cpu().float() - ref.fetch_values(st.values, idx.cpu(), "cpu").float()).abs().max().item()
     for frac in (1.0, miss):
         n = torch.full_like(nl, max(1, round(frac * K)))
         loaded = B * H * int(n[0, 0]) * C
-        t = timed(lambda n=n: rebuild_keys_into(sel_k, st.U, st.SV, st.cos, st.sin, lc, ls, n, C,
+        t = timed(lambda n=n: rebuild_keys_into(sel_k, st.U, st.SV, cos, sin, lc, ls, n, C,
                                                 "rotate_half"))
         nb = (loaded * (RANK + 2 * D + D) * EB + B * H * RANK * D * EB) / 1e6
         report(ctx, B, f"key rebuild {frac:.0%} miss", t, nb, hbm, err_k, "err relative to max")
@@ -291,7 +291,7 @@ def bench_config(ctx, B, env):
         gen_len.fill_(GEN - 1)  # keep the generated length fixed across repetitions
         it.add_(1).remainder_(ring.shape[0])
         return decode_attention_cuda(ring.index_select(0, it)[0], k_new, v_new, scale, st,
-                                     gen_k, gen_v, gen_len, C, K, "rotate_half", workspace=ws)
+                                     cos, sin, gen_k, gen_v, gen_len, C, K, "rotate_half", workspace=ws)
 
     def hit_rate_with(sigma):
         ring.copy_(q[None] + sigma * noise)

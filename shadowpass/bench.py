@@ -202,7 +202,8 @@ def tile_session(session, B: int):
         cos, sin = tables[key]
         sites[name] = SiteState(
             prefill=PrefillState(*[rows(t) for t in s.prefill]), cos=cos, sin=sin,
-            gen_k=rows(s.gen_k), gen_v=rows(s.gen_v), gen_len=s.gen_len.clone(), used=s.used)
+            gen_k=rows(s.gen_k), gen_v=rows(s.gen_v), gen_len=s.gen_len.clone(),
+            workspace=[rows(t) for t in s.workspace], used=s.used)
     return Session(sites)
 
 
@@ -261,10 +262,7 @@ def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw) -> Row:
         step()
     times = time_steps(step, gen)
     med, spread = summary(times)
-    hits = [w.hit_rate() for w in (getattr(s, "workspace", None) for s in batched.sites.values())
-            if w is not None]
-    hits = [h for h in hits if h is not None]
-    hit = sum(hits) / len(hits) if hits else None
+    hit = batched.hit_rate()
     row = Row("shadowkv", T, B, B * 1e3 / med, med, spread,
               torch.cuda.max_memory_allocated() / GIB,
               pinned_gib=batched.nbytes("host") / GIB, hit_rate=hit)

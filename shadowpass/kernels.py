@@ -5,8 +5,9 @@ optional ``DecodeWorkspace`` that carries the selected-K/V buffers from one step
 so chunks selected again (the paper sees ~60% hits) are neither rebuilt nor fetched. Two op
 routes use it:
 
-* ``register_cuda_kernel()`` makes it the CUDA kernel of ``shadowkv::decode`` (no workspace in
-  that op's schema, so no reuse: every selected chunk is rebuilt and fetched each step);
+* ``register_cuda_kernel()`` (done when ``shadowpass.ops`` is imported and Triton is present)
+  makes it the CUDA kernel of ``shadowkv::decode``, whose schema carries the workspace, so the
+  op stays opaque to Inductor but reuses chunks and overlaps the fetch on a side stream;
 * ``shadowkv::decode_triton`` is a ``torch.library.triton_op`` whose schema carries the
   workspace tensors (declared mutated), so Inductor sees into the kernels and reuse works.
 
@@ -54,7 +55,7 @@ class DecodeWorkspace:
     sel_v: torch.Tensor
     slot_chunk: torch.Tensor
     chunk_slot: torch.Tensor
-    n_load: torch.Tensor | None = None
+    n_load: torch.Tensor
 
     @classmethod
     def allocate(cls, state: PrefillState, budget_chunks: int, chunk_size: int,
@@ -69,24 +70,30 @@ class DecodeWorkspace:
         ws = cls(sel_k=torch.empty(B, H, K * chunk_size, d, dtype=dtype, device=dev),
                  sel_v=torch.empty(B, H, K * chunk_size, dv, dtype=dtype, device=dev),
                  slot_chunk=torch.empty(B, H, K, dtype=torch.int32, device=dev),
-                 chunk_slot=torch.empty(B, H, N, dtype=torch.int32, device=dev))
+                 chunk_slot=torch.empty(B, H, N, dtype=torch.int32, device=dev),
+                 n_load=torch.empty(B, H, dtype=torch.int32, device=dev))
         return ws.reset()
 
     def reset(self) -> DecodeWorkspace:
         """Forget every held chunk (the next step loads all of its selection)."""
         self.slot_chunk.fill_(-1)
         self.chunk_slot.fill_(-1)
-        self.n_load = None
+        self.n_load.fill_(-1)
         return self
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.sel_k, self.sel_v, self.slot_chunk, self.chunk_slot]
+        return [self.sel_k, self.sel_v, self.slot_chunk, self.chunk_slot, self.n_load]
 
     def hit_rate(self) -> float | None:
         """Fraction of last step's selected chunks that were reused (syncs; for reports only)."""
-        if self.n_load is None or self.slot_chunk.numel() == 0:
-            return None
-        return 1.0 - self.n_load.sum().item() / self.slot_chunk.numel()
+        return hit_rate(self.slot_chunk, self.n_load)
+
+
+def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor) -> float | None:
+    """1 - loaded / selected over the last step; None before the first step (n_load = -1)."""
+    if slot_chunk.numel() == 0 or bool((n_load < 0).any()):
+        return None
+    return 1.0 - n_load.sum().item() / slot_chunk.numel()
 
 
 _SIDE_STREAMS = {}
@@ -98,8 +105,8 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[device]
 
 
-def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen_v, gen_len,
-                          chunk_size: int, budget_chunks: int, rope_style: str,
+def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v,
+                          gen_len, chunk_size: int, budget_chunks: int, rope_style: str,
                           workspace: DecodeWorkspace | None = None,
                           overlap: bool = True) -> torch.Tensor:
     """One decode step of a rewritten site on Triton kernels (``reference.decode_attention``).
@@ -110,6 +117,7 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen
         and values.
     scale : the model's attention scale.
     state : the site's PrefillState (device tensors; ``values`` pinned host memory on CUDA).
+    cos, sin : [B, N*C, rd] rotary factors of the sparse region (shared by the model's sites).
     gen_k, gen_v : [B, Hkv, Gcap, d] generated tokens (updated in place);
     gen_len : [1] int64 generated count (updated in place). No host sync anywhere.
     chunk_size, budget_chunks, rope_style : as the reference.
@@ -147,10 +155,10 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen
         else:
             load_chunk, load_slot, n_load = full_load(idx)
             slot_chunk = load_chunk
-        workspace.n_load = n_load
+        workspace.n_load.copy_(n_load)
         if q.is_cuda and _pageable(state.values):
             # the GPU cannot read pageable host memory: gather on the host (syncs; slow)
-            rebuild_keys_into(workspace.sel_k, state.U, state.SV, state.cos, state.sin,
+            rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
                               load_chunk, load_slot, n_load, C, rope_style)
             workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
             return _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C)
@@ -162,13 +170,13 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, gen_k, gen
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
-            rebuild_keys_into(workspace.sel_k, state.U, state.SV, state.cos, state.sin,
+            rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
                               load_chunk, load_slot, n_load, C, rope_style)
             main.wait_stream(stream)
             for t in (load_chunk, load_slot, n_load):
                 t.record_stream(stream)  # freed on main after use on the side stream
         else:
-            rebuild_keys_into(workspace.sel_k, state.U, state.SV, state.cos, state.sin,
+            rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
                               load_chunk, load_slot, n_load, C, rope_style)
             fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
     else:
@@ -198,24 +206,26 @@ def _pageable(values: torch.Tensor) -> bool:
     return True
 
 
-_ROUTE = {"registered": False, "enabled": False}
+_ROUTE = {"registered": False, "enabled": True}
 
 
-def _decode_op_cuda(q, k, v, state, gen_k, gen_v, gen_len, scale, chunk_size, budget_chunks,
-                    rope_style):
-    """``shadowkv::decode``'s signature (state as a list; no workspace, so no reuse)."""
+def _decode_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk,
+                    chunk_slot, n_load, scale, chunk_size, budget_chunks, rope_style):
+    """``shadowkv::decode`` on CUDA: the kernels, with the workspace carried between steps."""
+    st = PrefillState(*state)
     if not _ROUTE["enabled"]:
-        return ref.decode_attention(q, k, v, scale, PrefillState(*state), gen_k, gen_v, gen_len,
+        return ref.decode_attention(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len,
                                     chunk_size, budget_chunks, rope_style)
-    return decode_attention_cuda(q, k, v, scale, PrefillState(*state), gen_k, gen_v, gen_len,
-                                 chunk_size, budget_chunks, rope_style)
+    ws = DecodeWorkspace(sel_k, sel_v, slot_chunk, chunk_slot, n_load)
+    return decode_attention_cuda(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len, chunk_size,
+                                 budget_chunks, rope_style, workspace=ws)
 
 
 def register_cuda_kernel(enabled: bool = True) -> None:
     """Route ``shadowkv::decode`` on CUDA tensors to ``decode_attention_cuda``.
 
     Idempotent; ``enabled=False`` routes CUDA back to the reference implementation (tests use
-    it to leave the op as they found it).
+    it to compare the two routes).
     """
     from . import ops
     if not _ROUTE["registered"]:
@@ -227,18 +237,19 @@ def register_cuda_kernel(enabled: bool = True) -> None:
 
 @torch.library.triton_op("shadowkv::decode_triton",
                          mutates_args=("gen_k", "gen_v", "gen_len", "sel_k", "sel_v",
-                                       "slot_chunk", "chunk_slot"))
+                                       "slot_chunk", "chunk_slot", "n_load"))
 def decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: list[torch.Tensor],
-                  gen_k: torch.Tensor, gen_v: torch.Tensor, gen_len: torch.Tensor,
-                  sel_k: torch.Tensor, sel_v: torch.Tensor, slot_chunk: torch.Tensor,
-                  chunk_slot: torch.Tensor, scale: float, chunk_size: int, budget_chunks: int,
+                  cos: torch.Tensor, sin: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
+                  gen_len: torch.Tensor, sel_k: torch.Tensor, sel_v: torch.Tensor,
+                  slot_chunk: torch.Tensor, chunk_slot: torch.Tensor, n_load: torch.Tensor,
+                  scale: float, chunk_size: int, budget_chunks: int,
                   rope_style: str) -> torch.Tensor:
-    """``shadowkv::decode`` with the reuse workspace in its schema, as a triton_op.
+    """``shadowkv::decode`` as a triton_op, so Inductor sees into the kernels.
 
-    sel_k, sel_v, slot_chunk, chunk_slot are a ``DecodeWorkspace``'s tensors (see there);
-    the rest as ``shadowkv::decode``. Returns [B, Hq, T, d] in q's dtype.
+    Same schema as ``shadowkv::decode``; sel_k, sel_v, slot_chunk, chunk_slot, n_load are a
+    ``DecodeWorkspace``'s tensors. Returns [B, Hq, T, d] in q's dtype.
     """
-    ws = DecodeWorkspace(sel_k, sel_v, slot_chunk, chunk_slot)
-    return decode_attention_cuda(q, k, v, scale, PrefillState(*state), gen_k, gen_v, gen_len,
-                                 chunk_size, budget_chunks, rope_style, workspace=ws,
+    ws = DecodeWorkspace(sel_k, sel_v, slot_chunk, chunk_slot, n_load)
+    return decode_attention_cuda(q, k, v, scale, PrefillState(*state), cos, sin, gen_k, gen_v,
+                                 gen_len, chunk_size, budget_chunks, rope_style, workspace=ws,
                                  overlap=False)

@@ -61,20 +61,43 @@ def _(cos, sin, chunk_size, local_chunks):
     return [cos.new_empty(B, S, rd), sin.new_empty(B, S, rd)]
 
 
-@torch.library.custom_op("shadowkv::decode", mutates_args=("gen_k", "gen_v", "gen_len"))
+@torch.library.custom_op("shadowkv::decode", mutates_args=(
+    "gen_k", "gen_v", "gen_len", "sel_k", "sel_v", "slot_chunk", "chunk_slot", "n_load"))
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
            cos: torch.Tensor, sin: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
-           gen_len: torch.Tensor, scale: float, chunk_size: int, budget_chunks: int,
-           rope_style: str) -> torch.Tensor:
-    """Sparse decode attention of a rewritten site (see reference.decode_attention)."""
+           gen_len: torch.Tensor, sel_k: torch.Tensor, sel_v: torch.Tensor,
+           slot_chunk: torch.Tensor, chunk_slot: torch.Tensor, n_load: torch.Tensor,
+           scale: float, chunk_size: int, budget_chunks: int, rope_style: str) -> torch.Tensor:
+    """Sparse decode attention of a rewritten site (see reference.decode_attention).
+
+    sel_k ... n_load are the reuse workspace of the CUDA kernels (shadowpass.kernels); the
+    reference recomputes the selection each step and leaves them untouched.
+    """
     return ref.decode_attention(q, k, v, scale, ref.PrefillState(*state), cos, sin, gen_k, gen_v,
                                 gen_len, chunk_size, budget_chunks, rope_style)
 
 
 @decode.register_fake
-def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, scale, chunk_size, budget_chunks,
-      rope_style):
+def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
+      n_load, scale, chunk_size, budget_chunks, rope_style):
     torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
     torch._check(gen_k.shape[:2] == k.shape[:2], lambda: "gen_k must be [B, Hkv, Gcap, d]")
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+def workspace(state: ref.PrefillState, budget_chunks: int, chunk_size: int) -> List[torch.Tensor]:
+    """The decode workspace of a site (empty where the reference runs)."""
+    if state.U.is_cuda and _KERNELS is not None:
+        return _KERNELS.DecodeWorkspace.allocate(state, budget_chunks, chunk_size).tensors()
+    B, H, _, d = state.local_k.shape
+    i32 = dict(dtype=torch.int32, device=state.U.device)
+    return [state.local_k.new_empty(B, H, 0, d), state.local_v.new_empty(B, H, 0, d),
+            torch.empty(B, H, 0, **i32), torch.empty(B, H, 0, **i32), torch.empty(B, H, **i32)]
+
+
+try:  # the Triton kernels become the CUDA implementation of shadowkv::decode
+    from . import kernels as _KERNELS
+    _KERNELS.register_cuda_kernel()
+except ImportError:  # no Triton: the reference runs everywhere
+    _KERNELS = None

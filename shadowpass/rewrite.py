@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 STATE_FIELDS = PrefillState._fields
 TABLE_FIELDS = ("cos", "sin")
 GEN_FIELDS = ("gen_k", "gen_v", "gen_len")
-DECODE_INPUTS = STATE_FIELDS + TABLE_FIELDS + GEN_FIELDS
+WORKSPACE_FIELDS = ("sel_k", "sel_v", "slot_chunk", "chunk_slot", "n_load")
+DECODE_INPUTS = STATE_FIELDS + TABLE_FIELDS + GEN_FIELDS + WORKSPACE_FIELDS
 
 
 @dataclass

@@ -16,6 +16,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from . import ops
 from .config import ShadowKVConfig
 from .reference import PrefillState
 from .rewrite import STATE_FIELDS, Rewritten
@@ -33,10 +34,19 @@ class SiteState:
     gen_k: torch.Tensor    # [B, Hkv, Gcap, d] generated tokens, exact
     gen_v: torch.Tensor
     gen_len: torch.Tensor  # [1] int64
+    workspace: List[torch.Tensor]  # the CUDA kernels' selected-chunk buffers (ops.workspace)
     used: int = 0          # host mirror of gen_len, to grow the buffers without a sync
 
     def tensors(self) -> List[torch.Tensor]:
-        return [*self.prefill, self.cos, self.sin, self.gen_k, self.gen_v, self.gen_len]
+        return [*self.prefill, self.cos, self.sin, self.gen_k, self.gen_v, self.gen_len,
+                *self.workspace]
+
+    def hit_rate(self) -> Optional[float]:
+        """Share of the last step's selected chunks reused from the step before (syncs)."""
+        slot_chunk, n_load = self.workspace[2], self.workspace[4]
+        if slot_chunk.numel() == 0 or bool((n_load < 0).any()):
+            return None
+        return 1.0 - n_load.sum().item() / slot_chunk.numel()
 
     def reserve(self, extra: int):
         """Grow the generated-token buffers (doubling): generation has no fixed cap."""
@@ -61,6 +71,10 @@ class Session:
 
     def __init__(self, sites: Dict[str, SiteState]):
         self.sites = sites
+
+    def hit_rate(self) -> Optional[float]:
+        rates = [r for r in (s.hit_rate() for s in self.sites.values()) if r is not None]
+        return sum(rates) / len(rates) if rates else None
 
     def nbytes(self, where: str = "device") -> int:
         """Bytes held on the model's device ("device": everything but the value store) or in
@@ -98,7 +112,8 @@ class Runtime:
     def clear(self):
         self._session = self._weak = None
 
-    def store(self, rw: Rewritten, names: List[str], extra: List[torch.Tensor]) -> Session:
+    def store(self, rw: Rewritten, names: List[str], extra: List[torch.Tensor],
+              cfg: ShadowKVConfig) -> Session:
         n = len(STATE_FIELDS)
         tables = extra[len(names) * n:]
         sites = {}
@@ -110,7 +125,8 @@ class Runtime:
                 prefill=st, cos=cos, sin=sin,
                 gen_k=st.local_k.new_zeros(B, H, GEN_CAPACITY, d),
                 gen_v=st.local_v.new_zeros(B, H, GEN_CAPACITY, st.local_v.shape[-1]),
-                gen_len=torch.zeros(1, dtype=torch.long, device=st.local_k.device))
+                gen_len=torch.zeros(1, dtype=torch.long, device=st.local_k.device),
+                workspace=ops.workspace(st, cfg.budget_chunks, cfg.chunk_size))
         self.clear()
         session = Session(sites)
         self._session = session
@@ -244,7 +260,7 @@ class ShadowGraph:
                           self.cfg.sparse_threshold)
                 return self.dense(*args)
             outs = self.sparse(*args)
-            session = rt.store(self.rw, self.names, list(outs[n:]))
+            session = rt.store(self.rw, self.names, list(outs[n:]), self.cfg)
             outs = outs[:n] if isinstance(outs, tuple) else type(outs)(outs[:n])
         else:
             state = rt.decode_inputs(self.names, T)

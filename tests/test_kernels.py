@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -74,6 +75,36 @@ def rope_tables(B, S, rd, style, device=DEV, dtype=torch.float32, theta=10000.0)
     return cos, sin
 
 
+class KernelState(NamedTuple):
+    """A site's PrefillState fields plus its rotary tables (which the runtime shares)."""
+
+    U: torch.Tensor
+    SV: torch.Tensor
+    landmarks: torch.Tensor
+    selectable: torch.Tensor
+    sparse_valid: torch.Tensor
+    outlier_k: torch.Tensor
+    outlier_v: torch.Tensor
+    outlier_valid: torch.Tensor
+    local_k: torch.Tensor
+    local_v: torch.Tensor
+    local_valid: torch.Tensor
+    values: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def triton_state(st):
+    """decode_triton's state arguments: the PrefillState as a list, then cos and sin."""
+    prefill, cos, sin = split(st)
+    return list(prefill), cos, sin
+
+
+def split(st):
+    """(PrefillState, cos, sin): the decode functions' arguments."""
+    return ref.PrefillState(*st[:len(ref.PrefillState._fields)]), st.cos, st.sin
+
+
 def synthetic_state(B, H, N, C, d, r, rd, O, L, style, dtype, device=DEV, pad=0):
     """A PrefillState with random factors and the invariants prefill_state guarantees:
     outlier chunks and all-padding chunks are not selectable, padding is a prefix of sequence 0.
@@ -98,7 +129,7 @@ def synthetic_state(B, H, N, C, d, r, rd, O, L, style, dtype, device=DEV, pad=0)
     if device == "cuda":
         values = values.pin_memory()
     cos, sin = rope_tables(B, N * C, rd, style, device, dtype)
-    return ref.PrefillState(
+    return KernelState(
         U=rnd(B, N * C, r, scale=r ** -0.5), SV=rnd(B, H, r, d), landmarks=rnd(B, H, N, d),
         selectable=selectable.to(device), sparse_valid=sparse_valid.to(device),
         outlier_k=rnd(B, H, O * C, d), outlier_v=rnd(B, H, O * C, d),
@@ -368,9 +399,9 @@ def test_decode_step_matches_reference(dtype, G, d, style, rd_frac, budget, C, N
         if step == 2:
             q = q_prev  # the same query selects the same chunks: every chunk hits
         k, v = (torch.randn(B, H, 1, d, generator=g).to(DEV, dtype) for _ in range(2))
-        got = decode_attention_cuda(q, k, v, d ** -0.5, st, gk, gv, gl, C, budget_chunks, style,
+        got = decode_attention_cuda(q, k, v, d ** -0.5, *split(st), gk, gv, gl, C, budget_chunks, style,
                                     workspace=ws)
-        want = ref.decode_attention(q, k, v, d ** -0.5, st, rk, rv, rl, C, budget_chunks, style)
+        want = ref.decode_attention(q, k, v, d ** -0.5, *split(st), rk, rv, rl, C, budget_chunks, style)
         assert got.dtype == dtype
         close(got, want, tol_dtype, f"step {step}")
         assert torch.equal(gk, rk) and torch.equal(gl, rl)
@@ -395,7 +426,7 @@ def test_decode_step_with_no_sparse_chunks():
     gl = torch.zeros(1, dtype=torch.long, device=DEV)
     q, k, v = (torch.randn(B, n, 1, d, device=DEV) for n in (H * G, H, H))
     ws = DecodeWorkspace.allocate(st, 4, C)
-    got = decode_attention_cuda(q, k, v, 0.125, st, gk, gv, gl, C, 4, "rotate_half", workspace=ws)
+    got = decode_attention_cuda(q, k, v, 0.125, *split(st), gk, gv, gl, C, 4, "rotate_half", workspace=ws)
     assert ws.sel_k.shape[2] == 0 and gl.item() == 1
     want = reference_segments(q, 0.125, st, ws.sel_k, ws.sel_v, ws.slot_chunk, gk, gv, gl, C)
     close(got, want, torch.float32)
@@ -410,16 +441,16 @@ def test_decode_without_workspace_and_real_prefill_state():
     v = torch.randn(B, H, T, d, device=DEV)
     keep = torch.ones(B, T, T, dtype=torch.bool, device=DEV).tril()
     keep[0, :, :13] = False
-    st = ref.PrefillState(*ops.prefill_state(kpre, kpost, v, cos, sin, keep[:, None], "bool_keep",
-                                             32, C, 2, 3))
+    st = KernelState(*ops.prefill_state(kpre, kpost, v, keep[:, None], "bool_keep", 32, C, 2, 3,
+                                        1), *ops.rope_tables(cos, sin, C, 3))
     gk, gv = (torch.zeros(B, H, 4, d, device=DEV) for _ in range(2))
     gl = torch.zeros(1, dtype=torch.long, device=DEV)
     rk, rv, rl = gk.clone(), gv.clone(), gl.clone()
     for _ in range(2):
         q = torch.randn(B, H * G, 1, d, device=DEV)
         k, vn = torch.randn(B, H, 1, d, device=DEV), torch.randn(B, H, 1, d, device=DEV)
-        got = decode_attention_cuda(q, k, vn, 0.125, st, gk, gv, gl, C, 5, "rotate_half")
-        want = ref.decode_attention(q, k, vn, 0.125, st, rk, rv, rl, C, 5, "rotate_half")
+        got = decode_attention_cuda(q, k, vn, 0.125, *split(st), gk, gv, gl, C, 5, "rotate_half")
+        want = ref.decode_attention(q, k, vn, 0.125, *split(st), rk, rv, rl, C, 5, "rotate_half")
         close(got, want, torch.float32)
 
 
@@ -431,9 +462,9 @@ def test_decode_triton_op_eager():
     gl = torch.zeros(1, dtype=torch.long, device=DEV)
     rk, rv, rl = gk.clone(), gv.clone(), gl.clone()
     q, k, v = (torch.randn(B, n, 1, d, device=DEV) for n in (H * G, H, H))
-    got = torch.ops.shadowkv.decode_triton(q, k, v, list(st), gk, gv, gl, *ws.tensors(), 0.125,
+    got = torch.ops.shadowkv.decode_triton(q, k, v, *triton_state(st), gk, gv, gl, *ws.tensors(), 0.125,
                                            C, 3, "rotate_half")
-    want = ref.decode_attention(q, k, v, 0.125, st, rk, rv, rl, C, 3, "rotate_half")
+    want = ref.decode_attention(q, k, v, 0.125, *split(st), rk, rv, rl, C, 3, "rotate_half")
     close(got, want, torch.float32)
     assert (ws.slot_chunk >= 0).all() and gl.item() == 1
 
@@ -502,35 +533,35 @@ def test_gpu_decode_steps_with_reuse():
     for step in range(6):
         q = q0 + 0.3 * torch.randn_like(q0)  # nearby queries: partial reuse
         k, v = (torch.randn(B, H, 1, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        got = decode_attention_cuda(q, k, v, d ** -0.5, st, gk, gv, gl, C, K, "rotate_half",
+        got = decode_attention_cuda(q, k, v, d ** -0.5, *split(st), gk, gv, gl, C, K, "rotate_half",
                                     workspace=ws)
-        want = ref.decode_attention(q, k, v, d ** -0.5, st, rk, rv, rl, C, K, "rotate_half")
+        want = ref.decode_attention(q, k, v, d ** -0.5, *split(st), rk, rv, rl, C, K, "rotate_half")
         close(got, want, torch.bfloat16, f"step {step}")
         hits.append(ws.hit_rate())
     assert hits[0] == 0.0 and max(hits[1:]) > 0.0, hits  # reuse really happened
 
 
 @gpu
-def test_gpu_registered_op_compiled_and_cuda_graph(request):
+def test_gpu_registered_op_compiled_and_cuda_graph():
     st, p = llama_state(N=1024)
     B, H, G, d, C = p["B"], p["H"], p["G"], p["d"], p["C"]
     K = 64
-    register_cuda_kernel()
-    request.addfinalizer(lambda: register_cuda_kernel(enabled=False))  # leave the op as found
+    register_cuda_kernel()  # what importing shadowpass.ops does when Triton is present
     gk, gv = (torch.zeros(B, H, 16, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     gl = torch.zeros(1, dtype=torch.long, device="cuda")
     q, k, v = (torch.randn(B, n, 1, d, device="cuda", dtype=torch.bfloat16) for n in (H * G, H, H))
     snapshot = [t.clone() for t in (gk, gv, gl)]
-    want = ref.decode_attention(q, k, v, 0.09, st, *(t.clone() for t in snapshot), C, K,
+    want = ref.decode_attention(q, k, v, 0.09, *split(st), *(t.clone() for t in snapshot), C, K,
                                 "rotate_half")
     # 1. shadowkv::decode dispatches to the Triton kernels on CUDA
-    got = ops.decode(q, k, v, list(st), gk, gv, gl, 0.09, C, K, "rotate_half")
+    got = ops.decode(q, k, v, *triton_state(st), gk, gv, gl,
+                     *DecodeWorkspace.allocate(st, K, C).tensors(), 0.09, C, K, "rotate_half")
     close(got, want, torch.bfloat16, "shadowkv::decode")
     # 2. the triton_op compiled by Inductor (fullgraph), with the reuse workspace
     ws = DecodeWorkspace.allocate(st, K, C)
 
     def step(q, k, v, gk, gv, gl, *ws_t):
-        return torch.ops.shadowkv.decode_triton(q, k, v, list(st), gk, gv, gl, *ws_t, 0.09, C, K,
+        return torch.ops.shadowkv.decode_triton(q, k, v, *triton_state(st), gk, gv, gl, *ws_t, 0.09, C, K,
                                                 "rotate_half")
 
     gk, gv, gl = (t.clone() for t in snapshot)
@@ -544,14 +575,14 @@ def test_gpu_registered_op_compiled_and_cuda_graph(request):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up compiles the kernels outside the capture
-        decode_attention_cuda(q, k, v, 0.09, st, gk, gv, gl, C, K, "rotate_half", workspace=ws)
+        decode_attention_cuda(q, k, v, 0.09, *split(st), gk, gv, gl, C, K, "rotate_half", workspace=ws)
     torch.cuda.current_stream().wait_stream(s)
     gk, gv, gl = (t.clone() for t in snapshot)
     gk_s, gv_s, gl_s = gk, gv, gl
     ws.reset()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention_cuda(q, k, v, 0.09, st, gk_s, gv_s, gl_s, C, K, "rotate_half",
+        out = decode_attention_cuda(q, k, v, 0.09, *split(st), gk_s, gv_s, gl_s, C, K, "rotate_half",
                                     workspace=ws)
     gk_s.copy_(snapshot[0])
     gv_s.copy_(snapshot[1])
@@ -607,7 +638,7 @@ def test_gpu_decode_triton_opcheck():
     gk, gv = (torch.zeros(B, H, 8, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     gl = torch.zeros(1, dtype=torch.long, device="cuda")
     q, k, v = (torch.randn(B, n, 1, d, device="cuda", dtype=torch.bfloat16) for n in (H * G, H, H))
-    args = (q, k, v, list(st), gk, gv, gl, *ws.tensors(), 0.09, C, 16, "rotate_half")
+    args = (q, k, v, *triton_state(st), gk, gv, gl, *ws.tensors(), 0.09, C, 16, "rotate_half")
     torch.library.opcheck(torch.ops.shadowkv.decode_triton, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -622,9 +653,9 @@ def test_gpu_decode_falls_back_for_pageable_values():
     gl = torch.zeros(1, dtype=torch.long, device="cuda")
     rk, rv, rl = gk.clone(), gv.clone(), gl.clone()
     q, k, v = (torch.randn(B, n, 1, d, device="cuda", dtype=torch.bfloat16) for n in (H * G, H, H))
-    got = decode_attention_cuda(q, k, v, 0.09, st, gk, gv, gl, C, 32, "rotate_half",
+    got = decode_attention_cuda(q, k, v, 0.09, *split(st), gk, gv, gl, C, 32, "rotate_half",
                                 workspace=DecodeWorkspace.allocate(st, 32, C))
-    want = ref.decode_attention(q, k, v, 0.09, st, rk, rv, rl, C, 32, "rotate_half")
+    want = ref.decode_attention(q, k, v, 0.09, *split(st), rk, rv, rl, C, 32, "rotate_half")
     close(got, want, torch.bfloat16)
 
 

@@ -132,7 +132,8 @@ def test_decode_full_budget_equals_dense(G, pad):
     K, V = [kpost], [v]
     for step in range(3):
         q, k, vn = torch.randn(B, H * G, 1, d), torch.randn(B, H, 1, d), torch.randn(B, H, 1, d)
-        out = ops.decode(q, k, vn, st, *tables, gk, gv, gl, 1 / math.sqrt(d), 8, 1000, "rotate_half")
+        out = ops.decode(q, k, vn, st, *tables, gk, gv, gl, *ops.workspace(st, 1000, 8),
+                         1 / math.sqrt(d), 8, 1000, "rotate_half")
         K.append(k)
         V.append(vn)
         keys = torch.cat(K, 2).repeat_interleave(G, 1)
@@ -150,7 +151,8 @@ def test_decode_attends_only_budget_tokens():
     kpost, v, st, tables = make_state(B, H, d=d, outliers=1, local=1)
     q, k, vn = torch.randn(B, H, 1, d), torch.randn(B, H, 1, d), torch.randn(B, H, 1, d)
     gk, gv, gl = torch.zeros(B, H, 4, d), torch.zeros(B, H, 4, d), torch.zeros(1, dtype=torch.long)
-    out = ops.decode(q, k, vn, st, *tables, gk, gv, gl, 0.25, C, 1, "rotate_half")
+    out = ops.decode(q, k, vn, st, *tables, gk, gv, gl, *ops.workspace(st, 1, C), 0.25, C, 1,
+                     "rotate_half")
     scores = ref.score_chunks(q, st.landmarks, st.selectable, 0.25)
     chosen = scores.argmax(-1).item()
     outlier = torch.nonzero(~st.selectable[0, 0]).item()
@@ -171,7 +173,7 @@ def test_opcheck():
     _, _, st, tables = make_state(1, 2, T=40, d=8)
     args = (torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), list(st),
             *tables, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, dtype=torch.long),
-            0.3, 8, 2, "rotate_half")
+            *ops.workspace(st, 2, 8), 0.3, 8, 2, "rotate_half")
     torch.library.opcheck(ops.decode, args)
 
 
