@@ -308,7 +308,7 @@ def bench_config(ctx, B, env):
     hit = hit_rate_with(sigma)
     rk, rv, rl = gen_k.clone(), gen_v.clone(), torch.tensor([GEN - 1], device=dev)
     got = shadow_step()
-    want_o = ref.decode_attention(ring[it.item()], k_new, v_new, scale, st, rk, rv, rl, C, K,
+    want_o = ref.decode_attention(ring[it.item()], k_new, v_new, scale, st, cos, sin, rk, rv, rl, C, K,
                                   "rotate_half")
     err = (got.float() - want_o.float()).abs().max().item()
     t_se = timed(shadow_step)
