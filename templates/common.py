@@ -47,5 +47,11 @@ def is_fake(t: torch.Tensor) -> bool:
 
 
 def as_bytes(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask viewed as uint8 (one byte per element), so kernels load it as integers."""
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    """A bool mask as uint8 (one byte per element), so kernels load it as integers.
+
+    A view in eager; a (small) copy while compiling: Inductor 2.11 cannot lower a bool -> uint8
+    dtype view ("torch.bool is not supported by torch.iinfo").
+    """
+    if mask.dtype != torch.bool:
+        return mask
+    return mask.to(torch.uint8) if torch.compiler.is_compiling() else mask.view(torch.uint8)
