@@ -49,9 +49,8 @@ def is_fake(t: torch.Tensor) -> bool:
 def as_bytes(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask as uint8 (one byte per element), so kernels load it as integers.
 
-    A view in eager; a (small) copy while compiling: Inductor 2.11 cannot lower a bool -> uint8
-    dtype view ("torch.bool is not supported by torch.iinfo").
+    A (small) copy, not a dtype view: Inductor 2.11 cannot lower a bool -> uint8 view ("torch.bool
+    is not supported by torch.iinfo"), and decode steps replay in CUDA graphs, where the extra
+    kernel costs next to nothing.
     """
-    if mask.dtype != torch.bool:
-        return mask
-    return mask.to(torch.uint8) if torch.compiler.is_compiling() else mask.view(torch.uint8)
+    return mask.to(torch.uint8) if mask.dtype == torch.bool else mask
