@@ -5,6 +5,8 @@ handwritten_decoder.run() is checked in test_backend.py (tokens equal, cache byt
 import ast
 import json
 import os
+import sys
+import types
 
 import graph_dump_walkthrough
 import hf_generate
@@ -32,6 +34,34 @@ def test_real_model_generate_falls_back_to_tiny():
     assert not r["real"] and r["model"] == "tiny random-weight Llama"
     assert r["fallback_reason"] == "--tiny was given"
     assert r["shadowkv_sites"] == 2 and r["tokens_equal"] and r["agreement"] is None
+
+
+class CharTokenizer:
+    """A stand-in tokenizer (one id per character) for the fake SmolLM2 loader below."""
+
+    chat_template = None
+
+    def __call__(self, text, return_tensors=None):
+        ids = [ord(c) % 256 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i)) for i in ids)
+
+
+def test_real_model_generate_uses_the_loader_when_present(monkeypatch):
+    """The real-model path (prompt from text, decoded texts) with a fake shadowpass.eval.smollm2
+    that returns a tiny model: what the example does when SmolLM2 is installed."""
+    pkg, mod = types.ModuleType("shadowpass.eval"), types.ModuleType("shadowpass.eval.smollm2")
+    mod.is_available = lambda: True
+    mod.load_smollm2 = lambda device="cpu", dtype=torch.float32: (
+        tiny_model("llama").to(device), CharTokenizer())
+    pkg.smollm2 = mod
+    monkeypatch.setitem(sys.modules, "shadowpass.eval", pkg)
+    monkeypatch.setitem(sys.modules, "shadowpass.eval.smollm2", mod)
+    r = real_model_generate.run(prompt_len=100, new_tokens=3, budget=None, device="cpu")
+    assert r["real"] and r["model"] == "SmolLM2-135M-Instruct" and r["tokens_equal"]
+    assert r["prompt_tokens"] > 100 and set(r["texts"]) == {"dense"}
 
 
 def test_real_model_loader_says_why_when_unavailable():
