@@ -175,6 +175,13 @@ def match_scores(n: Node, site: Site, scale: float = 1.0):
             raise NoMatch("masked_fill with a value other than -inf")
         site.mask, site.mask_kind = n.args[1], "bool_drop"
         return match_scores(n.args[0], site, scale)
+    if name == "where" and len(n.args) == 3 and isinstance(n.args[0], Node):
+        cond, a, b = n.args  # where(keep, scores, -inf) or where(drop, -inf, scores)
+        for scores, fill, kind in ((a, b, "bool_keep"), (b, a, "bool_drop")):
+            if isinstance(scores, Node) and scalar(fill) is not None and scalar(fill) <= -1e4:
+                site.mask, site.mask_kind = cond, kind
+                return match_scores(scores, site, scale)
+        raise NoMatch("torch.where on the scores with a fill other than a constant -inf")
     if name == "matmul":
         return n.args[0], strip_transpose_last2(n.args[1]), scale
     if name == "einsum" and einsum_roles(n.args[0]) == "qk":

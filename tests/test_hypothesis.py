@@ -36,9 +36,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Form:
     """How one toy attention layer is written."""
 
-    scale: str      # sdpa_default | sdpa_explicit | mul_const | div_sqrt
+    scale: str      # sdpa_default | sdpa_explicit | mul_const | div_sqrt | q_prescaled
     manual: str     # sdpa | matmul | einsum (how q @ k^T and p @ v are written)
-    mask: str       # none | is_causal | additive | bool_keep | masked_fill (| alibi: pinned)
+    mask: str       # none | is_causal | additive | bool_keep | masked_fill | where
+                    # (| alibi: pinned)
     kv_heads: int   # HQ // kv_heads = GQA group (HQ: MQA)
     gqa: str        # none | repeat_kv | repeat_interleave | enable_gqa | expand
     head_dim: int
@@ -51,12 +52,13 @@ class Form:
 
 @st.composite
 def forms(draw):
-    scale = draw(st.sampled_from(["sdpa_default", "sdpa_explicit", "mul_const", "div_sqrt"]))
+    scale = draw(st.sampled_from(["sdpa_default", "sdpa_explicit", "mul_const", "div_sqrt",
+                                  "q_prescaled"]))
     sdpa = scale.startswith("sdpa")
     manual = "sdpa" if sdpa else draw(st.sampled_from(["matmul", "einsum"]))
     cache = draw(st.sampled_from(["cat", "index_copy", "none"]))
     masks = ["none", "is_causal", "additive", "bool_keep"] if sdpa else \
-        ["none", "additive", "masked_fill"]
+        ["none", "additive", "masked_fill", "where"]
     if cache == "index_copy":  # a preallocated buffer needs a mask hiding its unwritten slots
         masks = [m for m in masks if m not in ("none", "is_causal")]
     kv_heads = draw(st.sampled_from([HQ, HQ // 2, HQ // 4, 1]))   # group 1, 2, 4, MQA
@@ -160,15 +162,22 @@ class Variant(nn.Module):
                 dist = (torch.arange(S)[None, :] - torch.arange(S - T, S)[:, None]).to(q.dtype)
                 kw["attn_mask"] = (slopes[:, None, None] * dist).masked_fill(~keep, -math.inf)
             return F.scaled_dot_product_attention(q, kr, vr, **kw), out_cache
+        if f.scale == "q_prescaled":
+            q = q * d ** -0.5
         if f.manual == "einsum":
             s = torch.einsum("bhqd,bhkd->bhqk", q, kr)
         else:
             s = q @ kr.transpose(-2, -1)
-        s = s * (1.0 / math.sqrt(d)) if f.scale == "mul_const" else s / math.sqrt(d)
+        if f.scale == "mul_const":
+            s = s * (1.0 / math.sqrt(d))
+        elif f.scale == "div_sqrt":
+            s = s / math.sqrt(d)
         if f.mask == "additive":
             s = s + torch.zeros(T, S, dtype=s.dtype).masked_fill(~keep, torch.finfo(s.dtype).min)
         elif f.mask == "masked_fill":
             s = s.masked_fill(~keep, float("-inf"))
+        elif f.mask == "where":
+            s = torch.where(keep, s, torch.finfo(s.dtype).min)
         p = torch.softmax(s.float(), dim=-1).to(q.dtype)
         o = torch.einsum("bhqk,bhkd->bhqd", p, vr) if f.manual == "einsum" else p @ vr
         return o, out_cache
@@ -193,8 +202,11 @@ def twins(form: Form):
     return a, b
 
 
-def check(form: Form):
-    """The property: rewritten and exact, or left dense with a reason; outputs equal eager."""
+def check(form: Form, cfg: dict = EXACT):
+    """The property: rewritten and exact, or left dense with a reason; outputs equal eager.
+
+    cfg must keep everything (rank >= H_kv * d, budget >= prompt) for the outputs to be exact.
+    """
     torch._dynamo.reset()
     torch.manual_seed(0)
     steps = STEPS if form.cache != "none" else 0
@@ -212,7 +224,7 @@ def check(form: Form):
     torch._dynamo.reset()
     with torch.no_grad():
         want = run(eager, xs, PROMPT)
-        got = run(shadowpass.compile(compiled_layer, **EXACT), xs, PROMPT)
+        got = run(shadowpass.compile(compiled_layer, **cfg), xs, PROMPT)
     tol = ATTENTION_TOL[form.dtype]
     for step, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -234,15 +246,22 @@ def eager_graphs(gm, example_inputs, config_patches=None):
     return gm.forward
 
 
+# the layout knobs, at full rank and budget (so still exact): empty outlier / local / sparse
+# regions and one-token chunks included
+exact_configs = st.fixed_dictionaries(dict(
+    chunk_size=st.sampled_from([1, 8, 16]), outlier_chunks=st.sampled_from([0, 2, 100]),
+    local_chunks=st.sampled_from([0, 1, 4]))).map(lambda c: {**EXACT, **c})
+
+
 @settings(max_examples=30, **SETTINGS)
-@given(forms())
-def test_generated_attention_forms(form):
+@given(forms(), exact_configs)
+def test_generated_attention_forms(form, cfg):
     # What is fuzzed is the pass (detection, rewrite, runtime state); Inductor's compile of the
     # rewritten graphs (seconds of C++ per case) is exercised by the pinned forms below and by
     # test_patterns / test_models, so here the graphs run as traced.
     with mock.patch.object(backend, "compile_fx", eager_graphs):
-        site, ran = check(form)
-    for name, value in dataclasses.asdict(form).items():
+        site, ran = check(form, cfg)
+    for name, value in [*dataclasses.asdict(form).items(), *cfg.items()]:
         event(f"{name}={value}")
     event(f"outcome={'rewritten' if ran else 'dense: ' + (site.reason or '?')[:60]}")
     if expect_rewritten(form):
@@ -266,6 +285,7 @@ PINNED = [
                         batch=2),
     dataclasses.replace(BASE, dtype="fp16", noncontig=True, kv_heads=4),
     dataclasses.replace(BASE, cache="none", mask="is_causal"),
+    dataclasses.replace(BASE, scale="q_prescaled", manual="matmul", mask="where", batch=2),
 ]
 
 
@@ -312,6 +332,28 @@ def test_is_causal_on_a_single_query_is_not_rewritten():
         assert report.sites[0].action == "left dense" and "is_causal" in report.sites[0].reason
         out = torch.compile(fn, backend="shadowkv", options=EXACT)(*args)
         torch.testing.assert_close(out[0], fn(*args)[0])
+
+
+@pytest.mark.parametrize("fill", ["zero", "tensor"])
+def test_where_with_a_fill_other_than_minus_inf_stays_dense(fill):
+    """Near miss of where(keep, scores, -inf): a zero fill is not a mask, and a tensor fill's
+    value cannot be read at trace time (GPT-2 style), so both stay dense, with the reason."""
+
+    def step(q, k, v, past_k, past_v):
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        s = q @ k.transpose(-2, -1) / 4.0
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool).tril(s.shape[-1] - s.shape[-2])
+        s = torch.where(keep, s, 0.0 if fill == "zero" else torch.full([], -1e9))
+        return torch.softmax(s, -1) @ v, k, v
+
+    q, k, v = (torch.randn(1, 2, 1, 16) for _ in range(3))
+    args = [q, k, v, torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)]
+    report = shadowpass.explain(step, *args)
+    assert report.sites[0].action == "left dense"
+    assert "torch.where on the scores with a fill other than a constant -inf" in \
+        report.sites[0].reason
+    out = torch.compile(step, backend="shadowkv", options=EXACT)(*args)
+    torch.testing.assert_close(out[0], step(*args)[0])
 
 
 def test_alibi_bias_is_a_clear_error_not_a_wrong_output():
