@@ -59,12 +59,14 @@ def test_help_exits_zero(argv, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_explain_tiny_text(capsys):
-    assert cli.main(["explain", "--model", "llama", "--seq-len", "12"]) == 0
+@pytest.mark.parametrize("model,dtype,rope", [("llama", "float32", "rotate_half"),
+                                              ("gpt_neox", "bfloat16", "rotate_half partial")])
+def test_explain_tiny_text(model, dtype, rope, capsys):
+    assert cli.main(["explain", "--model", model, "--seq-len", "12", "--dtype", dtype]) == 0
     out = capsys.readouterr().out
-    assert "tiny random-weight model 'llama'" in out
+    assert f"tiny random-weight model {model!r}" in out and dtype in out
     assert "2 of 2 attention sites rewritten" in out
-    assert out.count("rewritten") >= 3 and "rotate_half" in out
+    assert out.count("rewritten") >= 3 and rope in out
 
 
 def test_explain_tiny_json_with_decode_and_options(capsys):
