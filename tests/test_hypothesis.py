@@ -394,6 +394,18 @@ def test_generated_tokens_beyond_the_initial_capacity(monkeypatch):
         torch.testing.assert_close(a, b, **ATTENTION_TOL["fp32"])
 
 
+def test_sequence_longer_than_the_models_own_buffer_errors():
+    """The model's preallocated cache (index_copy_ into a buffer of PROMPT + STEPS slots) is the
+    only thing sized: one step too many fails as under eager and plain Inductor (index out of
+    bounds), never a silent write past the buffer."""
+    form = dataclasses.replace(BASE, cache="index_copy", mask="additive")
+    torch.manual_seed(0)
+    xs = [torch.randn(1, PROMPT, DIM)] + [torch.randn(1, 1, DIM) for _ in range(STEPS + 1)]
+    _, fast = twins(form)
+    with torch.no_grad(), pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        run(shadowpass.compile(fast, **EXACT), xs, PROMPT)
+
+
 # ------------------------------------------------------------------------------- config fuzz
 
 FIELDS = [f.name for f in dataclasses.fields(ShadowKVConfig)]
