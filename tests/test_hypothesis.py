@@ -56,7 +56,8 @@ def forms(draw):
                                   "q_prescaled"]))
     sdpa = scale.startswith("sdpa")
     manual = "sdpa" if sdpa else draw(st.sampled_from(["matmul", "einsum"]))
-    cache = draw(st.sampled_from(["cat", "index_copy", "none"]))
+    # "none" (always left dense) is drawn less often: the rewritten forms are what needs cover
+    cache = draw(st.sampled_from(["cat", "index_copy", "cat", "index_copy", "none"]))
     masks = ["none", "is_causal", "additive", "bool_keep"] if sdpa else \
         ["none", "additive", "masked_fill", "where"]
     if cache == "index_copy":  # a preallocated buffer needs a mask hiding its unwritten slots
