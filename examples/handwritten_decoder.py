@@ -1,9 +1,11 @@
 """A hand-written decoder (Meta-reference style) accelerated by the shadowkv backend.
 
-It writes attention the way many hand-written models do: [B, S, H, d] layout, RoPE by complex
-multiplication, GQA by repeat_interleave, scores divided by sqrt(d), a causal mask applied with
-masked_fill(-inf), softmax in fp32, and its own KV cache returned from forward (cat of past and
-new). The pass finds all of it; the cache it hands back holds no full-size K/V.
+It is accelerated with the decorator ``@shadowpass.shadowkv(...)``, on the class (see
+fast_decoder) or on an instance (``shadowpass.shadowkv(budget=...)(model)``). It writes attention
+the way many hand-written models do: [B, S, H, d] layout, RoPE by complex multiplication, GQA by
+repeat_interleave, scores divided by sqrt(d), a causal mask applied with masked_fill(-inf),
+softmax in fp32, and its own KV cache returned from forward (cat of past and new). The pass
+finds all of it; the cache it hands back holds no full-size K/V.
 
     python examples/handwritten_decoder.py            # prompt 600 tokens, 32 new, CPU or GPU
 """
@@ -112,24 +114,36 @@ def generate(model, prompt: torch.Tensor, new_tokens: int):
     return torch.cat(out, 1), all_logits, cache
 
 
+def fast_decoder(budget: int = 128, rank: int = 16):
+    """The Decoder class accelerated with the decorator: every forward goes through shadowkv."""
+
+    @shadowpass.shadowkv(budget=budget, rank=rank, outlier_chunks=4, min_sparse_len=0)
+    class FastDecoder(Decoder):
+        """Decoder with ShadowKV attention (small budget, low-rank keys)."""
+
+    return FastDecoder
+
+
 def run(prompt_len: int = 600, new_tokens: int = 32, budget: int = 128) -> dict:
     """Dense vs shadowkv (exact settings, then a small budget) on one random-weight model."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Decoder().to(device).eval()
-    twin = Decoder().to(device).eval()
+    twin = fast_decoder(budget)().to(device).eval()      # decorated class
     twin.load_state_dict(model.state_dict())
     prompt = torch.randint(0, 256, (1, prompt_len), device=device)
 
     dense, dense_logits, dense_cache = generate(model, prompt, new_tokens)
-    exact = shadowpass.compile(model, rank=4096, budget=1 << 20, outlier_chunks=4, min_sparse_len=0)
+    # decorated instance, at settings that keep everything (full rank, full budget)
+    exact = shadowpass.shadowkv(rank=4096, budget=1 << 20, outlier_chunks=4,
+                                min_sparse_len=0)(model)
     same, same_logits, cache = generate(exact, prompt, new_tokens)
-    sparse = shadowpass.compile(twin, budget=budget, rank=16, outlier_chunks=4, min_sparse_len=0)
-    approx, _, _ = generate(sparse, prompt, new_tokens)
+    approx, _, _ = generate(twin, prompt, new_tokens)
     return dict(
         tokens_equal=torch.equal(same, dense),
         max_logit_diff=max((a - b).abs().max().item() for a, b in zip(same_logits, dense_logits)),
         agreement=(approx == dense).float().mean().item(),
+        shadowkv_sites=len(shadowpass.runtime_of(twin).sites),
         cache_shape=tuple(cache[0][0].shape),
         cache_bytes=cache[0][0].untyped_storage().nbytes(),
         dense_cache_bytes=dense_cache[0][0].untyped_storage().nbytes())

@@ -26,39 +26,53 @@ def generate(model, ids, n):
         return model.generate(ids, max_new_tokens=n, do_sample=False, return_dict_in_generate=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompt-len", type=int, default=1200)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--budget", type=int, default=128, help="tokens of selected chunks per step")
-    args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def run(prompt_len: int = 1200, new_tokens: int = 32, budget: int = 128, verbose: bool = False,
+        device=None) -> dict:
+    """Dense, exact-settings ShadowKV and small-budget ShadowKV generations; results as a dict."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = tiny_llama(device)
-    ids = torch.randint(0, 512, (1, args.prompt_len), device=device)
+    ids = torch.randint(0, 512, (1, prompt_len), device=device)
 
-    print(shadowpass.explain(model, ids[:, :32]))
-    dense = generate(model, ids, args.new_tokens).sequences
+    report = shadowpass.explain(model, ids[:, :32])
+    if verbose:
+        print(report)
+    dense = generate(model, ids, new_tokens).sequences
 
     model.compile(backend="shadowkv", options={"rank": 4096, "budget": 1 << 20,
                                                "outlier_chunks": 8, "min_sparse_len": 0})
-    exact = generate(model, ids, args.new_tokens)
-    print(f"\nfull rank + full budget: tokens equal to dense: {torch.equal(exact.sequences, dense)}")
+    exact = generate(model, ids, new_tokens)
 
     torch._dynamo.reset()
     sparse_model = tiny_llama(device)
     sparse_model.load_state_dict(model.state_dict())
-    sparse_model.compile(backend="shadowkv", options={"rank": 40, "budget": args.budget,
+    sparse_model.compile(backend="shadowkv", options={"rank": 40, "budget": budget,
                                                       "outlier_chunks": 8, "min_sparse_len": 0})
-    out = generate(sparse_model, ids, args.new_tokens)
-    agree = (out.sequences[:, -args.new_tokens:] == dense[:, -args.new_tokens:]).float().mean()
-    print(f"rank 40, budget {args.budget} of {args.prompt_len}: {agree:.0%} of greedy tokens "
-          "agree with dense")
+    out = generate(sparse_model, ids, new_tokens)
     site = next(iter(shadowpass.runtime_of(sparse_model).sites.values()))
     keys = out.past_key_values.layers[0].keys
-    print(f"layer 0: model cache K {tuple(keys.shape)} holds {keys.untyped_storage().nbytes()} B; "
-          f"ShadowKV device state {site.nbytes() / 1024:.1f} KiB, host values "
-          f"{site.prefill.values.numel() * site.prefill.values.element_size() / 1024:.1f} KiB")
+    return dict(
+        rewritten_sites=len(report.rewritten),
+        tokens_equal=torch.equal(exact.sequences, dense),
+        agreement=(out.sequences[:, -new_tokens:] == dense[:, -new_tokens:]).float().mean().item(),
+        cache_shape=tuple(keys.shape), cache_bytes=keys.untyped_storage().nbytes(),
+        state_kib=site.nbytes() / 1024,
+        host_values_kib=site.prefill.values.numel() * site.prefill.values.element_size() / 1024)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt-len", type=int, default=1200, help="prompt length in tokens")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--budget", type=int, default=128, help="tokens of selected chunks per step")
+    args = p.parse_args(argv)
+    r = run(args.prompt_len, args.new_tokens, args.budget, verbose=True)
+    print(f"\nfull rank + full budget: tokens equal to dense: {r['tokens_equal']}")
+    print(f"rank 40, budget {args.budget} of {args.prompt_len}: {r['agreement']:.0%} of greedy "
+          "tokens agree with dense")
+    print(f"layer 0: model cache K {r['cache_shape']} holds {r['cache_bytes']} B; "
+          f"ShadowKV device state {r['state_kib']:.1f} KiB, host values "
+          f"{r['host_values_kib']:.1f} KiB")
 
 
 if __name__ == "__main__":

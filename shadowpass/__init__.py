@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.shadowkv.*)
-from .backend import make_backend
+from .backend import dump, make_backend
 from .config import ShadowKVConfig
 from .report import Report, SiteReport
 from .rewrite import rewrite
@@ -27,16 +27,26 @@ def compile(model, config: Optional[ShadowKVConfig] = None, *, mode: Optional[st
     return torch.compile(model, backend=make_backend(cfg, mode=mode, dump_dir=dump_dir))
 
 
-def explain(model, *args, config: Optional[ShadowKVConfig] = None, **kwargs) -> Report:
-    """Trace model(*args, **kwargs) once and report each attention site; runs no ShadowKV op."""
+def explain(model, *args, config: Optional[ShadowKVConfig] = None,
+            dump_dir: Optional[str] = None, **kwargs) -> Report:
+    """Trace model(*args, **kwargs) once and report each attention site; runs no ShadowKV op.
+
+    dump_dir: if given, also write each graph before/after the rewrite and its report there
+    (the same files as ``shadowpass.compile(..., dump_dir=...)``).
+    """
     cfg = config or ShadowKVConfig()
     report = Report()
 
     def backend(gm, example_inputs, **_):
         try:
-            report.add_graph(rewrite(gm, cfg).all_sites)
+            rw = rewrite(gm, cfg)
+            index = report.add_graph(rw.all_sites)
         except Exception as e:
             report.errors.append(f"{type(e).__name__}: {e}")
+            return gm.forward
+        if dump_dir:  # shadowpass-cli: explain(dump_dir=)
+            one = Report(sites=[s for s in report.sites if s.graph == index], graphs=1)
+            dump(dump_dir, index, gm, rw.gm if rw.phase else None, one)
         return gm.forward
 
     with torch.no_grad():

@@ -175,6 +175,13 @@ def match_scores(n: Node, site: Site, scale: float = 1.0):
             raise NoMatch("masked_fill with a value other than -inf")
         site.mask, site.mask_kind = n.args[1], "bool_drop"
         return match_scores(n.args[0], site, scale)
+    if name == "where" and len(n.args) == 3 and isinstance(n.args[0], Node):
+        cond, a, b = n.args  # where(keep, scores, -inf) or where(drop, -inf, scores)
+        for scores, fill, kind in ((a, b, "bool_keep"), (b, a, "bool_drop")):
+            if isinstance(scores, Node) and scalar(fill) is not None and scalar(fill) <= -1e4:
+                site.mask, site.mask_kind = cond, kind
+                return match_scores(scores, site, scale)
+        raise NoMatch("torch.where on the scores with a fill other than a constant -inf")
     if name == "matmul":
         return n.args[0], strip_transpose_last2(n.args[1]), scale
     if name == "einsum" and einsum_roles(n.args[0]) == "qk":
@@ -229,6 +236,13 @@ def match_sdpa(n: Node, site: Site):
     site.attention = "sdpa"
     site.node, site.q = n, q
     site.scale = kw.get("scale")
+    is_causal = kw.get("is_causal", args[5] if len(n.args) > 5 else False)
+    qs, ks = shape(q), shape(k)
+    if is_causal and qs and ks and concrete(qs[-2]) != concrete(ks[-2]):
+        # SDPA aligns is_causal top-left: query i sees keys 0..i, not the whole past
+        raise NoMatch("SDPA is_causal=True with fewer queries than keys (its causal mask is "
+                      "aligned top-left, so the queries do not see the whole cache); pass an "
+                      "explicit attn_mask, or is_causal only when queries and keys match")
     if isinstance(mask, Node):
         mv = example(mask)
         site.mask = mask
@@ -310,7 +324,10 @@ def walk_kv(n: Node, attn: Node) -> KVPath:
         if cache == "none":
             if name == "cat":
                 tensors = n.args[0] if n.args else n.kwargs["tensors"]
-                if len(tensors) >= 2:
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+                nd = len(shape(n) or ())
+                # a cache appends tokens; a cat over the last (feature) dim is partial RoPE
+                if len(tensors) >= 2 and nd and dim % nd != nd - 1:
                     cache, cache_node, past, n = "cat", n, tensors[0], tensors[-1]
                     continue
             buf = n.args[0] if name == "getitem" else n

@@ -273,7 +273,7 @@ def rebuild_keys(U, SV, cos, sin, idx, C: int, rope_style: str):
     B, H, K = idx.shape
     rows = (idx[..., None] * C + torch.arange(C, device=idx.device)).flatten(2)  # [B,H,K*C]
     u = U.gather(1, rows.flatten(1)[..., None].expand(B, H * K * C, U.shape[-1]))
-    k_pre = u.view(B, H, K * C, -1).float() @ SV.float()
+    k_pre = u.view(B, H, K * C, U.shape[-1]).float() @ SV.float()
     if rope_style == "none":
         return k_pre
     rd = cos.shape[-1]
