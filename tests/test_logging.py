@@ -9,7 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # the package's sources: shadowpass/ plus the directories mapped into it by pyproject
 LIBRARY_DIRS = [ROOT / "shadowpass", ROOT / "lowering", ROOT / "templates"]
-MAY_PRINT = {ROOT / "shadowpass" / "cli.py"}  # the command line's own output
+# command modules, whose output is their result: the CLI and the benchmark it runs
+MAY_PRINT = {ROOT / "shadowpass" / "cli.py", ROOT / "shadowpass" / "bench.py"}
 
 COMPILE_ONE_LAYER = textwrap.dedent("""
     import sys, torch
