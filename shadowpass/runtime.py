@@ -215,6 +215,7 @@ class ShadowGraph:
         self.names = [s.name for s in rw.sites]
         self.original = original
         self._dense = self._sparse = None
+        self.unsupported = None  # why this graph stays dense, once its prefill refused the mask
         self.param_idx = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         self.seq_len = symbolic_reader(original, rw.seq_len)
         self.past_len = symbolic_reader(original, rw.past_len)
@@ -255,11 +256,20 @@ class ShadowGraph:
                     "(chunked prefill or speculative decoding) is not supported; decode one token "
                     "per step, or start a new generate() call for a new prompt")
             rt.clear()
+            if self.unsupported:
+                return self.dense(*args)
             if T < self.cfg.sparse_threshold:
                 log.debug("shadowpass: prompt of %d tokens < min_sparse_len %d: dense", T,
                           self.cfg.sparse_threshold)
                 return self.dense(*args)
-            outs = self.sparse(*args)
+            try:
+                outs = self.sparse(*args)
+            except ValueError as e:  # the prefill op found a mask ShadowKV cannot keep
+                if "shadowkv:" not in str(e):
+                    raise
+                self.unsupported = str(e)
+                log.warning("shadowpass: %s -- this graph runs dense attention from now on", e)
+                return self.dense(*args)
             session = rt.store(self.rw, self.names, list(outs[n:]), self.cfg)
             outs = outs[:n] if isinstance(outs, tuple) else type(outs)(outs[:n])
         else:

@@ -357,22 +357,19 @@ def test_where_with_a_fill_other_than_minus_inf_stays_dense(fill):
     torch.testing.assert_close(out[0], step(*args)[0])
 
 
-def test_alibi_bias_is_a_clear_error_not_a_wrong_output():
+def test_alibi_bias_falls_back_to_dense_with_a_warning(caplog):
     """An additive bias that is not causal + padding (ALiBi) cannot be kept by ShadowKV's decode.
-    The site matches structurally; the prefill op checks the mask's values and raises a clear
-    error (today's behaviour) rather than return wrong numbers. Falling back to dense would also
-    satisfy this test."""
+    The site matches structurally; the prefill op checks the mask's values, and the graph falls
+    back to dense attention with a warning that names the reason: right numbers, no crash."""
     form = dataclasses.replace(BASE, mask="alibi")
     torch.manual_seed(0)
     xs = inputs(form, 2)
     eager, fast = twins(form)
     with torch.no_grad():
         want = run(eager, xs, PROMPT)
-        try:
-            got = run(shadowpass.compile(fast, **EXACT), xs, PROMPT)
-        except ValueError as e:  # the op's message, possibly wrapped by the compiled code
-            assert "ALiBi" in str(e) and "without shadowkv" in str(e)
-            return
+        got = run(shadowpass.compile(fast, **EXACT), xs, PROMPT)
+    assert "ALiBi" in caplog.text and "runs dense" in caplog.text
+    assert not shadowpass.runtime_of(fast).sites
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **ATTENTION_TOL["fp32"])
 
