@@ -21,7 +21,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import ShadowKVConfig
@@ -50,11 +49,10 @@ DELEGATES: Dict[str, Delegate] = {
         help="accuracy tasks: ShadowKV against dense attention (delegates to shadowpass.eval)",
         what="the accuracy harness (module shadowpass.eval.cli)"),
     "bench": Delegate(
-        modules=("shadowpass.bench", "benchmarks.e2e"), add_arguments="add_bench_arguments",
-        run="run_bench",
-        help="speed and memory of generate, ShadowKV against dense (delegates to the benchmarks)",
-        what="the end-to-end benchmark (module shadowpass.bench, or benchmarks/e2e.py of the "
-             "source checkout)"),
+        modules=("shadowpass.bench",), add_arguments="add_bench_arguments", run="run_bench",
+        help="decode throughput and memory, ShadowKV against dense on the Llama-3.1-8B shape "
+             "(needs a CUDA GPU; delegates to shadowpass.bench)",
+        what="the end-to-end benchmark (module shadowpass.bench)"),
 }
 
 
@@ -62,28 +60,16 @@ class Unavailable(Exception):
     """A delegated subcommand whose module is not part of this installation."""
 
 
-# The source checkout this package runs from (an editable install): its top-level folders, such
-# as benchmarks/, are importable for delegated commands even when the script is not started
-# from the repository root.
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
-
-
 def import_candidate(mod: str):
     """Import `mod`; None if it (or a package it lives in) does not exist."""
     parts = mod.split(".")
     absent = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-    for attempt in range(2):
-        try:
-            return importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name not in absent:
-                raise  # the candidate exists but one of its own imports is missing
-            top = SOURCE_ROOT / parts[0]
-            if attempt or parts[0] == "shadowpass" or not top.is_dir() \
-                    or str(SOURCE_ROOT) in sys.path:
-                return None
-            sys.path.append(str(SOURCE_ROOT))  # a top-level folder of the source checkout
-    return None
+    try:
+        return importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name not in absent:
+            raise  # the candidate exists but one of its own imports is missing
+        return None
 
 
 def load_delegate(name: str):

@@ -2,7 +2,6 @@
 eval/bench delegation."""
 import argparse
 import json
-import os
 import subprocess
 import sys
 import types
@@ -156,24 +155,6 @@ def test_available_subcommand_delegates(fake_delegates, capsys):
     assert fake_delegates["steps"] == 7
     assert cli.main(["bench", "--help"]) == 0
     assert "--steps" in capsys.readouterr().out
-
-
-def test_bench_found_in_the_source_checkout(tmp_path, monkeypatch, capsys):
-    """benchmarks/e2e.py of the checkout is used even when not started from the repository root
-    (the console script's sys.path does not hold the working directory)."""
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "e2e.py").write_text(
-        "def add_bench_arguments(p):\n"
-        "    p.add_argument('--new-tokens', type=int, default=8, help='tokens')\n"
-        "def run_bench(args):\n"
-        "    print('bench ran', args.new_tokens)\n"
-        "    return 0\n")
-    monkeypatch.setattr(cli, "SOURCE_ROOT", tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
-    for mod in ("benchmarks", "benchmarks.e2e"):
-        monkeypatch.delitem(sys.modules, mod, raising=False)
-    assert cli.main(["bench", "--new-tokens", "3"]) == 0
-    assert "bench ran 3" in capsys.readouterr().out
 
 
 def test_delegate_with_a_broken_import_is_not_hidden(tmp_path, monkeypatch):
