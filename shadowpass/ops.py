@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import torch
 
+from . import policies
 from . import reference as ref
 
 _STATE_FIELDS = ref.PrefillState._fields
@@ -16,10 +17,11 @@ _STATE_FIELDS = ref.PrefillState._fields
 @torch.library.custom_op("shadowkv::prefill_state", mutates_args=())
 def prefill_state(k_pre: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, mask: Optional[torch.Tensor], mask_kind: str, rank: int,
-                  chunk_size: int, outlier_chunks: int, local_chunks: int) -> List[torch.Tensor]:
+                  chunk_size: int, outlier_chunks: int, local_chunks: int,
+                  policy: str = "shadowkv") -> List[torch.Tensor]:
     """Build a site's state from the prompt; returns the fields of reference.PrefillState."""
     state = ref.prefill_state(k_pre, k_post, v, cos, sin, mask, mask_kind, rank, chunk_size,
-                              outlier_chunks, local_chunks)
+                              outlier_chunks, local_chunks, policy)
     # outputs must be fresh and contiguous, as the fake implementation promises
     return [t if t.is_contiguous() and not t._is_view() else t.clone(memory_format=torch.contiguous_format)
             for t in state]
@@ -27,7 +29,7 @@ def prefill_state(k_pre: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor, co
 
 @prefill_state.register_fake
 def _(k_pre, k_post, v, cos, sin, mask, mask_kind, rank, chunk_size, outlier_chunks,
-      local_chunks):
+      local_chunks, policy="shadowkv"):
     B, H, T, d = k_post.shape
     torch._check(k_pre.shape == k_post.shape, lambda: "k_pre and k_post must have equal shapes")
     torch._check(v.shape[:3] == k_post.shape[:3], lambda: "v must be [B, Hkv, T, dv]")
@@ -42,20 +44,23 @@ def _(k_pre, k_post, v, cos, sin, mask, mask_kind, rank, chunk_size, outlier_chu
             torch.empty(B, S, **b), new(B, H, O * C, d), v.new_empty(B, H, O * C, dv),
             torch.empty(B, H, O * C, **b), new(B, H, L, d), v.new_empty(B, H, L, dv),
             torch.empty(B, L, **b), torch.empty(B, H, N, C, dv, dtype=v.dtype, device="cpu"),
-            cos.new_empty(B, S, rd), sin.new_empty(B, S, rd)]
+            cos.new_empty(B, S, rd), sin.new_empty(B, S, rd),
+            new(*policies.aux_shape(policy, B, H, N, C, d))]
 
 
 @torch.library.custom_op("shadowkv::decode", mutates_args=("gen_k", "gen_v", "gen_len"))
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
            gen_k: torch.Tensor, gen_v: torch.Tensor, gen_len: torch.Tensor, scale: float,
-           chunk_size: int, budget_chunks: int, rope_style: str) -> torch.Tensor:
+           chunk_size: int, budget_chunks: int, rope_style: str,
+           policy: str = "shadowkv") -> torch.Tensor:
     """Sparse decode attention of a rewritten site (see reference.decode_attention)."""
     return ref.decode_attention(q, k, v, scale, ref.PrefillState(*state), gen_k, gen_v, gen_len,
-                                chunk_size, budget_chunks, rope_style)
+                                chunk_size, budget_chunks, rope_style, policy)
 
 
 @decode.register_fake
-def _(q, k, v, state, gen_k, gen_v, gen_len, scale, chunk_size, budget_chunks, rope_style):
+def _(q, k, v, state, gen_k, gen_v, gen_len, scale, chunk_size, budget_chunks, rope_style,
+      policy="shadowkv"):
     torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
     torch._check(gen_k.shape[:2] == k.shape[:2], lambda: "gen_k must be [B, Hkv, Gcap, d]")

@@ -10,7 +10,7 @@ Prompt layout: tokens [0, N*C) are the sparse region (chunked, low-rank keys, ho
 tokens [N*C, T) are the local window, kept exactly. Outlier chunks are sparse-region chunks
 kept exactly and excluded from selection.
 
-Imports nothing beyond torch, so it runs on any CPU.
+Imports nothing beyond torch (and policies.py, which imports only torch), so it runs on any CPU.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+
+from . import policies  # selection-policy hook (eval baselines)
 
 
 class PrefillState(NamedTuple):
@@ -37,6 +39,7 @@ class PrefillState(NamedTuple):
     values: torch.Tensor        # [B, Hkv, N, C, d] on the host (pinned when the model is on CUDA)
     cos: torch.Tensor           # [B, N*C, rd] the model's own rotary factors at prompt positions
     sin: torch.Tensor           # [B, N*C, rd]
+    aux: torch.Tensor           # policy's extra state, policies.aux_shape(); [B, Hkv, 0, d] for shadowkv
 
 
 def layout(T: int, chunk_size: int, outlier_chunks: int, local_chunks: int, rank: int,
@@ -156,12 +159,13 @@ def gather_chunks(x: torch.Tensor, idx: torch.Tensor, C: int) -> torch.Tensor:
 
 
 def prefill_state(k_pre, k_post, v, cos, sin, mask, mask_kind: str, rank: int, chunk_size: int,
-                  outlier_chunks: int, local_chunks: int) -> PrefillState:
+                  outlier_chunks: int, local_chunks: int, policy: str = "shadowkv") -> PrefillState:
     """Build a site's ShadowKV state from the prompt.
 
     k_pre, k_post, v: [B, Hkv, T, d] (pre-RoPE keys, post-RoPE keys, values);
     cos, sin: [B, T, rd] rotary factors the model applied to the keys (rd = 0 without RoPE);
     mask: the model's attention mask (or None for plain causal), interpreted by mask_kind.
+    policy: chunk-selection policy (shadowpass/policies.py); decides only the ``aux`` field.
     """
     B, H, T, d = k_post.shape
     C = chunk_size
@@ -190,7 +194,8 @@ def prefill_state(k_pre, k_post, v, cos, sin, mask, mask_kind: str, rank: int, c
         outlier_valid=gather_chunks(token_valid, outliers, C)[..., 0],
         local_k=k_post[:, :, S:].clone(), local_v=v[:, :, S:].clone(),
         local_valid=valid[:, S:].clone(), values=host,
-        cos=cos[:, :S].clone(), sin=sin[:, :S].clone())
+        cos=cos[:, :S].clone(), sin=sin[:, :S].clone(),
+        aux=policies.prefill_aux(policy, k_post[:, :, :S], sparse_valid, C))
 
 
 def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
@@ -238,12 +243,14 @@ def fetch_values(values: torch.Tensor, idx: torch.Tensor, device) -> torch.Tenso
 
 
 def decode_attention(q, k, v, scale: float, state: PrefillState, gen_k, gen_v, gen_len,
-                     chunk_size: int, budget_chunks: int, rope_style: str) -> torch.Tensor:
+                     chunk_size: int, budget_chunks: int, rope_style: str,
+                     policy: str = "shadowkv") -> torch.Tensor:
     """One decode step of a rewritten site.
 
     q: [B, Hq, T, d] post-RoPE queries; k, v: [B, Hkv, T, d] the new tokens' post-RoPE keys and
     values; gen_k, gen_v: [B, Hkv, Gcap, d] generated tokens so far (updated in place);
-    gen_len: [1] int64 count of generated tokens (updated in place). Returns [B, Hq, T, d].
+    gen_len: [1] int64 count of generated tokens (updated in place); policy: how chunks are
+    scored (shadowkv landmarks, or a baseline from policies.py). Returns [B, Hq, T, d].
     Work per step is O(N + budget + outliers + local + generated), independent of T^2.
     """
     B, Hq, T, d = q.shape
@@ -254,7 +261,12 @@ def decode_attention(q, k, v, scale: float, state: PrefillState, gen_k, gen_v, g
     gen_v.index_copy_(2, pos, v.to(gen_v.dtype))
     gen_len.add_(T)
 
-    scores = score_chunks(q, state.landmarks, state.selectable, scale)
+    # -- selection-policy hook: ShadowKV's landmarks, or a baseline (policies.py) --
+    if policy == "shadowkv":
+        scores = score_chunks(q, state.landmarks, state.selectable, scale)
+    else:
+        scores = policies.chunk_scores(policy, q, state, scale, C)
+    # -- end hook --
     idx, idx_ok = select_chunks(scores, state.selectable, budget_chunks)
     sel_k = rebuild_keys(state.U, state.SV, state.cos, state.sin, idx, C, rope_style)
     sel_v = fetch_values(state.values, idx, q.device)

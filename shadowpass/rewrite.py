@@ -121,7 +121,7 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
                 cos, sin = rotary_tables(graph, site, k_post)
                 st = call(graph, torch.ops.shadowkv.prefill_state.default, k_pre, k_post, v,
                           cos, sin, site.mask, site.mask_kind, rank, cfg.chunk_size,
-                          cfg.outlier_chunks, cfg.local_chunks)
+                          cfg.outlier_chunks, cfg.local_chunks, cfg.policy)
                 extra_outputs += [call(graph, operator.getitem, st, i)
                                   for i in range(len(STATE_FIELDS))]
         else:
@@ -136,7 +136,7 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
                 attn = call(graph, torch.ops.shadowkv.decode.default, site.q, k_post, v,
                             inputs[:len(STATE_FIELDS)], *inputs[len(STATE_FIELDS):],
                             float(site.scale), cfg.chunk_size, cfg.budget_chunks,
-                            site.rope.style)
+                            site.rope.style, cfg.policy)
             site.node.replace_all_uses_with(attn)
     first = ok[0]
     result.seq_len = shape(first.q)[2]
