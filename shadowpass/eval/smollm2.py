@@ -133,6 +133,21 @@ def is_available(gguf: Optional[Union[str, Path]] = None,
         return False
 
 
+def load_tokenizer(gguf: Optional[Union[str, Path]] = None,
+                   cache: Optional[Union[str, Path]] = None):
+    """Only the tokenizer (left padding), from the cache; converts first if needed."""
+    from transformers import AutoTokenizer
+
+    d = cache_dir(cache)
+    if not (d / _MARKER).is_file():
+        convert(gguf, cache)
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_smollm2(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                  gguf: Optional[Union[str, Path]] = None,
                  cache: Optional[Union[str, Path]] = None) -> Tuple[torch.nn.Module, object]:
@@ -154,14 +169,9 @@ def load_smollm2(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = 
     (model, tokenizer)
         The tokenizer pads on the left (batched generation) with its own pad token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    d = cache_dir(cache)
-    if not (d / _MARKER).is_file():
-        convert(gguf, cache)
-    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype, local_files_only=True)
+    tok = load_tokenizer(gguf, cache)
+    model = AutoModelForCausalLM.from_pretrained(str(cache_dir(cache)), dtype=dtype,
+                                                 local_files_only=True)
     return model.to(device).eval(), tok

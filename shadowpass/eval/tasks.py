@@ -370,11 +370,13 @@ def make_samples(tokenizer, task: str, lengths: Sequence[int], samples: int, see
 
 
 def needle_depth(sample: Sample, tokenizer, which: int = 0) -> float:
-    """Measured depth of a needle: its token offset over the haystack's token extent."""
+    """Measured depth of a needle: filler tokens before it over all filler tokens (needle
+    tokens excluded, so several needles at one depth all measure that depth)."""
+    p = sample.prompt
     start = sample.needle_spans[which][0]
-    before = count_tokens(tokenizer, sample.prompt[:start])
-    intro_end = sample.prompt.index("\n\n") + 2
-    q = sample.prompt.rindex("\n\n")
-    lo, hi = count_tokens(tokenizer, sample.prompt[:intro_end]), count_tokens(
-        tokenizer, sample.prompt[:q])
-    return (before - lo) / max(hi - lo, 1)
+    lo = count_tokens(tokenizer, p[:p.index("\n\n") + 2])   # end of the intro
+    hi = count_tokens(tokenizer, p[:p.rindex("\n\n")])      # start of the question
+    needle = [count_tokens(tokenizer, p[a:b]) for a, b in sample.needle_spans]
+    before = sum(n for (a, _), n in zip(sample.needle_spans, needle) if a < start)
+    filler = hi - lo - sum(needle)
+    return (count_tokens(tokenizer, p[:start]) - lo - before) / max(filler, 1)
