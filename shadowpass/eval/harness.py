@@ -140,6 +140,18 @@ class SwitchBackend:
         return _Switch(self, gm, list(example_inputs))
 
 
+class _TracedShadowGraph(ShadowGraph):
+    """ShadowGraph for the eager inner compiler: runs the captured and the rewritten graphs as
+    traced, without ShadowGraph's nested torch.compile (which only pays off with Inductor and
+    costs a Dynamo trace of every rewritten graph per config)."""
+
+    def dense(self, *args):
+        return self.original(*args)
+
+    def sparse(self, *args):
+        return self.rw.gm(*args)
+
+
 class _Switch:
     def __init__(self, owner: SwitchBackend, gm, example_inputs):
         self.owner, self.gm, self.example_inputs = owner, gm, example_inputs
@@ -154,7 +166,8 @@ class _Switch:
                 fn = self.gm.forward if self.owner.inner is _eager else torch.compile(
                     self.gm, backend=self.owner.inner)
             else:
-                fn = ShadowGraph(self.gm, rw, self.example_inputs, cfg, self.owner.inner)
+                cls = _TracedShadowGraph if self.owner.inner is _eager else ShadowGraph
+                fn = cls(self.gm, rw, self.example_inputs, cfg, self.owner.inner)
             self.graphs[cfg] = fn
         return fn(*args)
 
@@ -299,8 +312,10 @@ def summarize(samples: Sequence[Sample], outputs: Sequence[Output],
         for depth in (None, s.depth):
             groups.setdefault((s.task, s.haystack, o.method, s.length, depth), []).append(o)
     rows = []
+    order = {m.label: i for i, m in enumerate(methods)}
     for (task, hay, label, length, depth), os_ in sorted(
-            groups.items(), key=lambda kv: tuple("" if x is None else x for x in kv[0])):
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], order.get(kv[0][2], -1),
+                                            -1.0 if kv[0][4] is None else kv[0][4])):
         m = info.get(label, Method("dense"))
         agree = [o.exact_agree for o in os_ if o.exact_agree is not None]
         tok = [o.token_agree for o in os_ if o.token_agree is not None]

@@ -6,7 +6,7 @@ prompt), a needle depth in [0, 1] and a ``random.Random``; it returns a :class:`
 prompt is at most ``length`` tokens and at least ``length - slack`` tokens (slack: one haystack
 unit, a sentence). Tasks:
 
-- ``passkey``: one 5-digit pass key hidden in repetitive filler.
+- ``passkey``: one 5-digit secret pass key hidden in repetitive filler.
 - ``niah_single``: one "special magic number" for a key; the question names the key.
 - ``niah_multikey``: the queried needle among 3 distractor needles with other keys.
 - ``niah_multivalue``: 4 numbers for the same key; all must be returned.
@@ -253,13 +253,16 @@ def _needle(key: str, value: str) -> str:
 
 
 def spec_passkey(rng: random.Random, depth: float) -> Spec:
+    # "secret pass key ... is:" (with the colon) is the wording SmolLM2-135M answers best of
+    # the few tried; a plain "the pass key is" makes it define the word instead
     key = str(rng.randrange(10000, 100000))
     return Spec(
-        intro=("An important piece of information is hidden inside a lot of irrelevant text. "
-               "Find it and remember it. I will ask you about it afterwards."),
-        needles=[f"The pass key is {key}. Remember it. {key} is the pass key."],
-        depths=[depth], question="What is the pass key?",
-        answer_prefix="The pass key is", answers=[key], max_new_tokens=12)
+        intro=("A secret pass key is hidden inside the following text. Find it and memorize "
+               "it. I will ask you about it afterwards."),
+        needles=[f"The secret pass key is: {key}. Remember it. {key} is the secret pass key."],
+        depths=[depth], question="What is the secret pass key mentioned in the text?",
+        answer_prefix="The secret pass key mentioned in the text is", answers=[key],
+        max_new_tokens=12)
 
 
 def spec_niah_single(rng: random.Random, depth: float) -> Spec:
