@@ -213,7 +213,7 @@ def bench_config(ctx, B, env):
         outlier_valid=torch.ones(B, H, OUTLIERS * C, dtype=torch.bool, device=dev),
         local_k=rnd(B, H, LOCAL, D), local_v=rnd(B, H, LOCAL, D),
         local_valid=torch.ones(B, LOCAL, dtype=torch.bool, device=dev),
-        values=pool[:B * H * N * C * D].view(B, H, N, C, D))
+        values=pool[:B * H * N * C * D].view(B, H, N, C, D), aux=rnd(B, H, 0, D))
     cos, sin = emb.cos().to(DTYPE)[None].expand(B, S, D), emb.sin().to(DTYPE)[None].expand(B, S, D)
     gen_k, gen_v = rnd(B, H, GEN_CAP, D), rnd(B, H, GEN_CAP, D)
     gen_len = torch.tensor([GEN], device=dev)

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from .policies import POLICIES
+
 # field -> (smallest allowed, largest allowed or None)
 _RANGES = {
     "rank": (1, None),
@@ -27,6 +29,9 @@ class ShadowKVConfig:
     local_chunks: trailing chunks of the prompt kept exactly (plus the incomplete tail).
     min_sparse_len: prompts shorter than this stay dense. None means
         budget + (outlier_chunks + local_chunks) * chunk_size; 0 forces ShadowKV everywhere.
+    policy: how decode picks chunks: "shadowkv" (landmarks, the method), or a baseline on the
+        same machinery for accuracy comparisons: "quest", "streaming", "oracle"
+        (see shadowpass/policies.py).
     """
 
     rank: int = 160
@@ -35,6 +40,7 @@ class ShadowKVConfig:
     outlier_chunks: int = 48
     local_chunks: int = 4
     min_sparse_len: Optional[int] = None
+    policy: str = "shadowkv"
 
     def __post_init__(self):
         for name, (lo, hi) in _RANGES.items():
@@ -46,6 +52,8 @@ class ShadowKVConfig:
                 raise ValueError(f"ShadowKVConfig.{name}={value!r}: must be {allowed}")
             if value < lo or (hi is not None and value > hi):
                 raise ValueError(f"ShadowKVConfig.{name}={value!r} is out of range: must be {allowed}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"ShadowKVConfig.policy={self.policy!r}: must be one of {POLICIES}")
         if self.budget < self.chunk_size:
             raise ValueError(
                 f"ShadowKVConfig.budget={self.budget} is smaller than chunk_size={self.chunk_size}: "

@@ -211,12 +211,14 @@ _ROUTE = {"registered": False, "enabled": True}
 
 
 def _decode_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk,
-                    chunk_slot, n_load, scale, chunk_size, budget_chunks, rope_style):
-    """``shadowkv::decode`` on CUDA: the kernels, with the workspace carried between steps."""
+                    chunk_slot, n_load, scale, chunk_size, budget_chunks, rope_style,
+                    policy="shadowkv"):
+    """``shadowkv::decode`` on CUDA: the kernels, with the workspace carried between steps.
+    Baseline policies (accuracy comparisons only) run the reference."""
     st = PrefillState(*state)
-    if not _ROUTE["enabled"]:
+    if not _ROUTE["enabled"] or policy != "shadowkv":
         return ref.decode_attention(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len,
-                                    chunk_size, budget_chunks, rope_style)
+                                    chunk_size, budget_chunks, rope_style, policy)
     ws = DecodeWorkspace(sel_k, sel_v, slot_chunk, chunk_slot, n_load)
 
     def step(q, k, v):

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import torch
 
+from . import policies
 from . import reference as ref
 
 _STATE_FIELDS = ref.PrefillState._fields
@@ -21,16 +22,17 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("shadowkv::prefill_state", mutates_args=())
 def prefill_state(k_pre: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor,
                   mask: Optional[torch.Tensor], mask_kind: str, rank: int, chunk_size: int,
-                  outlier_chunks: int, local_chunks: int, sites_left: int) -> List[torch.Tensor]:
+                  outlier_chunks: int, local_chunks: int, sites_left: int,
+                  policy: str = "shadowkv") -> List[torch.Tensor]:
     """Build a site's state from the prompt; returns the fields of reference.PrefillState."""
     state = ref.prefill_state(k_pre, k_post, v, mask, mask_kind, rank, chunk_size,
-                              outlier_chunks, local_chunks, sites_left)
+                              outlier_chunks, local_chunks, sites_left, policy)
     return [_fresh(t) for t in state]
 
 
 @prefill_state.register_fake
 def _(k_pre, k_post, v, mask, mask_kind, rank, chunk_size, outlier_chunks, local_chunks,
-      sites_left):
+      sites_left, policy="shadowkv"):
     B, H, T, d = k_post.shape
     torch._check(k_pre.shape == k_post.shape, lambda: "k_pre and k_post must have equal shapes")
     torch._check(v.shape[:3] == k_post.shape[:3], lambda: "v must be [B, Hkv, T, dv]")
@@ -43,7 +45,8 @@ def _(k_pre, k_post, v, mask, mask_kind, rank, chunk_size, outlier_chunks, local
     return [new(B, S, r), new(B, H, r, d), new(B, H, N, d), torch.empty(B, H, N, **b),
             torch.empty(B, S, **b), new(B, H, O * C, d), v.new_empty(B, H, O * C, dv),
             torch.empty(B, H, O * C, **b), new(B, H, L, d), v.new_empty(B, H, L, dv),
-            torch.empty(B, L, **b), torch.empty(B, H, N, C, dv, dtype=v.dtype, device="cpu")]
+            torch.empty(B, L, **b), torch.empty(B, H, N, C, dv, dtype=v.dtype, device="cpu"),
+            new(*policies.aux_shape(policy, B, H, N, C, d))]
 
 
 @torch.library.custom_op("shadowkv::rope_tables", mutates_args=())
@@ -67,19 +70,20 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.
            cos: torch.Tensor, sin: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
            gen_len: torch.Tensor, sel_k: torch.Tensor, sel_v: torch.Tensor,
            slot_chunk: torch.Tensor, chunk_slot: torch.Tensor, n_load: torch.Tensor,
-           scale: float, chunk_size: int, budget_chunks: int, rope_style: str) -> torch.Tensor:
+           scale: float, chunk_size: int, budget_chunks: int, rope_style: str,
+           policy: str = "shadowkv") -> torch.Tensor:
     """Sparse decode attention of a rewritten site (see reference.decode_attention).
 
     sel_k ... n_load are the reuse workspace of the CUDA kernels (shadowpass.kernels); the
     reference recomputes the selection each step and leaves them untouched.
     """
     return ref.decode_attention(q, k, v, scale, ref.PrefillState(*state), cos, sin, gen_k, gen_v,
-                                gen_len, chunk_size, budget_chunks, rope_style)
+                                gen_len, chunk_size, budget_chunks, rope_style, policy)
 
 
 @decode.register_fake
 def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
-      n_load, scale, chunk_size, budget_chunks, rope_style):
+      n_load, scale, chunk_size, budget_chunks, rope_style, policy="shadowkv"):
     torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
     torch._check(gen_k.shape[:2] == k.shape[:2], lambda: "gen_k must be [B, Hkv, Gcap, d]")

@@ -19,6 +19,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import policies  # selection-policy hook (eval baselines)
+
 
 class PrefillState(NamedTuple):
     """What a rewritten attention site keeps after prefill (per layer, per batch).
@@ -39,6 +41,7 @@ class PrefillState(NamedTuple):
     local_v: torch.Tensor       # [B, Hkv, L, d]
     local_valid: torch.Tensor   # [B, L] bool
     values: torch.Tensor        # [B, Hkv, N, C, d] on the host (pinned when the model is on CUDA)
+    aux: torch.Tensor           # a baseline policy's extra state (policies.aux_shape); empty for shadowkv
 
 
 def layout(T: int, chunk_size: int, outlier_chunks: int, local_chunks: int, rank: int,
@@ -200,12 +203,14 @@ def gather_chunks(x: torch.Tensor, idx: torch.Tensor, C: int) -> torch.Tensor:
 
 
 def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size: int,
-                  outlier_chunks: int, local_chunks: int, sites_left: int = 1) -> PrefillState:
+                  outlier_chunks: int, local_chunks: int, sites_left: int = 1,
+                  policy: str = "shadowkv") -> PrefillState:
     """Build a site's ShadowKV state from the prompt.
 
     k_pre, k_post, v: [B, Hkv, T, d] (pre-RoPE keys, post-RoPE keys, values);
     mask: the model's attention mask (or None for plain causal), interpreted by mask_kind;
-    sites_left: this site and the ones after it in the graph, for the host-memory check.
+    sites_left: this site and the ones after it in the graph, for the host-memory check;
+    policy: chunk-selection policy (shadowpass/policies.py); decides only the ``aux`` field.
     """
     B, H, T, d = k_post.shape
     C = chunk_size
@@ -233,7 +238,8 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
         outlier_v=gather_chunks(v[:, :, :S], outliers, C),
         outlier_valid=gather_chunks(token_valid, outliers, C)[..., 0],
         local_k=k_post[:, :, S:].clone(), local_v=v[:, :, S:].clone(),
-        local_valid=valid[:, S:].clone(), values=host)
+        local_valid=valid[:, S:].clone(), values=host,
+        aux=policies.prefill_aux(policy, k_post[:, :, :S], sparse_valid, C))
 
 
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor, chunk_size: int, local_chunks: int):
@@ -292,12 +298,15 @@ def fetch_values(values: torch.Tensor, idx: torch.Tensor, device) -> torch.Tenso
 
 
 def decode_attention(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v,
-                     gen_len, chunk_size: int, budget_chunks: int, rope_style: str) -> torch.Tensor:
+                     gen_len, chunk_size: int, budget_chunks: int, rope_style: str,
+                     policy: str = "shadowkv") -> torch.Tensor:
     """One decode step of a rewritten site.
 
     q: [B, Hq, T, d] post-RoPE queries; k, v: [B, Hkv, T, d] the new tokens' post-RoPE keys and
-    values; cos, sin: [B, N*C, rd] rotary factors of the sparse region (``rope_tables``); gen_k, gen_v: [B, Hkv, Gcap, d] generated tokens so far (updated in place);
-    gen_len: [1] int64 count of generated tokens (updated in place). Returns [B, Hq, T, d].
+    values; cos, sin: [B, N*C, rd] rotary factors of the sparse region (``rope_tables``);
+    gen_k, gen_v: [B, Hkv, Gcap, d] generated tokens so far (updated in place);
+    gen_len: [1] int64 count of generated tokens (updated in place); policy: how chunks are
+    scored (shadowkv landmarks, or a baseline from policies.py). Returns [B, Hq, T, d].
     Work per step is O(N + budget + outliers + local + generated), independent of T^2.
     """
     B, Hq, T, d = q.shape
@@ -308,7 +317,10 @@ def decode_attention(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k
     gen_v.index_copy_(2, pos, v.to(gen_v.dtype))
     gen_len.add_(T)
 
-    scores = score_chunks(q, state.landmarks, state.selectable, scale)
+    if policy == "shadowkv":
+        scores = score_chunks(q, state.landmarks, state.selectable, scale)
+    else:  # a baseline on the same machinery (accuracy comparisons)
+        scores = policies.chunk_scores(policy, q, state, scale, C)
     idx, idx_ok = select_chunks(scores, state.selectable, budget_chunks)
     sel_k = rebuild_keys(state.U, state.SV, cos, sin, idx, C, rope_style)
     sel_v = fetch_values(state.values, idx, q.device)

@@ -155,7 +155,7 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
                 v = replay(graph, site.v.chain, site.v.new)
                 st = call(graph, torch.ops.shadowkv.prefill_state.default, k_pre, k_post, v,
                           site.mask, site.mask_kind, rank, cfg.chunk_size, cfg.outlier_chunks,
-                          cfg.local_chunks, len(ok) - index)
+                          cfg.local_chunks, len(ok) - index, cfg.policy)
                 state_outputs += [call(graph, operator.getitem, st, i)
                                   for i in range(len(STATE_FIELDS))]
                 key = table_key(site)
@@ -178,7 +178,7 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
                 v = replay(graph, site.v.chain, site.v.new)
                 attn = call(graph, torch.ops.shadowkv.decode.default, site.q, k_post, v,
                             inputs[:n_state], *inputs[n_state:], float(site.scale),
-                            cfg.chunk_size, cfg.budget_chunks, site.rope.style)
+                            cfg.chunk_size, cfg.budget_chunks, site.rope.style, cfg.policy)
             site.node.replace_all_uses_with(attn)
     result.num_tables = len(tables)
     extra_outputs = state_outputs + [n for _, pair in tables.values() for n in pair]

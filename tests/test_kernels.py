@@ -90,6 +90,7 @@ class KernelState(NamedTuple):
     local_v: torch.Tensor
     local_valid: torch.Tensor
     values: torch.Tensor
+    aux: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
 
@@ -134,7 +135,8 @@ def synthetic_state(B, H, N, C, d, r, rd, O, L, style, dtype, device=DEV, pad=0)
         selectable=selectable.to(device), sparse_valid=sparse_valid.to(device),
         outlier_k=rnd(B, H, O * C, d), outlier_v=rnd(B, H, O * C, d),
         outlier_valid=outlier_valid.to(device), local_k=rnd(B, H, L, d), local_v=rnd(B, H, L, d),
-        local_valid=local_valid.to(device), values=values, cos=cos, sin=sin)
+        local_valid=local_valid.to(device), values=values,
+        aux=torch.empty(B, H, 0, d, device=device, dtype=dtype), cos=cos, sin=sin)
 
 
 def distinct_chunks(B, H, N, K, seed=0):

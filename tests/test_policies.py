@@ -1,0 +1,150 @@
+"""Selection policies (shadowpass/policies.py) against direct formulas on small tensors, the
+policy config field, and opcheck of the ops with each policy's auxiliary state."""
+import math
+
+import pytest
+import torch
+
+from shadowpass import ShadowKVConfig, ops, policies, reference as ref
+from tolerances import FP32_OP
+
+B, Hq, H, T, d, C, N = 2, 4, 2, 1, 8, 4, 6
+
+
+def group_reduce(per_head):
+    """[B, Hq, T, N] probabilities -> max over each GQA group, sum over T: [B, H, N]."""
+    G = Hq // H
+    out = torch.zeros(B, H, per_head.shape[-1])
+    for b in range(B):
+        for h in range(H):
+            out[b, h] = per_head[b, h * G:(h + 1) * G].amax(0).sum(0)
+    return out
+
+
+def test_quest_bounds_and_scores_match_formula():
+    torch.manual_seed(0)
+    k = torch.randn(B, H, N * C, d)
+    valid = torch.ones(B, N * C, dtype=torch.bool)
+    valid[0, :3] = False  # left padding inside chunk 0 of sequence 0
+    bounds = policies.prefill_aux("quest", k, valid, C)
+    assert bounds.shape == policies.aux_shape("quest", B, H, N, C, d)
+    # min/max over the real tokens of each chunk only
+    torch.testing.assert_close(bounds[0, :, 0, 0], k[0, :, 3:4].amin(1))
+    torch.testing.assert_close(bounds[1, :, 2, 1], k[1, :, 2 * C:3 * C].amax(1))
+
+    q = torch.randn(B, Hq, T, d)
+    selectable = torch.ones(B, H, N, dtype=torch.bool)
+    selectable[1, 0, 4] = False
+    scale = 0.3
+    ub = torch.zeros(B, Hq, T, N)
+    for b in range(B):
+        for hq in range(Hq):
+            for n in range(N):
+                lo, hi = bounds[b, hq // (Hq // H), n]
+                ub[b, hq, 0, n] = sum(max(q[b, hq, 0, i] * lo[i], q[b, hq, 0, i] * hi[i])
+                                      for i in range(d))
+    # the bound is an upper bound of every real token's q . k in the chunk
+    qk = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(Hq // H, 1))
+    assert (qk.view(B, Hq, T, N, C)[1] <= ub[1, ..., None] + 1e-5).all()
+    sel = selectable.repeat_interleave(Hq // H, 1)[:, :, None]
+    p = torch.softmax((ub * scale).masked_fill(~sel, -math.inf), -1)
+    expected = group_reduce(p)
+    got = policies.quest_scores(q, bounds, selectable, scale)
+    torch.testing.assert_close(got, expected, atol=FP32_OP, rtol=FP32_OP)
+    assert got[1, 0, 4] == 0
+
+
+def test_streaming_keeps_sinks_then_recent():
+    valid = torch.ones(B, N * C, dtype=torch.bool)
+    valid[0, :C + 2] = False  # sequence 0: first real token is the 3rd of chunk 1
+    selectable = valid.view(B, N, C).any(-1)[:, None].expand(B, H, N).clone()
+    s = policies.streaming_scores(selectable, valid, C)
+    k = 3
+    top = s.topk(k, -1).indices.sort(-1).values
+    # sequence 1: sink chunk 0 + the two most recent chunks
+    assert top[1, 0].tolist() == [0, N - 2, N - 1]
+    # sequence 0: chunk 1 holds 2 real tokens (< 4 sinks), so chunks 1 and 2 are both sinks
+    assert top[0, 0].tolist() == [1, 2, N - 1]
+    assert (s[0, :, 0] == 0).all()  # all-padding chunk
+
+
+def test_oracle_is_exact_attention_mass_per_chunk():
+    torch.manual_seed(1)
+    k = torch.randn(B, H, N * C, d)
+    valid = torch.ones(B, N * C, dtype=torch.bool)
+    valid[1, :5] = False
+    keys = policies.prefill_aux("oracle", k, valid, C)
+    assert torch.equal(keys, k) and keys.data_ptr() != k.data_ptr()
+    q = torch.randn(B, Hq, T, d)
+    selectable = valid.view(B, N, C).any(-1)[:, None].expand(B, H, N).clone()
+    selectable[0, 1, 3] = False
+    scale = 0.5
+    got = policies.oracle_scores(q, keys, selectable, valid, scale, C)
+    mass = torch.zeros(B, Hq, T, N)
+    for b in range(B):
+        for hq in range(Hq):
+            h = hq // (Hq // H)
+            ok = valid[b] & selectable[b, h].repeat_interleave(C)
+            logits = (k[b, h] @ q[b, hq, 0]) * scale
+            p = torch.softmax(logits[ok], 0)
+            full = torch.zeros(N * C)
+            full[ok] = p
+            mass[b, hq, 0] = full.view(N, C).sum(-1)
+    torch.testing.assert_close(got, group_reduce(mass), atol=FP32_OP, rtol=FP32_OP)
+
+
+def test_shadowkv_policy_has_empty_aux():
+    k = torch.randn(B, H, N * C, d)
+    aux = policies.prefill_aux("shadowkv", k, torch.ones(B, N * C, dtype=torch.bool), C)
+    assert aux.shape == (B, H, 0, d) and aux.numel() == 0
+
+
+def test_policy_config_field():
+    assert ShadowKVConfig().policy == "shadowkv"
+    assert ShadowKVConfig.from_options({"policy": "quest"}).policy == "quest"
+    with pytest.raises(ValueError, match="policy='h2o'"):
+        ShadowKVConfig(policy="h2o")
+
+
+@pytest.mark.parametrize("policy", policies.POLICIES)
+def test_ops_with_policy(policy):
+    """Fake shapes match the real op for every policy's aux, and decode runs with each policy."""
+    torch.manual_seed(2)
+    Tp, rd = 48, 8
+    kpre = torch.randn(1, 2, Tp, 8)
+    inv = 1.0 / 10000.0 ** (torch.arange(0, rd, 2).float() / rd)
+    emb = torch.arange(Tp).float()[:, None] * inv
+    emb = torch.cat([emb, emb], -1)[None]
+    cos, sin = emb.cos().contiguous(), emb.sin().contiguous()
+    kpost = ref.apply_rope(kpre, cos[:, None], sin[:, None], "rotate_half")
+    v = torch.randn(1, 2, Tp, 8)
+    args = (kpre, kpost, v, cos, sin, None, "none", 16, 4, 1, 1, policy)
+    torch.library.opcheck(ops.prefill_state, args)
+    st = ops.prefill_state(*args)
+    dargs = (torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), st,
+             torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, dtype=torch.long),
+             0.3, 4, 3, "rotate_half", policy)
+    torch.library.opcheck(ops.decode, dargs)
+
+
+@pytest.mark.parametrize("policy", policies.POLICIES)
+def test_full_budget_every_policy_is_exact(policy):
+    """Budget >= all chunks at full rank: any policy attends to everything -> dense output."""
+    torch.manual_seed(3)
+    Tp, rd, Hkv = 40, 8, 2
+    kpre = torch.randn(1, Hkv, Tp, 8)
+    inv = 1.0 / 10000.0 ** (torch.arange(0, rd, 2).float() / rd)
+    emb = torch.arange(Tp + 1).float()[:, None] * inv
+    emb = torch.cat([emb, emb], -1)[None]
+    cos, sin = emb.cos(), emb.sin()
+    k_all = ref.apply_rope(kpre, cos[:, None, :Tp], sin[:, None, :Tp], "rotate_half")
+    v = torch.randn(1, Hkv, Tp + 1, 8)
+    st = ref.prefill_state(kpre, k_all, v[:, :, :Tp], cos[:, :Tp], sin[:, :Tp], None, "none",
+                           16, 4, 1, 1, policy)
+    q, knew = torch.randn(1, 4, 1, 8), torch.randn(1, Hkv, 1, 8)
+    out = ref.decode_attention(q, knew, v[:, :, Tp:], 0.35, st, torch.zeros(1, Hkv, 4, 8),
+                               torch.zeros(1, Hkv, 4, 8), torch.zeros(1, dtype=torch.long), 4,
+                               100, "rotate_half", policy)
+    keys = torch.cat([k_all, knew], 2).repeat_interleave(2, 1)
+    expected = torch.softmax(q @ keys.transpose(-1, -2) * 0.35, -1) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
