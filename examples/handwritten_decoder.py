@@ -143,7 +143,7 @@ def run(prompt_len: int = 600, new_tokens: int = 32, budget: int = 128) -> dict:
         tokens_equal=torch.equal(same, dense),
         max_logit_diff=max((a - b).abs().max().item() for a, b in zip(same_logits, dense_logits)),
         agreement=(approx == dense).float().mean().item(),
-        shadowkv_sites=len(shadowpass.runtime_of(twin).sites),
+        shadowkv_sites=shadowpass.runtime_of(twin).built,
         cache_shape=tuple(cache[0][0].shape),
         cache_bytes=cache[0][0].untyped_storage().nbytes(),
         dense_cache_bytes=dense_cache[0][0].untyped_storage().nbytes())

@@ -85,7 +85,7 @@ def run(prompt_len: int = 600, new_tokens: int = 24, budget: Optional[int] = 128
     model.compile(backend="shadowkv", options={"rank": 1 << 14, "budget": 1 << 20,
                                                "outlier_chunks": 4, "min_sparse_len": 0})
     exact = greedy(model, ids, new_tokens)
-    exact_sites = len(shadowpass.runtime_of(model).sites)
+    exact_sites = shadowpass.runtime_of(model).built
 
     result = dict(model=name, real=real, fallback_reason=None if real else why,
                   prompt_tokens=ids.shape[1], shadowkv_sites=exact_sites,

@@ -97,6 +97,7 @@ class Runtime:
     def __init__(self):
         self._session: Optional[Session] = None   # held here when no cache stub owns it
         self._weak: Optional[weakref.ref] = None  # when the model's cache owns it
+        self.built = 0  # sites whose state the last prefill built (outlives the state itself)
 
     @property
     def session(self) -> Optional[Session]:
@@ -111,6 +112,7 @@ class Runtime:
 
     def clear(self):
         self._session = self._weak = None
+        self.built = 0
 
     def store(self, rw: Rewritten, names: List[str], extra: List[torch.Tensor],
               cfg: ShadowKVConfig) -> Session:
@@ -130,6 +132,7 @@ class Runtime:
         self.clear()
         session = Session(sites)
         self._session = session
+        self.built = len(sites)
         return session
 
     def attach(self, session: Session, stubs: List[torch.Tensor]):

@@ -30,7 +30,7 @@ def test_decorated_instance():
     eager, fast, xs = toy_pair()
     fast = shadowpass.shadowkv(**EXACT)(fast)
     assert_all_close(run(fast, xs, T), run(eager, xs, T))
-    assert shadowpass.runtime_of(fast).sites
+    assert shadowpass.runtime_of(fast).built
 
 
 def test_decorated_subclass_and_bare_decorator():
@@ -46,12 +46,12 @@ def test_decorated_subclass_and_bare_decorator():
     fast = Fast("sdpa", "cat", "repeat_kv").eval()
     fast.load_state_dict(eager.state_dict())
     assert_all_close(run(fast, xs, T), run(eager, xs, T))
-    assert shadowpass.runtime_of(fast).sites
+    assert shadowpass.runtime_of(fast).built
     # paper defaults: a 48-token prompt is far below min_sparse_len, so it stays dense (and exact)
     default = DefaultFast("sdpa", "cat", "repeat_kv").eval()
     default.load_state_dict(eager.state_dict())
     assert_all_close(run(default, xs, T), run(eager, xs, T))
-    assert not shadowpass.runtime_of(default).sites
+    assert not shadowpass.runtime_of(default).built
 
 
 def test_decorated_function():

@@ -7,7 +7,7 @@ next method or budget costs one rewrite instead of a fresh trace of 30 layers. `
 runs the captured graph unmodified (dense attention, the plain model).
 
 Methods (all but ``dense`` use ``min_sparse_len=0`` so the sparse path really runs; whether it
-ran is recorded per batch from ``shadowpass.runtime_of(model).sites``):
+ran is recorded per batch from ``shadowpass.runtime_of(model).built``):
 
 ===================== ======== ============= ============== =================================
 name                  policy   rank          outlier chunks what it shows
@@ -261,7 +261,7 @@ class Harness:
                                   pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
         seconds = time.perf_counter() - start
         rt = runtime_of(self.model)
-        sparse_ran = None if method.name == "dense" else bool(rt is not None and rt.sites)
+        sparse_ran = None if method.name == "dense" else bool(rt is not None and rt.built)
         new = out[:len(idx), width:].tolist()
         return [trim(t, self.eos_ids) for t in new], sparse_ran, seconds / len(idx)
 
