@@ -127,7 +127,13 @@ def dense_run(model, B: int, T: int, gen: int) -> Row:
         layer.values.normal_()
         layer.cumulative_length.fill_(T)
     forward = torch.compile(model.forward, mode="reduce-overhead")
-    ids = torch.randint(0, cfg.vocab_size, (B, 1), device="cuda")
+    med, spread = decode_steps(forward, cache, model.config.vocab_size, B, T, gen)
+    return Row("dense", T, B, B * 1e3 / med, med, spread, torch.cuda.max_memory_allocated() / GIB)
+
+
+def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int):
+    """Median and p20-p80 milliseconds of `gen` greedy decode steps after 3 warm-up steps."""
+    ids = torch.randint(0, vocab, (B, 1), device="cuda")
     pos = torch.full((B, 1), T, device="cuda")
 
     def step():
@@ -140,9 +146,7 @@ def dense_run(model, B: int, T: int, gen: int) -> Row:
 
     for _ in range(3):
         step()
-    times = time_steps(step, gen)
-    med, spread = summary(times)
-    return Row("dense", T, B, B * 1e3 / med, med, spread, torch.cuda.max_memory_allocated() / GIB)
+    return summary(time_steps(step, gen))
 
 
 def release():
@@ -247,21 +251,7 @@ def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw) -> Row:
     rt.clear()
     rt._session = batched
     cache = stub_cache(model, B, T)
-    ids = torch.randint(0, model.config.vocab_size, (B, 1), device="cuda")
-    pos = torch.full((B, 1), T, device="cuda")
-
-    def step():
-        nonlocal ids
-        with torch.no_grad():
-            out = model(input_ids=ids, position_ids=pos, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
-        ids = out.logits[:, -1:].argmax(-1)
-        pos.add_(1)
-
-    for _ in range(3):
-        step()
-    times = time_steps(step, gen)
-    med, spread = summary(times)
+    med, spread = decode_steps(model, cache, model.config.vocab_size, B, T, gen)
     hit = batched.hit_rate()
     row = Row("shadowkv", T, B, B * 1e3 / med, med, spread,
               torch.cuda.max_memory_allocated() / GIB,
