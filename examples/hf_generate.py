@@ -49,15 +49,15 @@ def run(prompt_len: int = 1200, new_tokens: int = 32, budget: int = 128, verbose
     sparse_model.compile(backend="shadowkv", options={"rank": 40, "budget": budget,
                                                       "outlier_chunks": 8, "min_sparse_len": 0})
     out = generate(sparse_model, ids, new_tokens)
-    site = next(iter(shadowpass.runtime_of(sparse_model).sites.values()))
+    session = shadowpass.runtime_of(sparse_model).session  # alive while `out` holds the cache
     keys = out.past_key_values.layers[0].keys
     return dict(
         rewritten_sites=len(report.rewritten),
         tokens_equal=torch.equal(exact.sequences, dense),
         agreement=(out.sequences[:, -new_tokens:] == dense[:, -new_tokens:]).float().mean().item(),
         cache_shape=tuple(keys.shape), cache_bytes=keys.untyped_storage().nbytes(),
-        state_kib=site.nbytes() / 1024,
-        host_values_kib=site.prefill.values.numel() * site.prefill.values.element_size() / 1024)
+        state_kib=session.nbytes("device") / 1024,
+        host_values_kib=session.nbytes("host") / 1024)
 
 
 def main(argv=None):
@@ -70,7 +70,7 @@ def main(argv=None):
     print(f"\nfull rank + full budget: tokens equal to dense: {r['tokens_equal']}")
     print(f"rank 40, budget {args.budget} of {args.prompt_len}: {r['agreement']:.0%} of greedy "
           "tokens agree with dense")
-    print(f"layer 0: model cache K {r['cache_shape']} holds {r['cache_bytes']} B; "
+    print(f"layer 0: model cache K {r['cache_shape']} holds {r['cache_bytes']} B; all layers: "
           f"ShadowKV device state {r['state_kib']:.1f} KiB, host values "
           f"{r['host_values_kib']:.1f} KiB")
 
