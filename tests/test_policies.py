@@ -118,11 +118,13 @@ def test_ops_with_policy(policy):
     cos, sin = emb.cos().contiguous(), emb.sin().contiguous()
     kpost = ref.apply_rope(kpre, cos[:, None], sin[:, None], "rotate_half")
     v = torch.randn(1, 2, Tp, 8)
-    args = (kpre, kpost, v, cos, sin, None, "none", 16, 4, 1, 1, policy)
+    args = (kpre, kpost, v, None, "none", 16, 4, 1, 1, 1, policy)
     torch.library.opcheck(ops.prefill_state, args)
     st = ops.prefill_state(*args)
+    tables = ops.rope_tables(cos, sin, 4, 1)
     dargs = (torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), st,
-             torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, dtype=torch.long),
+             *tables, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8),
+             torch.zeros(1, dtype=torch.long), *ops.workspace(ref.PrefillState(*st), 3, 4),
              0.3, 4, 3, "rotate_half", policy)
     torch.library.opcheck(ops.decode, dargs)
 
@@ -139,10 +141,10 @@ def test_full_budget_every_policy_is_exact(policy):
     cos, sin = emb.cos(), emb.sin()
     k_all = ref.apply_rope(kpre, cos[:, None, :Tp], sin[:, None, :Tp], "rotate_half")
     v = torch.randn(1, Hkv, Tp + 1, 8)
-    st = ref.prefill_state(kpre, k_all, v[:, :, :Tp], cos[:, :Tp], sin[:, :Tp], None, "none",
-                           16, 4, 1, 1, policy)
+    st = ref.prefill_state(kpre, k_all, v[:, :, :Tp], None, "none", 16, 4, 1, 1, 1, policy)
+    tables = ref.rope_tables(cos[:, :Tp], sin[:, :Tp], 4, 1)
     q, knew = torch.randn(1, 4, 1, 8), torch.randn(1, Hkv, 1, 8)
-    out = ref.decode_attention(q, knew, v[:, :, Tp:], 0.35, st, torch.zeros(1, Hkv, 4, 8),
+    out = ref.decode_attention(q, knew, v[:, :, Tp:], 0.35, st, *tables, torch.zeros(1, Hkv, 4, 8),
                                torch.zeros(1, Hkv, 4, 8), torch.zeros(1, dtype=torch.long), 4,
                                100, "rotate_half", policy)
     keys = torch.cat([k_all, knew], 2).repeat_interleave(2, 1)
