@@ -59,17 +59,6 @@ def smoke_setup(args):
     return timed
 
 
-def measure_peaks(timed, dev):
-    """(HBM device-to-device copy B/s counting read+write, pinned host-to-device copy B/s)."""
-    nbytes = 1 << 30
-    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    hbm = 2 * nbytes / (timed(lambda: b.copy_(a))[1] * 1e-3)
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    h2d = nbytes / (timed(lambda: b.copy_(host, non_blocking=True))[1] * 1e-3)
-    return hbm, h2d
-
-
 def main():
     args = parse()
     smoke = args.smoke
@@ -95,7 +84,8 @@ def main():
                 return tuple(do_bench_cudagraph(fn, rep=rep, quantiles=[0.2, 0.5, 0.8]))
             return tuple(do_bench(fn, warmup=25, rep=rep, quantiles=[0.2, 0.5, 0.8]))
 
-        hbm, h2d = measure_peaks(timed, dev)
+        from shadowpass.bench import measure_peaks
+        hbm, h2d = measure_peaks(lambda fn: timed(fn)[1], dev)
         props = torch.cuda.get_device_properties(dev)
         print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
               f"triton {__import__('triton').__version__}")

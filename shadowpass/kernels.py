@@ -87,14 +87,8 @@ class DecodeWorkspace:
 
     def hit_rate(self) -> float | None:
         """Fraction of last step's selected chunks that were reused (syncs; for reports only)."""
+        from .ops import hit_rate  # ops imports this module
         return hit_rate(self.slot_chunk, self.n_load)
-
-
-def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor) -> float | None:
-    """1 - loaded / selected over the last step; None before the first step (n_load = -1)."""
-    if slot_chunk.numel() == 0 or bool((n_load < 0).any()):
-        return None
-    return 1.0 - n_load.sum().item() / slot_chunk.numel()
 
 
 _SIDE_STREAMS = {}

@@ -100,6 +100,14 @@ def workspace(state: ref.PrefillState, budget_chunks: int, chunk_size: int) -> L
             torch.empty(B, H, 0, **i32), torch.empty(B, H, 0, **i32), torch.empty(B, H, **i32)]
 
 
+def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor) -> Optional[float]:
+    """Share of a step's selected chunks reused from the step before: 1 - loaded / selected;
+    None before the first step (n_load = -1) or without a workspace. Syncs: for reports."""
+    if slot_chunk.numel() == 0 or bool((n_load < 0).any()):
+        return None
+    return 1.0 - n_load.sum().item() / slot_chunk.numel()
+
+
 try:  # the Triton kernels become the CUDA implementation of shadowkv::decode
     from . import kernels as _KERNELS
     _KERNELS.register_cuda_kernel()

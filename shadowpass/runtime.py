@@ -43,10 +43,7 @@ class SiteState:
 
     def hit_rate(self) -> Optional[float]:
         """Share of the last step's selected chunks reused from the step before (syncs)."""
-        slot_chunk, n_load = self.workspace[2], self.workspace[4]
-        if slot_chunk.numel() == 0 or bool((n_load < 0).any()):
-            return None
-        return 1.0 - n_load.sum().item() / slot_chunk.numel()
+        return ops.hit_rate(self.workspace[2], self.workspace[4])
 
     def reserve(self, extra: int):
         """Grow the generated-token buffers (doubling): generation has no fixed cap."""

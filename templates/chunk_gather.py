@@ -63,22 +63,27 @@ def _reuse_plan_kernel(
 
 
 @triton.jit
+def _load_rows(load_chunk_ptr, load_slot_ptr, nload_ptr, K, C, BLOCK_ROWS: tl.constexpr):
+    """This program's rows of the (b, h) load list: (bh, valid, chunk, slot, row in chunk)."""
+    bh = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    j = i // C
+    ok = j < tl.load(nload_ptr + bh)
+    chunk = tl.load(load_chunk_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
+    slot = tl.load(load_slot_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
+    return bh, ok, chunk, slot, i % C
+
+
+@triton.jit
 def _rebuild_keys_kernel(
     out_ptr, u_ptr, sv_ptr, cos_ptr, sin_ptr, load_chunk_ptr, load_slot_ptr, nload_ptr,
     H, N, K, C, R, RD, tab_bstride,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
     ROPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh, ok, chunk, slot, c = _load_rows(load_chunk_ptr, load_slot_ptr, nload_ptr, K, C,
+                                        BLOCK_ROWS)
     b = bh // H
-    n_load = tl.load(nload_ptr + bh)
-    i = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    j = i // C
-    c = i % C
-    ok = j < n_load
-    chunk = tl.load(load_chunk_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
-    slot = tl.load(load_slot_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
     pos = chunk * C + c  # the token's prompt position
     tok = b * N * C + pos  # its row of U
     cols = tl.arange(0, D_PAD)
@@ -122,15 +127,8 @@ def _fetch_values_kernel(
     N, K, C,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    n_load = tl.load(nload_ptr + bh)
-    i = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    j = i // C
-    c = i % C
-    ok = j < n_load
-    chunk = tl.load(load_chunk_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
-    slot = tl.load(load_slot_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
+    bh, ok, chunk, slot, c = _load_rows(load_chunk_ptr, load_slot_ptr, nload_ptr, K, C,
+                                        BLOCK_ROWS)
     cols = tl.arange(0, D_PAD)
     m = ok[:, None] & (cols < D)[None, :]
     # one chunk of one head is C*d contiguous elements of the host store: long coalesced reads

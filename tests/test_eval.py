@@ -2,7 +2,6 @@
 run of ``shadowpass eval`` on the real SmolLM2-135M-Instruct when it is installed."""
 import argparse
 import json
-import random
 import re
 
 import pytest

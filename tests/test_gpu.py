@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import shadowpass
+from shadowpass.bench import llama8b
 from cases import hf_model
 
 pytestmark = [pytest.mark.gpu,
@@ -40,20 +41,6 @@ def test_exactness_anchor_cuda(name, dtype):
     assert torch.equal(out.sequences, dense.sequences)
 
 
-def llama8b_layers(layers=2, **overrides):
-    """The Llama-3.1-8B layer shape (random bf16 weights, small vocab), `layers` layers."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                      num_key_value_heads=8, num_hidden_layers=layers, vocab_size=1024,
-                      max_position_embeddings=131072, rope_theta=500000.0,
-                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 8192}, **overrides)
-    cfg._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-
-
 def timed(fn):
     torch.cuda.synchronize()
     start = torch.cuda.Event(enable_timing=True)
@@ -73,7 +60,7 @@ def test_memory_8b_layer_shape():
 
     from transformers import DynamicCache
     layers, H, d = 2, 8, 128
-    model = llama8b_layers(layers)
+    model = llama8b(layers, vocab=1024)
     gib = 1 << 30
     rows = {}
     for T in (32768, 61440, 122880):
@@ -88,8 +75,8 @@ def test_memory_8b_layer_shape():
                 base = torch.cuda.memory_allocated()
                 cache = DynamicCache(config=model.config)
                 with torch.no_grad():
-                    out, times[path] = timed(lambda: model(ids, past_key_values=cache,
-                                                            logits_to_keep=1))
+                    out, times[path] = timed(lambda c=cache: model(ids, past_key_values=c,
+                                                                    logits_to_keep=1))
                 del out  # it holds the cache too
                 held = torch.cuda.memory_allocated() - base
                 if path == "shadowkv":

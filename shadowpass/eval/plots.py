@@ -57,11 +57,14 @@ def heatmaps(summary: Sequence[dict], out_dir: Path, budget: int = None) -> List
             ax.set_title(label, fontsize=9)
         fig.colorbar(im, ax=axes, shrink=0.8, label="score (fraction of answers found)")
         fig.suptitle(f"{task}: score by context length and needle depth")
-        path = Path(out_dir) / f"heatmap_{task}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, Path(out_dir) / f"heatmap_{task}.png"))
     return paths
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def accuracy_vs_budget(summary: Sequence[dict], out_dir: Path) -> List[Path]:
@@ -96,8 +99,5 @@ def accuracy_vs_budget(summary: Sequence[dict], out_dir: Path) -> List[Path]:
         axes[0][0].set_ylabel("score (RULER, 0-100)")
         axes[0][-1].legend(fontsize=7, loc="lower right")
         fig.suptitle(f"{task}: accuracy versus budget")
-        path = Path(out_dir) / f"budget_{task}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, Path(out_dir) / f"budget_{task}.png"))
     return paths

@@ -3,7 +3,7 @@ strings found in the output (case-insensitive), x100, averaged over the samples 
 plus agreement of greedy outputs with dense attention on the same prompts."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 
 def string_match_all(prediction: str, references: Sequence[str]) -> float:
