@@ -199,13 +199,13 @@ def shadow_prefill(model, T: int, opts: dict):
 
 def tile_session(session, B: int):
     """The batch-1 session copied to B rows (real copies: each row owns its state)."""
-    from .reference import PrefillState
+    from .reference import PrefillState, pinned_empty
     from .runtime import Session, SiteState
     tables, sites = {}, {}
     for name, s in session.sites.items():
         def rows(t):
             if t.device.type == "cpu":
-                out = torch.empty((B,) + tuple(t.shape[1:]), dtype=t.dtype, pin_memory=True)
+                out = pinned_empty((B,) + tuple(t.shape[1:]), t.dtype)
                 out.copy_(t.expand(B, *t.shape[1:]))
                 return out
             return t.expand(B, *t.shape[1:]).contiguous()

@@ -138,9 +138,12 @@ def svd_keys(k_pre: torch.Tensor, valid: torch.Tensor, rank: int):
     B, H, S, d = k_pre.shape
     K = k_pre.transpose(1, 2).reshape(B, S, H * d).float() * valid[..., None]
     r = min(rank, H * d)
-    gram = (K.transpose(1, 2) @ K).double()                 # [B, Hd, Hd]
-    _, vecs = torch.linalg.eigh(gram)                        # ascending eigenvalues
-    basis = vecs[..., -r:].flip(-1).float()                  # [B, Hd, r] top-r directions
+    if r == H * d:  # full rank: any orthonormal basis is exact; the identity keeps U = K
+        basis = torch.eye(r, device=K.device).expand(B, r, r)
+    else:
+        gram = (K.transpose(1, 2) @ K).double()             # [B, Hd, Hd]
+        _, vecs = torch.linalg.eigh(gram)                    # ascending eigenvalues
+        basis = vecs[..., -r:].flip(-1).float()              # [B, Hd, r] top-r directions
     U = K @ basis
     SV = basis.transpose(1, 2).reshape(B, r, H, d).transpose(1, 2).contiguous()
     if r < rank:  # keep the promised width; the extra directions are zero
@@ -150,19 +153,86 @@ def svd_keys(k_pre: torch.Tensor, valid: torch.Tensor, rank: int):
 
 
 def host_bytes_available() -> int:
-    """Host memory that can still be allocated (Linux MemAvailable; else psutil if present)."""
+    """Host memory that can still be allocated: Linux MemAvailable, capped by the cgroup's
+    memory limit (containers: the OOM killer acts on the cgroup, not on MemAvailable); else
+    psutil if present."""
+    available = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
+    if available is None:
+        try:
+            import psutil
+            available = psutil.virtual_memory().available
+        except ImportError:
+            return 1 << 62  # unknown: do not block
+    cgroup = _cgroup_bytes_left()
+    return available if cgroup is None else min(available, cgroup)
+
+
+def _cgroup_bytes_left(root: str = "/sys/fs/cgroup"):
+    """Limit minus usage of this process's cgroup (v2, else v1); None when unlimited/unknown."""
+    for limit, usage in ((f"{root}/memory.max", f"{root}/memory.current"),
+                         (f"{root}/memory/memory.limit_in_bytes",
+                          f"{root}/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f:
+                lim = f.read().strip()
+            with open(usage) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if lim == "max" or int(lim) >= 1 << 60:
+            return None
+        return max(int(lim) - used + _cgroup_reclaimable(limit), 0)
+    return None
+
+
+def _cgroup_reclaimable(limit_path: str) -> int:
+    """The cgroup's inactive page cache, which its usage counts but the kernel can drop."""
+    stat = limit_path.rsplit("/", 1)[0] + "/memory.stat"
     try:
-        import psutil
-        return psutil.virtual_memory().available
-    except ImportError:
-        return 1 << 62  # unknown: do not block
+        with open(stat) as f:
+            for line in f:
+                key, value = line.split()
+                if key in ("inactive_file", "total_inactive_file"):
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """Page-locked host memory of exactly the requested size, readable by the GPU (UVA).
+
+    ``torch.empty(..., pin_memory=True)`` goes through the caching host allocator, which rounds
+    each block up to a power of two: a 2.1 GiB value store would lock 4 GiB. Here the pages are
+    mapped and registered with CUDA as they are, and unregistered when the last view dies.
+    """
+    import mmap
+    import weakref
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < 1 << 24:  # small blocks: the rounding costs little, the allocator is faster
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    region = mmap.mmap(-1, nbytes)
+    view = memoryview(region)
+    flat = torch.frombuffer(view, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(flat.data_ptr(), nbytes, 0)
+    if err != cudart.cudaError.success:
+        raise MemoryError(f"shadowkv: cannot page-lock {nbytes / (1 << 30):.2f} GiB of host memory "
+                          f"for the value store ({err}); reduce the batch size or the prompt length")
+    # the finalizer holds the mapping, so it is unregistered before it is unmapped
+    weakref.finalize(view, _unregister, region, flat.data_ptr())
+    return flat.view(dtype).view(shape)
+
+
+def _unregister(region, ptr: int):
+    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 def check_host_memory(per_site: int, sites_left: int, pinned: bool, B: int, T: int):
@@ -229,7 +299,7 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
     token_valid = sparse_valid[:, None, :, None].expand(B, H, S, 1)
     values = v[:, :, :S].reshape(B, H, N, C, v.shape[-1])
     check_host_memory(values.numel() * values.element_size(), sites_left, v.is_cuda, B, T)
-    host = torch.empty(values.shape, dtype=v.dtype, device="cpu", pin_memory=v.is_cuda)
+    host = (pinned_empty if v.is_cuda else torch.empty)(values.shape, dtype=v.dtype)
     host.copy_(values)
     return PrefillState(
         U=U.to(k_post.dtype), SV=SV.to(k_post.dtype), landmarks=landmarks.to(k_post.dtype),
