@@ -199,7 +199,8 @@ def shadow_prefill(model, T: int, opts: dict):
 
 def tile_session(session, B: int):
     """The batch-1 session copied to B rows (real copies: each row owns its state)."""
-    from .reference import PrefillState, pinned_empty
+    from .hostmem import pinned_empty
+    from .reference import PrefillState
     from .runtime import Session, SiteState
     tables, sites = {}, {}
     for name, s in session.sites.items():
@@ -271,7 +272,7 @@ def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw) -> Row:
 
 
 def shadow_max_batch(model, session, reserve: float, host_fraction: float) -> int:
-    from .reference import host_bytes_available
+    from .hostmem import host_bytes_available
     gpu_per_seq = session.nbytes("device")
     host_per_seq = session.nbytes("host")
     free = torch.cuda.mem_get_info()[0] - reserve * GIB

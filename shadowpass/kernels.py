@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference as ref
+from .hostmem import is_pinned
 from .reference import PrefillState
 from .templates.chunk_gather import (
     fetch_values_into,
@@ -191,7 +192,7 @@ _WARNED = set()
 
 def _pageable(values: torch.Tensor) -> bool:
     """True (and a warning, once) for a host value store that is not pinned."""
-    if is_fake(values) or values.is_cuda or values.is_pinned():
+    if is_fake(values) or values.is_cuda or is_pinned(values):
         return False
     if "pageable" not in _WARNED:
         _WARNED.add("pageable")
@@ -219,7 +220,7 @@ def _decode_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_
         return decode_attention_cuda(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len,
                                      chunk_size, budget_chunks, rope_style, workspace=ws)
 
-    if torch.cuda.is_current_stream_capturing() or not st.values.is_pinned():
+    if torch.cuda.is_current_stream_capturing() or not is_pinned(st.values):
         return step(q, k, v)
     persistent = [*state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
                   n_load]

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import policies  # selection-policy hook (eval baselines)
+from .hostmem import check_host_memory, pinned_empty
 
 
 class PrefillState(NamedTuple):
@@ -150,103 +151,6 @@ def svd_keys(k_pre: torch.Tensor, valid: torch.Tensor, rank: int):
         U = torch.nn.functional.pad(U, (0, rank - r))
         SV = torch.nn.functional.pad(SV, (0, 0, 0, rank - r))
     return U, SV
-
-
-def host_bytes_available() -> int:
-    """Host memory that can still be allocated: Linux MemAvailable, capped by the cgroup's
-    memory limit (containers: the OOM killer acts on the cgroup, not on MemAvailable); else
-    psutil if present."""
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if available is None:
-        try:
-            import psutil
-            available = psutil.virtual_memory().available
-        except ImportError:
-            return 1 << 62  # unknown: do not block
-    cgroup = _cgroup_bytes_left()
-    return available if cgroup is None else min(available, cgroup)
-
-
-def _cgroup_bytes_left(root: str = "/sys/fs/cgroup"):
-    """Limit minus usage of this process's cgroup (v2, else v1); None when unlimited/unknown."""
-    for limit, usage in ((f"{root}/memory.max", f"{root}/memory.current"),
-                         (f"{root}/memory/memory.limit_in_bytes",
-                          f"{root}/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit) as f:
-                lim = f.read().strip()
-            with open(usage) as f:
-                used = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if lim == "max" or int(lim) >= 1 << 60:
-            return None
-        return max(int(lim) - used + _cgroup_reclaimable(limit), 0)
-    return None
-
-
-def _cgroup_reclaimable(limit_path: str) -> int:
-    """The cgroup's inactive page cache, which its usage counts but the kernel can drop."""
-    stat = limit_path.rsplit("/", 1)[0] + "/memory.stat"
-    try:
-        with open(stat) as f:
-            for line in f:
-                key, value = line.split()
-                if key in ("inactive_file", "total_inactive_file"):
-                    return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """Page-locked host memory of exactly the requested size, readable by the GPU (UVA).
-
-    ``torch.empty(..., pin_memory=True)`` goes through the caching host allocator, which rounds
-    each block up to a power of two: a 2.1 GiB value store would lock 4 GiB. Here the pages are
-    mapped and registered with CUDA as they are, and unregistered when the last view dies.
-    """
-    import mmap
-    import weakref
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes < 1 << 24:  # small blocks: the rounding costs little, the allocator is faster
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
-    region = mmap.mmap(-1, nbytes)
-    view = memoryview(region)
-    flat = torch.frombuffer(view, dtype=torch.uint8)
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(flat.data_ptr(), nbytes, 0)
-    if err != cudart.cudaError.success:
-        raise MemoryError(f"shadowkv: cannot page-lock {nbytes / (1 << 30):.2f} GiB of host memory "
-                          f"for the value store ({err}); reduce the batch size or the prompt length")
-    # the finalizer holds the mapping, so it is unregistered before it is unmapped
-    weakref.finalize(view, _unregister, region, flat.data_ptr())
-    return flat.view(dtype).view(shape)
-
-
-def _unregister(region, ptr: int):
-    torch.cuda.cudart().cudaHostUnregister(ptr)
-
-
-def check_host_memory(per_site: int, sites_left: int, pinned: bool, B: int, T: int):
-    """Raise before allocating the host value store if the remaining sites cannot fit."""
-    need = per_site * sites_left
-    available = host_bytes_available()
-    if need > 0.9 * available:
-        gib = 1 << 30
-        kind = "pinned host" if pinned else "host"
-        raise MemoryError(
-            f"shadowkv: the values of this batch ({B} sequences x {T} prompt tokens) need "
-            f"{need / gib:.2f} GiB of {kind} memory for {sites_left} more attention layers "
-            f"({per_site / gib:.3f} GiB each), but only {available / gib:.2f} GiB is available. "
-            f"Reduce the batch size or the prompt / max length, or free host memory.")
 
 
 def chunk_landmarks(k_post: torch.Tensor, valid: torch.Tensor, C: int):

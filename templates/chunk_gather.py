@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..hostmem import is_pinned
 from .common import INTERPRET, dot, is_fake, launch, next_pow2
 
 ROPE_CODES = {"none": 0, "rotate_half": 1, "interleaved": 2}
@@ -241,7 +242,7 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
     B, H, N, C, d = values.shape
     KC = out.shape[2]
     K = KC // C
-    if out.is_cuda and not is_fake(values) and not (values.is_cuda or values.is_pinned()):
+    if out.is_cuda and not is_fake(values) and not (values.is_cuda or is_pinned(values)):
         raise ValueError("fetch_values_into: the host value store must be pinned memory "
                          "(torch.empty(..., pin_memory=True)) for the GPU to read it zero-copy")
     if not values.is_contiguous():

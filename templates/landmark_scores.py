@@ -46,7 +46,8 @@ def _landmark_logits_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     lm = tl.load(lm_ptr + (bh * N + n)[:, None] * D + cols[None, :],
                  mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    s = dot(q.to(lm.dtype), tl.trans(lm), UPCAST) * qk_scale  # [M_PAD, BLOCK_N], log2 units
+    # .to: Inductor may pass the float scale as fp64, which would make s fp64
+    s = (dot(q.to(lm.dtype), tl.trans(lm), UPCAST) * qk_scale).to(tl.float32)  # log2 units
     sel = tl.load(sel_ptr + bh * N + n, mask=n_ok, other=0) != 0
     s = tl.where(sel[None, :], s, float("-inf"))
     tl.store(logit_ptr + (bh * M + rows)[:, None] * N + n[None, :], s,

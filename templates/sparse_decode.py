@@ -37,7 +37,8 @@ def _attend(q, k_base, v_base, pos, pos_ok, allowed, m_i, l_i, acc, qk_scale,
     """One online-softmax step over keys at rows pos of one (b, h) segment."""
     kv_mask = pos_ok[:, None] & d_ok[None, :]
     k = tl.load(k_base + pos[:, None] * D + cols[None, :], mask=kv_mask, other=0.0)
-    s = dot(q.to(k.dtype), tl.trans(k), UPCAST) * qk_scale  # [M_PAD, BLOCK_N], log2 units
+    # .to: Inductor may pass the float scale as fp64, which would make s fp64
+    s = (dot(q.to(k.dtype), tl.trans(k), UPCAST) * qk_scale).to(tl.float32)  # log2 units
     s = tl.where(allowed & pos_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep zeros

@@ -4,6 +4,7 @@ import torch
 
 import shadowpass
 from shadowpass.bench import llama8b
+from shadowpass.hostmem import is_pinned
 from cases import hf_model
 
 pytestmark = [pytest.mark.gpu,
@@ -34,7 +35,7 @@ def test_exactness_anchor_cuda(name, dtype):
     sites = shadowpass.runtime_of(model).sites
     assert len(sites) == model.config.num_hidden_layers
     st = next(iter(sites.values())).prefill
-    assert st.values.device.type == "cpu" and st.values.is_pinned()
+    assert st.values.device.type == "cpu" and is_pinned(st.values)
     assert st.U.device.type == "cuda"
     diff = max((a - b).abs().max().item() for a, b in zip(out.logits, dense.logits))
     print(f"{name} {dtype}: max logit diff {diff:.3g}")
@@ -85,7 +86,7 @@ def test_memory_8b_layer_shape():
                     accounted = session.nbytes("device")
                     host = session.nbytes("host")
                     st = next(iter(session.sites.values()))
-                    assert st.prefill.values.is_pinned()
+                    assert is_pinned(st.prefill.values)
                     table = st.cos.untyped_storage().nbytes() * 2
                     del session, st
                 del cache
@@ -114,7 +115,7 @@ def test_memory_8b_layer_shape():
     # largest batch at 60K for the whole 8B model on this GPU (weights 16.06 GB, 4 GiB reserve)
     total = torch.cuda.get_device_properties(0).total_memory
     free = total - 16.06e9 - 4 * gib
-    host_free = shadowpass.reference.host_bytes_available()
+    host_free = shadowpass.hostmem.host_bytes_available()
     dense_seq, shadow_seq = 32 * b["dense_per_layer"], 32 * b["per_layer_8b"]
     host_seq = 32 * 61440 * H * d * 2
     print(f"largest batch at 60K, 8B shape, {torch.cuda.get_device_name()}: dense "
@@ -186,3 +187,56 @@ def test_smollm2_passkey_full_budget_equals_dense():
     print(f"SmolLM2 passkey 4K-8K, {len(samples)} prompts: identical to dense {same}/{len(samples)},"
           f" passkey found {found}/{len(samples)}")
     assert same == len(samples)
+
+
+def test_pinned_value_store_is_exact_size_and_gpu_readable():
+    """The value store locks exactly its bytes (no power-of-two rounding), the fetch kernel
+    reads it zero-copy, and a view keeps the pages locked after the base tensor is gone."""
+    import gc
+
+    from shadowpass.hostmem import pinned_empty
+    from shadowpass.templates.chunk_gather import fetch_values_into
+    B, H, N, C, d, K = 3, 2, 700, 8, 128, 16  # 10.8 MiB x 3: not a power of two
+    store = pinned_empty((B, H, N, C, d), torch.bfloat16)
+    assert is_pinned(store) and store.untyped_storage().nbytes() == B * H * N * C * d * 2
+    store.copy_(torch.randn(store.shape, dtype=torch.bfloat16))
+    view = store[1:]
+    del store
+    gc.collect()
+    assert is_pinned(view)
+    chunks = torch.randint(0, N, (B - 1, H, K), device="cuda", dtype=torch.int32)
+    slots = torch.arange(K, device="cuda", dtype=torch.int32).expand(B - 1, H, K).contiguous()
+    n_load = torch.full((B - 1, H), K, device="cuda", dtype=torch.int32)
+    out = torch.zeros(B - 1, H, K * C, d, dtype=torch.bfloat16, device="cuda")
+    fetch_values_into(out, view, chunks, slots, n_load)
+    want = torch.stack([torch.stack([view[b, h, chunks[b, h].long().cpu()].reshape(K * C, d)
+                                     for h in range(H)]) for b in range(B - 1)])
+    assert torch.equal(out.cpu(), want)
+
+
+def test_pinned_pool_reuses_buffers_of_the_same_size():
+    """A buffer freed by one prompt's state serves the next prompt of about the same size
+    (locking pages is slow); a request of another size unlocks the pool first."""
+    import gc
+
+    from shadowpass import hostmem
+    gc.collect()
+    hostmem.release_cached()
+    live = set(hostmem._locked)  # buffers other tests' states still hold
+
+    def ours():
+        return [n for k, n in hostmem._locked.items() if k not in live]
+
+    a = hostmem.pinned_empty((5, 1 << 22), torch.float32)  # 80 MiB
+    address = a.data_ptr()
+    del a
+    gc.collect()
+    assert [e[2] for e in hostmem._pool] == [address]
+    b = hostmem.pinned_empty((5, (1 << 22) - 1000), torch.float32)  # slightly smaller: reused
+    assert b.data_ptr() == address and not hostmem._pool
+    assert ours() == [5 * (1 << 22) * 4]
+    del b
+    gc.collect()
+    c = hostmem.pinned_empty((2, 1 << 22), torch.float32)  # another size: pool unlocked first
+    assert not hostmem._pool and ours() == [2 * (1 << 22) * 4]
+    assert hostmem.is_pinned(c) and not hostmem.is_pinned(torch.empty(10))

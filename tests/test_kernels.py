@@ -41,6 +41,7 @@ from shadowpass.templates.sparse_decode import sparse_decode
 from tolerances import KERNEL_BF16, KERNEL_FP16, KERNEL_FP32, SCORES
 
 from shadowpass import ops
+from shadowpass.hostmem import is_pinned
 from shadowpass import reference as ref
 from shadowpass.kernels import (
     DecodeWorkspace,
@@ -516,7 +517,7 @@ def test_gpu_kernels_at_llama_shape(dtype):
     close(sel_k, ref.rebuild_keys(st.U, st.SV, st.cos, st.sin, want_idx, C, "rotate_half"),
           torch.float32 if dtype == torch.float32 else torch.float16)
     sel_v = torch.empty(B, H, K * C, d, device="cuda", dtype=dtype)
-    assert st.values.is_pinned()
+    assert is_pinned(st.values)
     fetch_values_into(sel_v, st.values, *full_load(want_idx))
     assert torch.equal(sel_v, ref.fetch_values(st.values, want_idx, "cuda"))
 
@@ -649,7 +650,7 @@ def test_gpu_decode_triton_opcheck():
 def test_gpu_decode_falls_back_for_pageable_values():
     st, p = llama_state(N=512, B=1)
     st = st._replace(values=st.values.clone())  # a clone is pageable, not pinned
-    assert not st.values.is_pinned()
+    assert not is_pinned(st.values)
     B, H, G, d, C = p["B"], p["H"], p["G"], p["d"], p["C"]
     gk, gv = (torch.zeros(B, H, 8, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     gl = torch.zeros(1, dtype=torch.long, device="cuda")

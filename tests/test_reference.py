@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from shadowpass import ops, reference as ref
+from shadowpass import hostmem, ops, reference as ref
 from tolerances import FP32_OP
 
 
@@ -191,7 +191,7 @@ def test_host_memory_is_checked_before_allocating(monkeypatch):
     B, H, T, d = 2, 2, 64, 8
     k = torch.randn(B, H, T, d)
     per_layer = B * H * (T - 8) * d * 4  # local_chunks=1 keeps the last chunk on the device
-    monkeypatch.setattr(ref, "host_bytes_available", lambda: math.ceil(per_layer * 10 / 0.9))
+    monkeypatch.setattr(hostmem, "host_bytes_available", lambda: math.ceil(per_layer * 10 / 0.9))
     ref.prefill_state(k, k, k, None, "none", 8, 8, 1, 1, sites_left=10)  # exactly fits
     with pytest.raises(MemoryError, match=r"GiB .*Reduce the batch size"):
         ref.prefill_state(k, k, k, None, "none", 8, 8, 1, 1, sites_left=11)
@@ -199,11 +199,11 @@ def test_host_memory_is_checked_before_allocating(monkeypatch):
 
 def test_cgroup_limit_caps_host_memory(tmp_path):
     """In a container the cgroup limit, not MemAvailable, decides when the OOM killer acts."""
-    assert ref._cgroup_bytes_left(str(tmp_path)) is None  # no cgroup files: unknown
+    assert hostmem._cgroup_bytes_left(str(tmp_path)) is None  # no cgroup files: unknown
     (tmp_path / "memory.max").write_text("max\n")
     (tmp_path / "memory.current").write_text("123\n")
-    assert ref._cgroup_bytes_left(str(tmp_path)) is None  # unlimited
+    assert hostmem._cgroup_bytes_left(str(tmp_path)) is None  # unlimited
     (tmp_path / "memory.max").write_text(f"{10 << 30}\n")
     (tmp_path / "memory.current").write_text(f"{4 << 30}\n")
     (tmp_path / "memory.stat").write_text(f"anon 1\ninactive_file {1 << 30}\n")
-    assert ref._cgroup_bytes_left(str(tmp_path)) == 7 << 30  # limit - usage + droppable cache
+    assert hostmem._cgroup_bytes_left(str(tmp_path)) == 7 << 30  # limit - usage + droppable cache
