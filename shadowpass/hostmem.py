@@ -117,7 +117,9 @@ def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
         _locked[address] = size
     view = memoryview(region)[:nbytes]
     weakref.finalize(view, _pool.append, (size, region, address))  # back to the pool
-    return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(shape)
+    storage = torch.frombuffer(view, dtype=torch.uint8).untyped_storage()
+    # a base tensor, not a view: custom ops copy outputs that are views of other tensors
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
 def release_cached():
