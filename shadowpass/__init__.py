@@ -21,10 +21,15 @@ __all__ = ["ShadowKVConfig", "compile", "explain", "shadowkv", "runtime_of", "Re
 
 
 def compile(model, config: Optional[ShadowKVConfig] = None, *, mode: Optional[str] = None,
-            dump_dir: Optional[str] = None, **options):
-    """torch.compile with the shadowkv backend; options are ShadowKVConfig fields."""
+            dump_dir: Optional[str] = None, dynamic: Optional[bool] = None, **options):
+    """torch.compile with the shadowkv backend; options are ShadowKVConfig fields.
+
+    dynamic: torch.compile's own (True traces every size symbolically, which lets a prefill
+    that runs out of GPU memory be split into sub-batches; see shadowpass/subbatch.py).
+    """
     cfg = ShadowKVConfig.from_options(options, base=config)
-    return torch.compile(model, backend=make_backend(cfg, mode=mode, dump_dir=dump_dir))
+    return torch.compile(model, backend=make_backend(cfg, mode=mode, dump_dir=dump_dir),
+                         dynamic=dynamic)
 
 
 def explain(model, *args, config: Optional[ShadowKVConfig] = None,

@@ -16,8 +16,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from . import ops
+from . import ops, subbatch
 from .config import ShadowKVConfig
+from .detect import shape
 from .reference import PrefillState
 from .rewrite import STATE_FIELDS, Rewritten
 
@@ -221,6 +222,14 @@ class ShadowGraph:
         self.past_len = symbolic_reader(original, rw.past_len)
         placeholders = [n.name for n in original.graph.nodes if n.op == "placeholder"]
         self.past_inputs = [placeholders.index(p) for p in rw.past_names]
+        self.batch = None  # reads the batch size from the args (prefill graphs)
+        if rw.phase == "prefill":
+            try:
+                self.batch = symbolic_reader(original, shape(rw.sites[0].q)[0])
+            except (ValueError, TypeError) as e:  # then an out-of-memory prefill is not split
+                log.debug("shadowpass: cannot read the batch size of this graph (%s)", e)
+        self._split = None  # subbatch.Split, or why this graph cannot be split (once needed)
+        self.fits: Dict[tuple, int] = {}  # (batch, prompt length) -> sub-batch size that fit
 
     def dense(self, *args):
         if self._dense is None:
@@ -263,7 +272,7 @@ class ShadowGraph:
                           self.cfg.sparse_threshold)
                 return self.dense(*args)
             try:
-                outs = self.sparse(*args)
+                outs = self.prefill(args, T)
             except ValueError as e:  # the prefill op found a mask ShadowKV cannot keep
                 if "shadowkv:" not in str(e):
                     raise
@@ -286,6 +295,49 @@ class ShadowGraph:
             session = rt.session
             outs = self.sparse(*args, *state)
         rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
+        return outs
+
+    def split(self):
+        """subbatch.Split of this prefill graph, or why it cannot be split (a str)."""
+        if self._split is None:
+            try:
+                self._split = subbatch.plan(self.original, self.rw, self.param_idx)
+            except Exception as e:  # reading the graph must not hide the out-of-memory error
+                self._split = f"reading the graph failed ({type(e).__name__}: {e})"
+        return self._split
+
+    def prefill(self, args, T: int):
+        """The rewritten prefill graph on the whole batch; in sub-batches (halves, quarters, ...)
+        when that runs out of GPU memory. The outputs are always the whole batch's."""
+        B = self.batch(args) if self.batch is not None else None
+        size = self.fits.get((B, T), B)
+        if B is None or size >= B:
+            cause = None
+            try:
+                return self.sparse(*args)
+            except torch.OutOfMemoryError as e:  # keep only the text: the traceback holds memory
+                cause = subbatch.cause_of(e)
+            subbatch.free_memory()
+            split = self.split() if B is not None else "its batch size cannot be read"
+            if B is None or B < 2 or isinstance(split, str):
+                why = "a single sequence cannot be split" if B == 1 else \
+                    f"it cannot be prefilled in sub-batches: {split}"
+                if isinstance(split, str) and "static shapes" in split:
+                    why += ("; compile with dynamic=True (model.compile(backend='shadowkv', "
+                            "dynamic=True), or shadowpass.compile(model, dynamic=True)) to let "
+                            "shadowkv prefill the batch in parts")
+                raise subbatch.oom(B or "?", T, why, cause)
+            size = (B + 1) // 2
+        else:
+            cause = None
+            log.debug("shadowpass: prefill of %d x %d tokens in sub-batches of %d (as last time)",
+                      B, T, size)
+        outs, sizes = subbatch.run(self.sparse, args, self.split(), self.rw.num_outputs, B, T,
+                                   size)
+        self.fits[(B, T)] = min(sizes)
+        if cause is not None:
+            log.info("shadowpass: the prefill of %d sequences x %d tokens ran out of GPU memory "
+                     "(%s); ran it as %s", B, T, cause, subbatch.describe(sizes))
         return outs
 
     def check_no_stub(self, args):
