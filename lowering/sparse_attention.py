@@ -131,7 +131,8 @@ def _template(q, scale, outlier_k, outlier_v, outlier_valid, sel_k, sel_v, slot_
 
     choices: list = []
     errors = []
-    for cfg in tmpl.configs(d, M_PAD, compat.max_autotune()):
+    elem = max(x.get_dtype().itemsize for x in (q, outlier_k, sel_k, local_k, gen_k))
+    for cfg in tmpl.configs(d, M_PAD, elem, compat.max_autotune()):
         err = compat.append_choice(
             SPLIT, choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages,
             num_warps=cfg.num_warps, mutated_inputs=[pm, pl], call_sizes=[B, H],

@@ -11,6 +11,12 @@ routes use it:
 * ``shadowkv::decode_triton`` is a ``torch.library.triton_op`` whose schema carries the
   workspace tensors (declared mutated), so Inductor sees into the kernels and reuse works.
 
+The split decode route (``ShadowKVConfig.decode_route="split"``) cuts the step in two ops:
+``shadowkv::decode_gather`` (CUDA kernel: ``gather_step``, replayed as a CUDA graph) and
+``shadowkv::sparse_attention``, which Inductor lowers to the templates of
+``shadowpass.lowering``; its opaque CUDA kernel (eager calls, fallback) is ``sparse_decode``, and
+``shadowkv::sparse_attention_triton`` is its triton_op twin for a torch without the template API.
+
 CPU stays on the reference path; these functions need Triton (on CPU only under
 ``TRITON_INTERPRET=1``, for tests).
 """

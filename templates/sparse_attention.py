@@ -52,7 +52,7 @@ def combine_source() -> str:
 
 
 class Config:
-    """One autotuning choice of the template: keys per step, warps and pipeline stages."""
+    """One autotuning choice of the split kernel: keys per step, warps and pipeline stages."""
 
     __slots__ = ("block_n", "num_warps", "num_stages")
 
@@ -63,27 +63,26 @@ class Config:
         return f"Config(BLOCK_N={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages})"
 
 
-def configs(head_dim: int, m_pad: int, max_autotune: bool) -> list[Config]:
-    """Autotuning choices for H100/H200 (sm_90, 228 KB shared memory, 64K registers per SM).
+# (BLOCK_N, num_warps, num_stages) for sm_90 (H100/H200: 228 KB shared memory, 64K registers
+# per SM), from ptxas's resource report of the generated kernels (Llama-8B layer, G = 4,
+# d = 128; scripts/compile_kernels.py --inductor-kernels): with 16-bit data, 32 keys x 4 warps
+# (the hand-tuned setting of sparse_decode) uses 127 registers, 64 x 4 140, 64 x 8 255, none
+# spills; 128 x 8 and 32 x 8 spill a few bytes. 32-bit data spills at 4 warps, not at 32 x 8.
+_QUICK = {2: [(32, 4, 2), (64, 4, 2), (64, 8, 3)], 4: [(32, 8, 2), (32, 4, 2)]}
+_MORE = {2: [(128, 8, 3), (32, 8, 2), (16, 4, 2)], 4: [(64, 8, 2), (16, 4, 2)]}
+SHARED_BYTES = 200 * 1024  # below sm_90's 227 KB per block, with room for the compiler's own
 
-    The split program holds q [M_PAD, D] and the accumulator [M_PAD, D] in registers and
-    streams K/V tiles of [BLOCK_N, D]; the loop is load-bound (a decode step reads each key
-    once), so more keys per step and more warps hide latency until registers spill. Pruned:
-    tiles whose fp32 scores [M_PAD, BLOCK_N] plus accumulator exceed what 8 warps hold
-    without spilling (an estimate of 256 fp32 values per thread). Without max-autotune: three
-    choices (32 keys at 4 warps, the hand-tuned setting of ``sparse_decode``; 64 at 4; 128 at
-    8), so a compile benchmarks three kernels per shape; with it, every unpruned one.
+
+def configs(head_dim: int, m_pad: int, elem_bytes: int, max_autotune: bool) -> list[Config]:
+    """Autotuning choices of the split kernel: three without max-autotune, all with it.
+
+    The loop is load-bound (a decode step reads each key once): more keys per step and more
+    warps hide latency until registers spill. Pruned: score tiles [M_PAD, BLOCK_N] above 4096
+    elements (many query rows per KV head) and pipelines whose K/V tiles
+    (num_stages - 1) * 2 * BLOCK_N * d * elem_bytes exceed SHARED_BYTES.
     """
-    grid = [(32, 4, 2), (64, 4, 2), (64, 8, 3), (128, 8, 3), (128, 4, 2), (32, 8, 2)]
-    keep = []
-    for block_n, warps, stages in grid:
-        per_thread = (m_pad * block_n + m_pad * head_dim + 2 * block_n * head_dim) / (32 * warps)
-        if per_thread > 256:
-            continue
-        keep.append(Config(block_n, warps, stages))
-    if not keep:  # very large heads: the smallest tile, whatever it spills
-        keep = [Config(16, 8, 2)]
-    if max_autotune:
-        return keep
-    quick = [c for c in keep if (c.block_n, c.num_warps) in ((32, 4), (64, 4), (128, 8))]
-    return quick or keep[:2]
+    size = 2 if elem_bytes <= 2 else 4
+    table = _QUICK[size] + (_MORE[size] if max_autotune else [])
+    keep = [Config(n, w, st) for n, w, st in table
+            if m_pad * n <= 4096 and (st - 1) * 2 * n * head_dim * elem_bytes <= SHARED_BYTES]
+    return keep or [Config(16, 4, 1)]

@@ -217,12 +217,17 @@ def test_template_sources_are_complete():
     assert tmpl.SPLIT_MARKER in split_src and tmpl.COMBINE_MARKER in combine_src
 
 
-@pytest.mark.parametrize("d,m_pad", [(64, 16), (128, 16), (128, 64), (256, 128)])
-def test_configs_fit_hopper_registers(d, m_pad):
-    quick = tmpl.configs(d, m_pad, max_autotune=False)
-    full = tmpl.configs(d, m_pad, max_autotune=True)
-    assert 2 <= len(quick) <= len(full) or d == 256
-    assert {(c.block_n, c.num_warps) for c in quick} <= {(c.block_n, c.num_warps) for c in full}
+@pytest.mark.parametrize("d,m_pad,elem", [(64, 16, 2), (128, 16, 2), (128, 16, 4), (128, 64, 2),
+                                         (256, 128, 4)])
+def test_configs(d, m_pad, elem):
+    quick = tmpl.configs(d, m_pad, elem, max_autotune=False)
+    full = tmpl.configs(d, m_pad, elem, max_autotune=True)
+    assert quick and {repr(c) for c in quick} <= {repr(c) for c in full}
+    if m_pad == 16:
+        assert len(quick) >= 2 and len(full) > len(quick)
+    for c in full:
+        assert m_pad * c.block_n <= 4096
+        assert (c.num_stages - 1) * 2 * c.block_n * d * elem <= tmpl.SHARED_BYTES
 
 
 # ----------------------------------------------------------------------------- Inductor, CPU
@@ -296,6 +301,39 @@ def test_template_with_dynamic_segment_lengths(triton_on_cpu):
         out, code = run_and_get_code(f, *args)
         close(out, (direct(args) * 2).to(torch.bfloat16), torch.bfloat16, f"N={n}")
     assert tmpl.SPLIT_MARKER in generated(code)
+
+
+def test_template_kernels_compile_for_hopper_without_a_gpu(triton_on_cpu, monkeypatch, tmp_path):
+    """The interpreter does not compile kernels: generate the template kernels for every
+    max-autotune configuration (Llama-8B head shape, bf16 and fp32) and compile them for sm_90
+    with Triton's own ptxas (scripts/compile_kernels.py --inductor-kernels)."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"this Triton install has no NVIDIA ptxas ({ptxas})")
+    import json
+    import subprocess
+    import sys
+    kernels, all_configs = {}, tmpl.configs
+    for G, d, dtype in ((4, 128, torch.bfloat16), (1, 64, torch.float32)):
+        elem = torch.empty(0, dtype=dtype).element_size()
+        for cfg in all_configs(d, max(16, G), elem, max_autotune=True):
+            monkeypatch.setattr(tmpl, "configs", lambda *a, cfg=cfg: [cfg])
+            args = segments(B=1, H=1, G=G, d=d, dtype=dtype, N=16, K=4, Ll=9, Gcap=8)
+            _, code = run_and_get_code(torch.compile(epilogue), *args)
+            for name, src in re.findall(r"async_compile\.triton\('(\w+)', '''(.*?)''', device_str",
+                                        generated(code), re.S):
+                if "_tem_" in name:
+                    kernels[f"{name} G={G} d={d} {str(dtype)[6:]} {cfg}"] = src
+            torch._dynamo.reset()
+    assert len(kernels) == 2 * (len(all_configs(128, 16, 2, True)) + len(all_configs(64, 16, 4, True)))
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps(kernels))
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "compile_kernels.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, script, "--inductor-kernels", str(path)], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "0 failed to compile" in out.stdout
 
 
 def test_cpu_default_backend_keeps_the_reference():
@@ -434,8 +472,60 @@ def test_gpu_model_split_route(dtype):
                                                    "decode_route": "split"})
         with inductor_config.patch(force_disable_caches=True):
             out, code = run_and_get_code(lambda: model.generate(ids, **kw))
-    code = generated(code)
-    assert tmpl.SPLIT_MARKER in code and tmpl.COMBINE_MARKER in code
-    assert "shadowkv.decode_gather" in code
-    assert not copies(code), copies(code)
+    decode = generated(c for c in code if tmpl.SPLIT_MARKER in c)  # the decode step's graph
+    assert tmpl.COMBINE_MARKER in decode and "shadowkv.decode_gather" in decode
+    assert not copies(decode), copies(decode)
     assert torch.equal(out, dense)
+
+
+# ----------------------------------------------------------------------------- model, CPU
+EXACT = {"rank": 4096, "budget": 1 << 16, "min_sparse_len": 0, "outlier_chunks": 3}
+
+
+def greedy(model, ids, mask, n):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("options", [EXACT, {"budget": 64, "rank": 24, "min_sparse_len": 0,
+                                             "outlier_chunks": 6}], ids=["exact", "budget64"])
+def test_split_route_on_a_model_equals_fused_route(options):
+    """decode_route="split" on a tiny Llama: same tokens and logits as the fused route (the CPU
+    runs the reference in both), the dense tokens at full rank and budget."""
+    from cases import hf_model
+    from tolerances import FP32_LOGITS
+    ids = torch.randint(0, 256, (2, 300))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    runs = {}
+    for route in ("fused", "split"):
+        torch.manual_seed(1)  # the same random weights for each model
+        model = hf_model("llama")
+        model.compile(backend="shadowkv", options={**options, "decode_route": route})
+        runs[route] = greedy(model, ids, mask, 12)
+        sites = shadowpass.runtime_of(model).sites
+        assert len(sites) == model.config.num_hidden_layers
+        slots = next(iter(sites.values())).workspace[2]
+        assert slots.numel() == 0 if route == "fused" else (slots >= 0).all()
+    fused, split = runs["fused"], runs["split"]
+    assert torch.equal(split.sequences, fused.sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(split.logits, fused.logits))
+    assert diff < FP32_LOGITS
+    if options is EXACT:
+        torch.manual_seed(1)
+        dense = greedy(hf_model("llama"), ids, mask, 12)
+        assert torch.equal(split.sequences, dense.sequences)
+
+
+def test_split_route_rewrite_emits_gather_and_attention(tmp_path, monkeypatch):
+    from cases import hf_model
+    monkeypatch.setenv("SHADOWPASS_DUMP_DIR", str(tmp_path))
+    model = hf_model("llama")
+    model.compile(backend="shadowkv", options={**EXACT, "decode_route": "split"})
+    with torch.no_grad():
+        model.generate(torch.randint(0, 256, (1, 300)), max_new_tokens=3, do_sample=False)
+    after = "\n".join(p.read_text() for p in tmp_path.glob("graph_*_after.py"))
+    assert "shadowkv.decode_gather.default" in after
+    assert "shadowkv.sparse_attention.default" in after
+    assert "shadowkv.decode.default" not in after
