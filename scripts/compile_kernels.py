@@ -2,6 +2,7 @@
 
     python scripts/compile_kernels.py            # sm_90 (H100/H200), all variants
     python scripts/compile_kernels.py --quick    # bf16 d=128 and fp32 d=64 only
+    python scripts/compile_kernels.py --inductor-kernels k.json   # kernels Inductor generated
 
 The interpreter (TRITON_INTERPRET=1, the CPU tests) checks numerics but not whether a kernel
 compiles for a GPU: shapes, layouts, tl.dot operand types, shared memory. This script runs the
@@ -9,10 +10,17 @@ real launch wrappers at the Llama-3.1-8B layer shape with the launches recorded 
 executed, compiles each recorded kernel ahead of time (Triton -> PTX -> cubin with the ptxas
 that ships with Triton) and prints registers, spills (local memory) and shared memory per
 kernel. Exit status 1 if any kernel fails to compile.
+
+``--inductor-kernels FILE`` compiles instead the kernels of a JSON file {label: source}: Triton
+modules that Inductor generated from our templates (tests/test_lowering.py writes one from a CPU
+compile under the interpreter); their ``UPCAST`` constexpr is set to False, as on a GPU.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -97,11 +105,59 @@ def resources(cubin: bytes) -> dict:
     return {k: int(v) for k, v in re.findall(r"(REG|LOCAL|STACK):(\d+)", out)}
 
 
+def load_inductor_kernel(source: str):
+    """(JITFunction, signature, num_warps, num_stages) of an Inductor-generated template kernel,
+    its launch decorator dropped and UPCAST off (the interpreter-only operand widening)."""
+    name = re.search(r"def (triton_\w+)\(", source).group(1)
+    sig = ast.literal_eval(re.search(r"'signature': (\{.*?\})", source).group(1))
+    warps = int(re.search(r"num_warps=(\d+)", source).group(1))
+    stages = int(re.search(r"num_stages=(\d+)", source).group(1))
+    body = re.sub(r"@triton_heuristics\.template\(.*?\)\n@triton\.jit", "@triton.jit", source,
+                  flags=re.S)
+    body = body.replace("triton_helpers.set_driver_to_cpu()", "")
+    body = body.replace("UPCAST : tl.constexpr = True", "UPCAST : tl.constexpr = False")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(body)
+    spec = importlib.util.spec_from_file_location(name, f.name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    os.unlink(f.name)
+    return getattr(mod, name), sig, warps, stages
+
+
+def compile_inductor_kernels(path: str, target) -> int:
+    """Compile each kernel of the JSON file; prints a table, returns the failure count."""
+    failures = 0
+    print(f"{'kernel':<96} {'warps':>5} {'regs':>5} {'spill B':>8} {'shared B':>9}")
+    with open(path) as f:
+        kernels = json.load(f)
+    for label, source in kernels.items():
+        try:
+            fn, sig, warps, stages = load_inductor_kernel(source)
+            k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs={}), target=target,
+                               options={"num_warps": warps, "num_stages": stages})
+        except Exception as e:  # noqa: BLE001 (report every failing kernel, then fail)
+            failures += 1
+            print(f"{label:<96} FAILED: {type(e).__name__}: {e}")
+            continue
+        res = resources(k.asm["cubin"])
+        spill = res.get("LOCAL", 0) + res.get("STACK", 0)
+        print(f"{label:<96} {warps:>5} {res.get('REG', '?'):>5} {spill:>8} {k.metadata.shared:>9}")
+    print(f"{failures} failed to compile")
+    return failures
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 or 80")
     p.add_argument("--quick", action="store_true", help="bf16 d=128 and fp32 d=64 only")
+    p.add_argument("--inductor-kernels", metavar="FILE",
+                   help="compile the Inductor-generated kernels of this JSON file instead")
     args = p.parse_args()
+    if args.inductor_kernels:
+        print(f"triton {triton.__version__}, target sm_{args.arch}")
+        failures = compile_inductor_kernels(args.inductor_kernels, GPUTarget("cuda", args.arch, 32))
+        sys.exit(1 if failures else 0)
     variants = ([(torch.bfloat16, 128), (torch.float32, 64)] if args.quick else
                 [(torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float16, 128),
                  (torch.float32, 128), (torch.float32, 64)])

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.shadowkv.*)
+from . import lowering  # noqa: F401  (registers their Inductor lowerings)
 from .backend import dump, make_backend
 from .config import ShadowKVConfig
 from .report import Report, SiteReport

@@ -115,8 +115,9 @@ def add_config_arguments(p: argparse.ArgumentParser):
     helps = config_help()
     default = ShadowKVConfig()
     for f in dataclasses.fields(ShadowKVConfig):
-        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int, default=None,
-                       metavar="N",
+        text = isinstance(getattr(default, f.name), str)
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=str if text else int,
+                       default=None, metavar="NAME" if text else "N",
                        help=f"{helps[f.name]} (default: {getattr(default, f.name)})")
 
 

@@ -7,6 +7,8 @@ from typing import Any, Mapping, Optional
 
 from .policies import POLICIES
 
+DECODE_ROUTES = ("fused", "split")
+
 # field -> (smallest allowed, largest allowed or None)
 _RANGES = {
     "rank": (1, None),
@@ -32,6 +34,11 @@ class ShadowKVConfig:
     policy: how decode picks chunks: "shadowkv" (landmarks, the method), or a baseline on the
         same machinery for accuracy comparisons: "quest", "streaming", "oracle"
         (see shadowpass/policies.py).
+    decode_route: how a decode step enters the compiled graph: "fused" (one opaque
+        shadowkv::decode op per site; on CUDA its Triton kernels replay as one CUDA graph per
+        site) or "split" (shadowkv::decode_gather, still opaque, then shadowkv::sparse_attention,
+        which Inductor lowers to our Triton template on CUDA and fuses with what follows; the
+        CPU runs the reference either way).
     """
 
     rank: int = 160
@@ -41,6 +48,7 @@ class ShadowKVConfig:
     local_chunks: int = 4
     min_sparse_len: Optional[int] = None
     policy: str = "shadowkv"
+    decode_route: str = "fused"
 
     def __post_init__(self):
         for name, (lo, hi) in _RANGES.items():
@@ -52,6 +60,9 @@ class ShadowKVConfig:
                 raise ValueError(f"ShadowKVConfig.{name}={value!r}: must be {allowed}")
             if value < lo or (hi is not None and value > hi):
                 raise ValueError(f"ShadowKVConfig.{name}={value!r} is out of range: must be {allowed}")
+        if self.decode_route not in DECODE_ROUTES:
+            raise ValueError(f"ShadowKVConfig.decode_route={self.decode_route!r}: must be one of "
+                             f"{DECODE_ROUTES}")
         if self.policy not in POLICIES:
             raise ValueError(f"ShadowKVConfig.policy={self.policy!r}: must be one of {POLICIES}")
         if self.budget < self.chunk_size:

@@ -11,6 +11,12 @@ routes use it:
 * ``shadowkv::decode_triton`` is a ``torch.library.triton_op`` whose schema carries the
   workspace tensors (declared mutated), so Inductor sees into the kernels and reuse works.
 
+The split decode route (``ShadowKVConfig.decode_route="split"``) cuts the step in two ops:
+``shadowkv::decode_gather`` (CUDA kernel: ``gather_step``, replayed as a CUDA graph) and
+``shadowkv::sparse_attention``, which Inductor lowers to the templates of
+``shadowpass.lowering``; its opaque CUDA kernel (eager calls, fallback) is ``sparse_decode``, and
+``shadowkv::sparse_attention_triton`` is its triton_op twin for a torch without the template API.
+
 CPU stays on the reference path; these functions need Triton (on CPU only under
 ``TRITON_INTERPRET=1``, for tests).
 """
@@ -37,7 +43,8 @@ from .templates.sparse_decode import sparse_decode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DecodeWorkspace", "decode_attention_cuda", "decode_triton", "register_cuda_kernel"]
+__all__ = ["DecodeWorkspace", "decode_attention_cuda", "decode_triton", "gather_step",
+           "register_cuda_kernel", "sparse_attention_triton"]
 
 
 @dataclass
@@ -126,58 +133,69 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
     [B, Hq, T, d] in q's dtype. Selected keys are rounded to the workspace dtype (the model's),
     where the reference keeps them in fp32.
     """
-    Hq, T = q.shape[1], q.shape[2]
-    H = k.shape[1]
-    C = chunk_size
-    if Hq % H:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
-    pos = gen_len + torch.arange(T, device=gen_len.device)
-    gen_k.index_copy_(2, pos, k.to(gen_k.dtype))
-    gen_v.index_copy_(2, pos, v.to(gen_v.dtype))
-    gen_len.add_(T)
-
     if workspace is None:
-        workspace = DecodeWorkspace.allocate(state, budget_chunks, C, dtype=gen_k.dtype)
+        workspace = DecodeWorkspace.allocate(state, budget_chunks, chunk_size, dtype=gen_k.dtype)
         reuse = False
     else:
         reuse = True
+    slot_chunk = gather_step(q, k, v, scale, state, cos, sin, gen_k, gen_v, gen_len,
+                             chunk_size, budget_chunks, rope_style, workspace, reuse=reuse,
+                             overlap=overlap)
+    return _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, chunk_size)
+
+
+def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v, gen_len,
+                chunk_size: int, budget_chunks: int, rope_style: str,
+                workspace: DecodeWorkspace, reuse: bool = True,
+                overlap: bool = True) -> torch.Tensor:
+    """The part of ``decode_attention_cuda`` before the attention (``reference.decode_gather``):
+    append the new tokens, select chunks and load the ones the workspace does not hold.
+
+    reuse : the workspace holds the previous step's chunks (False: load every selected chunk
+        and leave the workspace's slot maps as they are). Returns the chunk of each slot
+        [B, Hkv, K] as the attention must read it (the workspace's slot_chunk when reusing).
+    """
+    Hq, H = q.shape[1], k.shape[1]
+    C = chunk_size
+    if Hq % H:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
+    ref.append_generated(k, v, gen_k, gen_v, gen_len)
+
     K = workspace.slot_chunk.shape[-1]
-    if K > 0:
-        idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks)
-        if reuse:
-            load_chunk, load_slot, n_load = reuse_plan(idx, workspace.slot_chunk,
-                                                       workspace.chunk_slot)
-            slot_chunk = workspace.slot_chunk
-        else:
-            load_chunk, load_slot, n_load = full_load(idx)
-            slot_chunk = load_chunk
-        workspace.n_load.copy_(n_load)
-        if q.is_cuda and _pageable(state.values):
-            # the GPU cannot read pageable host memory: gather on the host (syncs; slow)
-            rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
-                              load_chunk, load_slot, n_load, C, rope_style)
-            workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
-            return _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C)
-        side = (overlap and q.is_cuda and not is_fake(q) and not torch.compiler.is_compiling()
-                and not torch.cuda.is_current_stream_capturing())
-        if side:
-            main = torch.cuda.current_stream(q.device)
-            stream = _side_stream(q.device)
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
-            rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
-                              load_chunk, load_slot, n_load, C, rope_style)
-            main.wait_stream(stream)
-            for t in (load_chunk, load_slot, n_load):
-                t.record_stream(stream)  # freed on main after use on the side stream
-        else:
-            rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
-                              load_chunk, load_slot, n_load, C, rope_style)
-            fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
-    else:
+    if K == 0:
+        return workspace.slot_chunk
+    idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks)
+    if reuse:
+        load_chunk, load_slot, n_load = reuse_plan(idx, workspace.slot_chunk, workspace.chunk_slot)
         slot_chunk = workspace.slot_chunk
-    return _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C)
+    else:
+        load_chunk, load_slot, n_load = full_load(idx)
+        slot_chunk = load_chunk
+    workspace.n_load.copy_(n_load)
+    if q.is_cuda and _pageable(state.values):
+        # the GPU cannot read pageable host memory: gather on the host (syncs; slow)
+        rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
+                          load_chunk, load_slot, n_load, C, rope_style)
+        workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
+        return slot_chunk
+    side = (overlap and q.is_cuda and not is_fake(q) and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+    if side:
+        main = torch.cuda.current_stream(q.device)
+        stream = _side_stream(q.device)
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
+        rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
+                          load_chunk, load_slot, n_load, C, rope_style)
+        main.wait_stream(stream)
+        for t in (load_chunk, load_slot, n_load):
+            t.record_stream(stream)  # freed on main after use on the side stream
+    else:
+        rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
+                          load_chunk, load_slot, n_load, C, rope_style)
+        fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
+    return slot_chunk
 
 
 def _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C):
@@ -229,6 +247,52 @@ def _decode_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_
     return _STEP_GRAPHS.run(gen_len, key, step, (q, k, v))
 
 
+def _decode_gather_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v,
+                           slot_chunk, chunk_slot, n_load, scale, chunk_size, budget_chunks,
+                           rope_style, policy="shadowkv"):
+    """``shadowkv::decode_gather`` on CUDA: ``gather_step`` with reuse, replayed as a CUDA graph
+    like ``shadowkv::decode`` (the attention that follows is Inductor's). Baseline policies
+    run the reference."""
+    st = PrefillState(*state)
+    if not _ROUTE["enabled"] or policy != "shadowkv":
+        return ref.decode_gather(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len, sel_k,
+                                 sel_v, slot_chunk, chunk_slot, n_load, chunk_size,
+                                 budget_chunks, rope_style, policy)
+    ws = DecodeWorkspace(sel_k, sel_v, slot_chunk, chunk_slot, n_load)
+
+    def step(q, k, v):
+        gather_step(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len, chunk_size,
+                    budget_chunks, rope_style, ws)
+
+    if torch.cuda.is_current_stream_capturing() or not st.values.is_pinned():
+        return step(q, k, v)
+    persistent = [*state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
+                  n_load]
+    key = ("gather", tuple((t.data_ptr(), tuple(t.shape)) for t in persistent), q.shape,
+           q.dtype, k.shape, scale, chunk_size, budget_chunks, rope_style)
+    _STEP_GRAPHS.run(gen_len, key, step, (q, k, v))
+
+
+def _kernel_takes(q, outlier_k, sel_v, gen_v) -> bool:
+    """Whether ``sparse_decode`` takes these shapes (else the reference runs)."""
+    G = q.shape[1] // max(outlier_k.shape[1], 1)
+    return (sel_v.shape[-1] == q.shape[-1] and gen_v.shape[-1] == q.shape[-1]
+            and G * q.shape[2] <= 128)
+
+
+def _sparse_attention_op_cuda(q, scale, outlier_k, outlier_v, outlier_valid, sel_k, sel_v,
+                              slot_chunk, sparse_valid, selectable, local_k, local_v,
+                              local_valid, gen_k, gen_v, gen_len, chunk_size):
+    """``shadowkv::sparse_attention`` on CUDA where Inductor does not lower it (eager calls, the
+    lowering's fallback): the flash-decoding kernels of ``templates.sparse_decode``."""
+    args = (q, scale, outlier_k, outlier_v, outlier_valid, sel_k, sel_v, slot_chunk,
+            sparse_valid, selectable, local_k, local_v, local_valid, gen_k, gen_v, gen_len)
+    if not _ROUTE["enabled"] or not _kernel_takes(q, outlier_k, sel_v, gen_v):
+        return ref.sparse_attention(*args, chunk_size)
+    contiguous = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    return sparse_decode(*contiguous, chunk_size=chunk_size)
+
+
 class StepGraphs:
     """One CUDA graph per site for its decode step (about a dozen small kernels).
 
@@ -258,7 +322,7 @@ class StepGraphs:
             for dst, src in zip(static, inputs):
                 dst.copy_(src)
             graph.replay()
-            return out.clone()  # the next replay overwrites `out`
+            return None if out is None else out.clone()  # the next replay overwrites `out`
         if self.seen.get(site) != key:  # first step with this state: eager, compiles kernels
             self.graphs.pop(site, None)
             self.seen[site] = key
@@ -276,7 +340,7 @@ class StepGraphs:
             return step(*inputs)
         self.graphs[site] = (key, graph, static, out)
         graph.replay()  # capture records without running
-        return out.clone()
+        return None if out is None else out.clone()
 
     def clear(self):
         self.graphs, self.seen, self.pool = {}, {}, None
@@ -286,7 +350,9 @@ _STEP_GRAPHS = StepGraphs()
 
 
 def register_cuda_kernel(enabled: bool = True) -> None:
-    """Route ``shadowkv::decode`` on CUDA tensors to ``decode_attention_cuda``.
+    """Route ``shadowkv::decode`` on CUDA tensors to ``decode_attention_cuda`` (and
+    ``shadowkv::decode_gather`` to ``gather_step``, ``shadowkv::sparse_attention`` to
+    ``sparse_decode``).
 
     Idempotent; ``enabled=False`` routes CUDA back to the reference implementation (tests use
     it to compare the two routes).
@@ -294,6 +360,8 @@ def register_cuda_kernel(enabled: bool = True) -> None:
     from . import ops
     if not _ROUTE["registered"]:
         ops.decode.register_kernel("cuda")(_decode_op_cuda)
+        ops.decode_gather.register_kernel("cuda")(_decode_gather_op_cuda)
+        ops.sparse_attention.register_kernel("cuda")(_sparse_attention_op_cuda)
         _ROUTE["registered"] = True
     _ROUTE["enabled"] = enabled
     log.debug("shadowkv::decode on CUDA: %s", "Triton kernels" if enabled else "reference")
@@ -317,3 +385,21 @@ def decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: list
     return decode_attention_cuda(q, k, v, scale, PrefillState(*state), cos, sin, gen_k, gen_v,
                                  gen_len, chunk_size, budget_chunks, rope_style, workspace=ws,
                                  overlap=False)
+
+
+@torch.library.triton_op("shadowkv::sparse_attention_triton", mutates_args=())
+def sparse_attention_triton(q: torch.Tensor, scale: float, outlier_k: torch.Tensor,
+                            outlier_v: torch.Tensor, outlier_valid: torch.Tensor,
+                            sel_k: torch.Tensor, sel_v: torch.Tensor, slot_chunk: torch.Tensor,
+                            sparse_valid: torch.Tensor, selectable: torch.Tensor,
+                            local_k: torch.Tensor, local_v: torch.Tensor,
+                            local_valid: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
+                            gen_len: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``shadowkv::sparse_attention`` as a triton_op: where Inductor has no template route, it
+    still sees into the kernels (``templates.sparse_decode``), as user-defined Triton kernels.
+    Same schema and result as ``shadowkv::sparse_attention`` (value head dim = key head dim,
+    G*T <= 128)."""
+    return sparse_decode(q, scale, outlier_k, outlier_v, outlier_valid, sel_k.contiguous(),
+                         sel_v.contiguous(), slot_chunk, sparse_valid, selectable, local_k,
+                         local_v, local_valid, gen_k.contiguous(), gen_v.contiguous(), gen_len,
+                         chunk_size=chunk_size)

@@ -90,14 +90,98 @@ def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk,
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
-def workspace(state: ref.PrefillState, budget_chunks: int, chunk_size: int) -> List[torch.Tensor]:
-    """The decode workspace of a site (empty where the reference runs)."""
-    if state.U.is_cuda and _KERNELS is not None:
+@torch.library.custom_op("shadowkv::decode_gather", mutates_args=(
+    "gen_k", "gen_v", "gen_len", "sel_k", "sel_v", "slot_chunk", "chunk_slot", "n_load"))
+def decode_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
+                  cos: torch.Tensor, sin: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
+                  gen_len: torch.Tensor, sel_k: torch.Tensor, sel_v: torch.Tensor,
+                  slot_chunk: torch.Tensor, chunk_slot: torch.Tensor, n_load: torch.Tensor,
+                  scale: float, chunk_size: int, budget_chunks: int, rope_style: str,
+                  policy: str = "shadowkv") -> None:
+    """The first part of a decode step (``shadowkv::decode``'s schema, no output): append the
+    new tokens, select chunks, rebuild their keys and fetch their values into the workspace
+    (sel_k ... n_load, which must be allocated: ``workspace(..., gather=True)``). The
+    attention is then ``shadowkv::sparse_attention`` over the workspace (reference.decode_gather).
+    """
+    ref.decode_gather(q, k, v, scale, ref.PrefillState(*state), cos, sin, gen_k, gen_v, gen_len,
+                      sel_k, sel_v, slot_chunk, chunk_slot, n_load, chunk_size, budget_chunks,
+                      rope_style, policy)
+
+
+@decode_gather.register_fake
+def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
+      n_load, scale, chunk_size, budget_chunks, rope_style, policy="shadowkv"):
+    torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
+    torch._check(sel_k.shape[2] == slot_chunk.shape[2] * chunk_size,
+                 lambda: "sel_k must be [B, Hkv, K*C, d] for slot_chunk [B, Hkv, K]")
+    return None
+
+
+@torch.library.custom_op("shadowkv::sparse_attention", mutates_args=())
+def sparse_attention(q: torch.Tensor, scale: float, outlier_k: torch.Tensor,
+                     outlier_v: torch.Tensor, outlier_valid: torch.Tensor, sel_k: torch.Tensor,
+                     sel_v: torch.Tensor, slot_chunk: torch.Tensor, sparse_valid: torch.Tensor,
+                     selectable: torch.Tensor, local_k: torch.Tensor, local_v: torch.Tensor,
+                     local_valid: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
+                     gen_len: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Exact attention of q over [outliers | selected | local | generated] (reference.
+    sparse_attention, which gives shapes and dtypes). Functional, so Inductor can lower it:
+    shadowpass.lowering turns it into a Triton template on CUDA; the CPU runs the reference."""
+    return _fresh(ref.sparse_attention(q, scale, outlier_k, outlier_v, outlier_valid, sel_k,
+                                       sel_v, slot_chunk, sparse_valid, selectable, local_k,
+                                       local_v, local_valid, gen_k, gen_v, gen_len, chunk_size))
+
+
+@sparse_attention.register_fake
+def _(q, scale, outlier_k, outlier_v, outlier_valid, sel_k, sel_v, slot_chunk, sparse_valid,
+      selectable, local_k, local_v, local_valid, gen_k, gen_v, gen_len, chunk_size):
+    B, Hq, T, d = q.shape
+    H = outlier_k.shape[1]
+    torch._check(Hq % H == 0, lambda: f"query heads ({Hq}) must be a multiple of KV heads ({H})")
+    for name, t in (("outlier_k", outlier_k), ("sel_k", sel_k), ("local_k", local_k),
+                    ("gen_k", gen_k)):
+        torch._check(t.dim() == 4 and t.shape[0] == B and t.shape[1] == H and t.shape[3] == d,
+                     lambda name=name: f"{name} must be [B, Hkv, L, d]")
+    dv = outlier_v.shape[-1]
+    for name, t, keys in (("outlier_v", outlier_v, outlier_k), ("sel_v", sel_v, sel_k),
+                          ("local_v", local_v, local_k), ("gen_v", gen_v, gen_k)):
+        torch._check(t.shape[:3] == keys.shape[:3] and t.shape[3] == dv,
+                     lambda name=name: f"{name} must match its keys, with head dim {dv}")
+    torch._check(outlier_valid.shape == outlier_k.shape[:3], lambda: "outlier_valid must be [B, Hkv, Lo]")
+    torch._check(sel_k.shape[2] == slot_chunk.shape[2] * chunk_size,
+                 lambda: "sel_k must be [B, Hkv, K*C, d] for slot_chunk [B, Hkv, K]")
+    torch._check(sparse_valid.shape[1] == selectable.shape[2] * chunk_size,
+                 lambda: "sparse_valid must be [B, N*C] for selectable [B, Hkv, N]")
+    torch._check(local_valid.shape == (B, local_k.shape[2]), lambda: "local_valid must be [B, Ll]")
+    torch._check(gen_len.numel() == 1, lambda: "gen_len must be a [1] tensor")
+    return q.new_empty(B, Hq, T, dv)
+
+
+def workspace(state: ref.PrefillState, budget_chunks: int, chunk_size: int,
+              gather: bool = False) -> List[torch.Tensor]:
+    """The decode workspace of a site: the CUDA kernels' reuse buffers, and always allocated
+    when ``gather`` (the decode step is decode_gather + sparse_attention); else empty where the
+    reference runs."""
+    if _KERNELS is not None and (state.U.is_cuda or gather):
         return _KERNELS.DecodeWorkspace.allocate(state, budget_chunks, chunk_size).tensors()
+    if gather:  # no Triton: the same layout, by hand
+        B, H, N, d = state.landmarks.shape
+        K = min(budget_chunks, N)
+        i32 = dict(dtype=torch.int32, device=state.U.device)
+        return [state.local_k.new_empty(B, H, K * chunk_size, d),
+                state.local_v.new_empty(B, H, K * chunk_size, state.local_v.shape[-1]),
+                torch.full((B, H, K), -1, **i32), torch.full((B, H, N), -1, **i32),
+                torch.full((B, H), -1, **i32)]
     B, H, _, d = state.local_k.shape
     i32 = dict(dtype=torch.int32, device=state.U.device)
     return [state.local_k.new_empty(B, H, 0, d), state.local_v.new_empty(B, H, 0, d),
             torch.empty(B, H, 0, **i32), torch.empty(B, H, 0, **i32), torch.empty(B, H, **i32)]
+
+
+def has_kernels() -> bool:
+    """Whether the Triton kernels (shadowpass.kernels) are importable here."""
+    return _KERNELS is not None
 
 
 def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor) -> Optional[float]:

@@ -271,6 +271,82 @@ def fetch_values(values: torch.Tensor, idx: torch.Tensor, device) -> torch.Tenso
     return picked.flatten(2, 3).to(device, non_blocking=True)
 
 
+def append_generated(k, v, gen_k, gen_v, gen_len) -> torch.Tensor:
+    """Write this step's T new keys/values at rows gen_len.. of the generated-token buffers and
+    advance gen_len (all in place, no host sync). Returns the rows written, [T] int64."""
+    T = k.shape[2]
+    pos = gen_len + torch.arange(T, device=gen_len.device)
+    gen_k.index_copy_(2, pos, k.to(gen_k.dtype))
+    gen_v.index_copy_(2, pos, v.to(gen_v.dtype))
+    gen_len.add_(T)
+    return pos
+
+
+def select_and_load(q, scale: float, state: PrefillState, cos, sin, chunk_size: int,
+                    budget_chunks: int, rope_style: str, policy: str = "shadowkv"):
+    """A step's chunk selection and the selected chunks' keys and values.
+
+    Returns idx [B, Hkv, K] chunk ids, sel_k [B, Hkv, K*C, d] rebuilt post-RoPE keys (fp32) and
+    sel_v [B, Hkv, K*C, dv] fetched values (on q's device).
+    """
+    if policy == "shadowkv":
+        scores = score_chunks(q, state.landmarks, state.selectable, scale)
+    else:  # a baseline on the same machinery (accuracy comparisons)
+        scores = policies.chunk_scores(policy, q, state, scale, chunk_size)
+    idx, _ = select_chunks(scores, state.selectable, budget_chunks)
+    sel_k = rebuild_keys(state.U, state.SV, cos, sin, idx, chunk_size, rope_style)
+    sel_v = fetch_values(state.values, idx, q.device)
+    return idx, sel_k, sel_v
+
+
+def sparse_attention(q, scale: float, outlier_k, outlier_v, outlier_valid, sel_k, sel_v,
+                     slot_chunk, sparse_valid, selectable, local_k, local_v, local_valid,
+                     gen_k, gen_v, gen_len, chunk_size: int) -> torch.Tensor:
+    """Exact softmax attention of q over [outliers | selected | local | generated], in fp32.
+
+    The attention part of a decode step, with the argument layout of the CUDA kernel
+    (``templates.sparse_decode.sparse_decode``) and of ``shadowkv::sparse_attention``.
+
+    q : [B, Hq, T, d] post-RoPE queries; scale : the model's attention scale.
+    outlier_k, outlier_v : [B, Hkv, Lo, d|dv]; outlier_valid : [B, Hkv, Lo] bool.
+    sel_k, sel_v : [B, Hkv, K*C, d|dv] the selected chunks' keys and values, slot-major;
+    slot_chunk : [B, Hkv, K] int chunk held by each slot (-1: empty, attended by nobody).
+    sparse_valid : [B, N*C] bool token is real; selectable : [B, Hkv, N] bool. A selected
+        token (slot, c) counts when its slot holds a chunk, the token is real and the chunk
+        is selectable (not an outlier, not all padding).
+    local_k, local_v : [B, Hkv, Ll, d|dv]; local_valid : [B, Ll] bool.
+    gen_k, gen_v : [B, Hkv, Gcap, d|dv]; gen_len : [1] int64 generated tokens *including*
+        this step's T; query row t sees generated rows j <= gen_len - T + t (causal).
+    chunk_size : C.
+
+    Returns [B, Hq, T, dv] in q's dtype (a row with no valid key is nan, as softmax gives).
+    """
+    B, Hq, T, d = q.shape
+    H = outlier_k.shape[1]
+    C = chunk_size
+    chunk = slot_chunk.long()
+    held = chunk >= 0
+    chunk = chunk.clamp(min=0)
+    tok_ok = gather_chunks(sparse_valid[:, None, :, None].expand(B, H, -1, 1), chunk, C)[..., 0]
+    sel_ok = tok_ok & (selectable.gather(2, chunk) & held).repeat_interleave(C, dim=-1)
+
+    Gcap = gen_k.shape[2]
+    pos = gen_len - T + torch.arange(T, device=gen_len.device)  # generated row of each query
+    gen_ok = torch.arange(Gcap, device=q.device)[None, :] <= (pos.to(q.device)[:, None])  # [T,Gcap]
+    keys = torch.cat([outlier_k.float(), sel_k.float(), local_k.float(), gen_k.float()], 2)
+    vals = torch.cat([outlier_v.float(), sel_v.float(), local_v.float(), gen_v.float()], 2)
+    prompt_ok = torch.cat([outlier_valid, sel_ok,
+                           local_valid[:, None].expand(B, H, -1)], 2)  # [B,H,P]
+    ok = torch.cat([prompt_ok[:, :, None, :].expand(B, H, T, -1),
+                    gen_ok[None, None].expand(B, H, T, Gcap)], 3)  # [B,H,T,P+Gcap]
+
+    qg = q.float().reshape(B, H, Hq // H, T, d)
+    s = torch.einsum("bhgtd,bhsd->bhgts", qg, keys) * scale
+    s = s.masked_fill(~ok[:, :, None], -math.inf)
+    out = torch.einsum("bhgts,bhsd->bhgtd", torch.softmax(s, dim=-1), vals)
+    return out.reshape(B, Hq, T, -1).to(q.dtype)
+
+
 def decode_attention(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v,
                      gen_len, chunk_size: int, budget_chunks: int, rope_style: str,
                      policy: str = "shadowkv") -> torch.Tensor:
@@ -283,36 +359,39 @@ def decode_attention(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k
     scored (shadowkv landmarks, or a baseline from policies.py). Returns [B, Hq, T, d].
     Work per step is O(N + budget + outliers + local + generated), independent of T^2.
     """
-    B, Hq, T, d = q.shape
-    H = k.shape[1]
-    C = chunk_size
-    pos = gen_len + torch.arange(T, device=gen_len.device)
-    gen_k.index_copy_(2, pos, k.to(gen_k.dtype))
-    gen_v.index_copy_(2, pos, v.to(gen_v.dtype))
-    gen_len.add_(T)
+    append_generated(k, v, gen_k, gen_v, gen_len)
+    idx, sel_k, sel_v = select_and_load(q, scale, state, cos, sin, chunk_size, budget_chunks,
+                                        rope_style, policy)
+    return sparse_attention(q, scale, state.outlier_k, state.outlier_v, state.outlier_valid,
+                            sel_k, sel_v, idx, state.sparse_valid, state.selectable,
+                            state.local_k, state.local_v, state.local_valid, gen_k, gen_v,
+                            gen_len, chunk_size)
 
-    if policy == "shadowkv":
-        scores = score_chunks(q, state.landmarks, state.selectable, scale)
-    else:  # a baseline on the same machinery (accuracy comparisons)
-        scores = policies.chunk_scores(policy, q, state, scale, C)
-    idx, idx_ok = select_chunks(scores, state.selectable, budget_chunks)
-    sel_k = rebuild_keys(state.U, state.SV, cos, sin, idx, C, rope_style)
-    sel_v = fetch_values(state.values, idx, q.device)
-    tok_ok = gather_chunks(state.sparse_valid[:, None, :, None].expand(B, H, -1, 1), idx, C)[..., 0]
-    sel_ok = tok_ok & idx_ok.repeat_interleave(C, dim=-1)
 
-    Gcap = gen_k.shape[2]
-    gen_ok = torch.arange(Gcap, device=q.device)[None, :] <= (pos.to(q.device)[:, None])  # [T,Gcap]
-    keys = torch.cat([state.outlier_k.float(), sel_k, state.local_k.float(), gen_k.float()], 2)
-    vals = torch.cat([state.outlier_v.float(), sel_v.float(), state.local_v.float(),
-                      gen_v.float()], 2)
-    prompt_ok = torch.cat([state.outlier_valid, sel_ok,
-                           state.local_valid[:, None].expand(B, H, -1)], 2)  # [B,H,P]
-    ok = torch.cat([prompt_ok[:, :, None, :].expand(B, H, T, -1),
-                    gen_ok[None, None].expand(B, H, T, Gcap)], 3)  # [B,H,T,P+Gcap]
+def decode_gather(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v, gen_len,
+                  sel_k, sel_v, slot_chunk, chunk_slot, n_load, chunk_size: int,
+                  budget_chunks: int, rope_style: str, policy: str = "shadowkv") -> None:
+    """The first part of a decode step, into a workspace: ``decode_attention`` is this, then
+    ``sparse_attention`` over the workspace.
 
-    qg = q.float().view(B, H, Hq // H, T, d)
-    s = torch.einsum("bhgtd,bhsd->bhgts", qg, keys) * scale
-    s = s.masked_fill(~ok[:, :, None], -math.inf)
-    out = torch.einsum("bhgts,bhsd->bhgtd", torch.softmax(s, dim=-1), vals)
-    return out.reshape(B, Hq, T, -1).to(q.dtype)
+    Appends the new tokens (as decode_attention) and writes the selection into the workspace
+    (``kernels.DecodeWorkspace`` layout): sel_k, sel_v [B, Hkv, K*C, d] (rounded to their
+    dtype), slot_chunk [B, Hkv, K], chunk_slot [B, Hkv, N], n_load [B, Hkv] = K (the reference
+    loads every selected chunk; the CUDA kernels reuse the chunks already held).
+    """
+    K = min(budget_chunks, state.selectable.shape[-1])
+    if slot_chunk.shape[-1] != K:
+        raise ValueError(f"shadowkv: the workspace holds {slot_chunk.shape[-1]} slots; this state "
+                         f"selects {K} chunks a step (allocate it with ops.workspace(..., "
+                         "gather=True))")
+    append_generated(k, v, gen_k, gen_v, gen_len)
+    if K == 0:  # a prompt no longer than the local window: nothing to select
+        return
+    idx, keys, vals = select_and_load(q, scale, state, cos, sin, chunk_size, budget_chunks,
+                                      rope_style, policy)
+    sel_k.copy_(keys)
+    sel_v.copy_(vals)
+    slot_chunk.copy_(idx)
+    chunk_slot.fill_(-1).scatter_(2, idx, torch.arange(K, device=idx.device, dtype=chunk_slot.dtype)
+                                  .expand_as(idx).contiguous())
+    n_load.fill_(K)

@@ -3,8 +3,11 @@
 A prefill graph keeps its dense attention and gains one ``shadowkv.prefill_state`` op per site,
 whose outputs (the site's state) become extra graph outputs, plus one ``shadowkv.rope_tables``
 per distinct pair of rotary tables (shared by the sites that use it). A decode graph gains the state as
-extra graph inputs and each site's attention becomes ``shadowkv.decode``. In both, the model's
-own cat-style cache receives a zero-stride stub instead of full-size K/V.
+extra graph inputs and each site's attention becomes ``shadowkv.decode`` (config
+``decode_route="fused"``), or ``shadowkv.decode_gather`` (new tokens, selection, key rebuild,
+value fetch into the workspace) followed by ``shadowkv.sparse_attention`` over the workspace,
+which Inductor lowers to our Triton template (``decode_route="split"``). In both phases the
+model's own cat-style cache receives a zero-stride stub instead of full-size K/V.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers torch.ops.shadowkv)
 from .config import ShadowKVConfig
-from .detect import Site, concrete, find_sites, shape
+from .detect import Site, concrete, example, find_sites, shape
 from .reference import PrefillState
 
 log = logging.getLogger(__name__)
@@ -117,7 +120,33 @@ def cache_stubs(graph: fx.Graph, site: Site):
 
 def impure(n: fx.Node) -> bool:
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-    return n.is_impure() or name.endswith("_") or name == "setitem"
+    mutating_op = isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+    return n.is_impure() or mutating_op or name.endswith("_") or name == "setitem"
+
+
+def attention_op(device: torch.device):
+    """The op of a split decode step's attention: ``shadowkv::sparse_attention`` (Inductor lowers
+    it to our template on CUDA, the CPU runs the reference), or on CUDA without Inductor's
+    template API its triton_op twin, so Inductor still sees into the kernels."""
+    from .lowering import compat
+    if device.type == "cuda" and not compat.TEMPLATE_ROUTE and ops.has_kernels():
+        return torch.ops.shadowkv.sparse_attention_triton.default
+    return torch.ops.shadowkv.sparse_attention.default
+
+
+def split_decode(graph: fx.Graph, site: Site, q, k_post, v, state: List[fx.Node], rest,
+                 cfg: ShadowKVConfig) -> fx.Node:
+    """decode_gather (mutates the generated tokens and the workspace), then the attention over
+    [outliers | selected | local | generated] read from the state and the workspace."""
+    cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot, n_load = rest
+    call(graph, torch.ops.shadowkv.decode_gather.default, q, k_post, v, state, *rest,
+         float(site.scale), cfg.chunk_size, cfg.budget_chunks, site.rope.style, cfg.policy)
+    st = dict(zip(STATE_FIELDS, state))
+    device = example(q).device if isinstance(example(q), torch.Tensor) else torch.device("cpu")
+    return call(graph, attention_op(device), q, float(site.scale), st["outlier_k"],
+                st["outlier_v"], st["outlier_valid"], sel_k, sel_v, slot_chunk,
+                st["sparse_valid"], st["selectable"], st["local_k"], st["local_v"],
+                st["local_valid"], gen_k, gen_v, gen_len, cfg.chunk_size)
 
 
 def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
@@ -176,9 +205,13 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
             with graph.inserting_before(site.node):
                 k_post = replay(graph, site.k.chain, site.k.new)
                 v = replay(graph, site.v.chain, site.v.new)
-                attn = call(graph, torch.ops.shadowkv.decode.default, site.q, k_post, v,
-                            inputs[:n_state], *inputs[n_state:], float(site.scale),
-                            cfg.chunk_size, cfg.budget_chunks, site.rope.style, cfg.policy)
+                if cfg.decode_route == "split":
+                    attn = split_decode(graph, site, site.q, k_post, v, inputs[:n_state],
+                                        inputs[n_state:], cfg)
+                else:
+                    attn = call(graph, torch.ops.shadowkv.decode.default, site.q, k_post, v,
+                                inputs[:n_state], *inputs[n_state:], float(site.scale),
+                                cfg.chunk_size, cfg.budget_chunks, site.rope.style, cfg.policy)
             site.node.replace_all_uses_with(attn)
     result.num_tables = len(tables)
     extra_outputs = state_outputs + [n for _, pair in tables.values() for n in pair]

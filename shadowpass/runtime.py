@@ -126,7 +126,8 @@ class Runtime:
                 gen_k=st.local_k.new_zeros(B, H, GEN_CAPACITY, d),
                 gen_v=st.local_v.new_zeros(B, H, GEN_CAPACITY, st.local_v.shape[-1]),
                 gen_len=torch.zeros(1, dtype=torch.long, device=st.local_k.device),
-                workspace=ops.workspace(st, cfg.budget_chunks, cfg.chunk_size))
+                workspace=ops.workspace(st, cfg.budget_chunks, cfg.chunk_size,
+                                        gather=cfg.decode_route == "split"))
         self.clear()
         session = Session(sites)
         self._session = session

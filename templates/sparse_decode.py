@@ -32,11 +32,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend(q, k_base, v_base, pos, pos_ok, allowed, m_i, l_i, acc, qk_scale,
-            cols, d_ok, D: tl.constexpr, UPCAST: tl.constexpr):
-    """One online-softmax step over keys at rows pos of one (b, h) segment."""
+def _attend(q, k_base, v_base, pos, pos_ok, allowed, m_i, l_i, acc, qk_scale, cols, d_ok,
+            stride_kn, stride_kd, stride_vn, stride_vd, UPCAST: tl.constexpr):
+    """One online-softmax step over keys at rows pos of one (b, h) segment: key row n, dim j
+    at k_base + n * stride_kn + j * stride_kd (values likewise). Shared with the Inductor
+    template (``sparse_attention.py.jinja``)."""
     kv_mask = pos_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + pos[:, None] * D + cols[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_base + pos[:, None] * stride_kn + cols[None, :] * stride_kd, mask=kv_mask,
+                other=0.0)
     # .to: Inductor may pass the float scale as fp64, which would make s fp64
     s = (dot(q.to(k.dtype), tl.trans(k), UPCAST) * qk_scale).to(tl.float32)  # log2 units
     s = tl.where(allowed & pos_ok[None, :], s, float("-inf"))
@@ -45,7 +48,8 @@ def _attend(q, k_base, v_base, pos, pos_ok, allowed, m_i, l_i, acc, qk_scale,
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_base + pos[:, None] * D + cols[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + pos[:, None] * stride_vn + cols[None, :] * stride_vd, mask=kv_mask,
+                other=0.0)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
     return m_new, l_i, acc
 
@@ -93,7 +97,7 @@ def _sparse_decode_split_kernel(
         valid = tl.load(ovalid_ptr + bh * Lo + pos, mask=pos_ok, other=0) != 0
         m_i, l_i, acc = _attend(q, ok_ptr + bh * Lo * D, ov_ptr + bh * Lo * D, pos, pos_ok,
                                 every_row & valid[None, :], m_i, l_i, acc, qk_scale,
-                                cols, d_ok, D, UPCAST)
+                                cols, d_ok, D, 1, D, 1, UPCAST)
     # selected chunks: keys [Lo, Lo + Ls)
     hi = tl.minimum(end - Lo, Ls)
     for n0 in range(tl.maximum(start - Lo, 0), hi, BLOCK_N):
@@ -106,7 +110,7 @@ def _sparse_decode_split_kernel(
         valid = (tok_ok != 0) & (chunk_ok != 0)
         m_i, l_i, acc = _attend(q, sk_ptr + bh * Ls * D, sv_ptr + bh * Ls * D, pos, pos_ok,
                                 every_row & valid[None, :], m_i, l_i, acc, qk_scale,
-                                cols, d_ok, D, UPCAST)
+                                cols, d_ok, D, 1, D, 1, UPCAST)
     # local window: keys [Lo + Ls, Lo + Ls + Ll)
     off = Lo + Ls
     hi = tl.minimum(end - off, Ll)
@@ -116,7 +120,7 @@ def _sparse_decode_split_kernel(
         valid = tl.load(lvalid_ptr + b * Ll + pos, mask=pos_ok, other=0) != 0
         m_i, l_i, acc = _attend(q, lk_ptr + bh * Ll * D, lv_ptr + bh * Ll * D, pos, pos_ok,
                                 every_row & valid[None, :], m_i, l_i, acc, qk_scale,
-                                cols, d_ok, D, UPCAST)
+                                cols, d_ok, D, 1, D, 1, UPCAST)
     # generated tokens: keys [Lo + Ls + Ll, P), causal among this step's T new tokens
     off = Lo + Ls + Ll
     hi = tl.minimum(end - off, Lg)
@@ -125,7 +129,7 @@ def _sparse_decode_split_kernel(
         pos_ok = pos < hi
         allowed = pos[None, :] <= (gen_old + t_row)[:, None]
         m_i, l_i, acc = _attend(q, gk_ptr + bh * Gcap * D, gv_ptr + bh * Gcap * D, pos, pos_ok,
-                                allowed, m_i, l_i, acc, qk_scale, cols, d_ok, D, UPCAST)
+                                allowed, m_i, l_i, acc, qk_scale, cols, d_ok, D, 1, D, 1, UPCAST)
 
     part = bh * S + split
     tl.store(po_ptr + (part * M_PAD + rows)[:, None] * D + cols[None, :], acc,
