@@ -24,7 +24,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from . import reference as ref
+from .hostmem import check_host_memory, is_pinned, pinned_empty
 from .detect import example, op_name, shape
 from .rewrite import STATE_FIELDS, Rewritten, impure
 
@@ -183,8 +183,10 @@ class Merged:
             p = first[i]
             full = list(p.shape)
             full[dim] = B
-            self.outs[i] = torch.empty(full, dtype=p.dtype, device=p.device,
-                                       pin_memory=p.device.type == "cpu" and p.is_pinned())
+            if p.device.type == "cpu" and is_pinned(p):
+                self.outs[i] = pinned_empty(full, p.dtype)
+            else:
+                self.outs[i] = torch.empty(full, dtype=p.dtype, device=p.device)
 
     @staticmethod
     def check_host(first: Sequence, n: int, B: int, b: int, T: int):
@@ -194,7 +196,7 @@ class Merged:
                   if first[j].device.type == "cpu"]
         if values:
             per_site = max(v.numel() * v.element_size() for v in values) * B // b
-            ref.check_host_memory(per_site, len(values), any(v.is_pinned() for v in values), B, T)
+            check_host_memory(per_site, len(values), any(is_pinned(v) for v in values), B, T)
 
     def put(self, part: Sequence, start: int, stop: int):
         for i, dim in enumerate(self.dims):

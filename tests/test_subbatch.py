@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shadowpass
-from shadowpass import reference
+from shadowpass import hostmem, reference
 from shadowpass.reference import rotate_half
 from cases import hf_model
 from tolerances import FP32_LOGITS
@@ -256,7 +256,7 @@ def test_host_memory_is_checked_for_the_whole_batch(gpu_fits, monkeypatch):
     N = 40 // 8 - 4
     whole = 4 * 2 * N * 8 * 16 * 4  # fp32 values [B, Hkv, N, C, d] of the one layer
     # a half needs whole / 2 <= 0.9 * available; the whole batch needs more than that
-    monkeypatch.setattr(reference, "host_bytes_available", lambda: int(whole / 0.9 * 0.75))
+    monkeypatch.setattr(hostmem, "host_bytes_available", lambda: int(whole / 0.9 * 0.75))
     calls = gpu_fits(2)
     with torch.no_grad(), pytest.raises(MemoryError,
                                         match=r"this batch \(4 sequences x 40 prompt tokens\)"):
