@@ -70,7 +70,7 @@ def record_launches(dtype: torch.dtype, d: int):
     sel = torch.ones(B, H, N, dtype=torch.bool)
     landmark_scores.landmark_scores(q, lm, sel, 0.1)
     idx = torch.arange(K).expand(B, H, K).contiguous()
-    chunk_gather.reuse_plan(idx, z(B, H, K, dtype=torch.int32), z(B, H, N, dtype=torch.int32))
+    chunk_gather.reuse_plan(idx, z(B, H, K, dtype=torch.int32), z(B, H, N, dtype=torch.int16))
     plan = chunk_gather.full_load(idx)
     U, SV = z(B, N * C, r, dtype=dtype), z(B, H, r, d, dtype=dtype)
     cos = z(1, N * C, d, dtype=dtype)

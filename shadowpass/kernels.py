@@ -53,7 +53,8 @@ class DecodeWorkspace:
 
     sel_k, sel_v : [B, Hkv, K*C, d] rebuilt keys / fetched values, slot-major.
     slot_chunk : [B, Hkv, K] int32 chunk held by each slot (-1: empty).
-    chunk_slot : [B, Hkv, N] int32 inverse map (-1: chunk not held).
+    chunk_slot : [B, Hkv, N] int16 inverse map (-1: chunk not held); it grows with the
+        context, so it is kept narrow (slots < K <= 32767).
     n_load : [B, Hkv] int32 chunks loaded by the last step (misses), for hit-rate reports.
 
     Allocate one per site after prefill (``allocate``); a new prompt needs a new one (or
@@ -79,7 +80,7 @@ class DecodeWorkspace:
         ws = cls(sel_k=torch.empty(B, H, K * chunk_size, d, dtype=dtype, device=dev),
                  sel_v=torch.empty(B, H, K * chunk_size, dv, dtype=dtype, device=dev),
                  slot_chunk=torch.empty(B, H, K, dtype=torch.int32, device=dev),
-                 chunk_slot=torch.empty(B, H, N, dtype=torch.int32, device=dev),
+                 chunk_slot=torch.empty(B, H, N, dtype=torch.int16, device=dev),
                  n_load=torch.empty(B, H, dtype=torch.int32, device=dev))
         return ws.reset()
 

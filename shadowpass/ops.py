@@ -171,7 +171,8 @@ def workspace(state: ref.PrefillState, budget_chunks: int, chunk_size: int,
         i32 = dict(dtype=torch.int32, device=state.U.device)
         return [state.local_k.new_empty(B, H, K * chunk_size, d),
                 state.local_v.new_empty(B, H, K * chunk_size, state.local_v.shape[-1]),
-                torch.full((B, H, K), -1, **i32), torch.full((B, H, N), -1, **i32),
+                torch.full((B, H, K), -1, **i32),
+                torch.full((B, H, N), -1, dtype=torch.int16, device=state.U.device),
                 torch.full((B, H), -1, **i32)]
     B, H, _, d = state.local_k.shape
     i32 = dict(dtype=torch.int32, device=state.U.device)

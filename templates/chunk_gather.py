@@ -35,7 +35,7 @@ def _reuse_plan_kernel(
     k = tl.arange(0, K_PAD)
     k_ok = k < K
     idx = tl.load(idx_ptr + bh * K + k, mask=k_ok, other=0).to(tl.int32)
-    prev = tl.load(chunk_slot_ptr + bh * N + idx, mask=k_ok, other=-1)  # slot last step, or -1
+    prev = tl.load(chunk_slot_ptr + bh * N + idx, mask=k_ok, other=-1).to(tl.int32)  # or -1
     hit = (prev >= 0) & k_ok
     miss = (prev < 0) & k_ok
     # kept[s] = 1 when a chunk selected again still sits in slot s
@@ -54,11 +54,11 @@ def _reuse_plan_kernel(
     tl.store(load_chunk_ptr + bh * K + miss_rank, idx, mask=miss)
     tl.store(load_slot_ptr + bh * K + free_rank, k, mask=free)
     old = tl.load(slot_chunk_ptr + bh * K + k, mask=free, other=-1)  # evicted chunk per freed slot
-    tl.store(chunk_slot_ptr + bh * N + old, tl.full([K_PAD], -1, dtype=tl.int32),
+    tl.store(chunk_slot_ptr + bh * N + old, tl.full([K_PAD], -1, dtype=tl.int16),
              mask=free & (old >= 0))
     tl.debug_barrier()
     slot = tl.load(load_slot_ptr + bh * K + miss_rank, mask=miss, other=0, volatile=True)
-    tl.store(chunk_slot_ptr + bh * N + idx, slot, mask=miss)
+    tl.store(chunk_slot_ptr + bh * N + idx, slot.to(tl.int16), mask=miss)
     tl.store(slot_chunk_ptr + bh * K + slot, idx, mask=miss)
     tl.store(nload_ptr + bh, n_miss)
 
@@ -146,7 +146,7 @@ def reuse_plan(idx: torch.Tensor, slot_chunk: torch.Tensor, chunk_slot: torch.Te
     idx : [B, H, K] int64 chunk ids selected this step (distinct per (b, h), e.g. from topk).
     slot_chunk : [B, H, K] int32 chunk held by each slot of the selected-K/V buffers (-1: empty);
         updated in place to this step's assignment (its set equals idx's set per (b, h)).
-    chunk_slot : [B, H, N] int32 inverse map, chunk -> slot or -1; updated in place.
+    chunk_slot : [B, H, N] int16 inverse map, chunk -> slot or -1; updated in place.
 
     Returns
     -------

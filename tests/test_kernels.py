@@ -266,7 +266,7 @@ def check_plan(idx, old_slots, slot_chunk, chunk_slot, load_chunk, load_slot, n_
 def test_reuse_plan_keeps_hits_in_place():
     B, H, N, K = 2, 3, 24, 6
     slot_chunk = torch.full((B, H, K), -1, dtype=torch.int32, device=DEV)
-    chunk_slot = torch.full((B, H, N), -1, dtype=torch.int32, device=DEV)
+    chunk_slot = torch.full((B, H, N), -1, dtype=torch.int16, device=DEV)
     g = torch.Generator().manual_seed(5)
     prev = None
     steps = ["fresh", "same", "disjoint", "partial", "partial", "permuted"]
@@ -303,7 +303,7 @@ def test_reuse_plan_when_every_chunk_is_selected():
     B, H, N = 1, 2, 5  # N < budget: K = N, every step selects everything
     K = N
     slot_chunk = torch.full((B, H, K), -1, dtype=torch.int32, device=DEV)
-    chunk_slot = torch.full((B, H, N), -1, dtype=torch.int32, device=DEV)
+    chunk_slot = torch.full((B, H, N), -1, dtype=torch.int16, device=DEV)
     for step in range(3):
         idx = distinct_chunks(B, H, N, K, seed=step).to(DEV)
         _, _, n = reuse_plan(idx, slot_chunk, chunk_slot)
