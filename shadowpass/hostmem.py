@@ -137,5 +137,8 @@ def is_pinned(t: torch.Tensor) -> bool:
     not recognize, since its caching allocator did not make them)."""
     if t.is_pinned():
         return True
-    ptr = t.data_ptr()
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # FakeTensor while torch.compile traces: no memory behind it
+        return False
     return any(base <= ptr < base + size for base, size in _locked.items())

@@ -265,7 +265,7 @@ def _decode_gather_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_
         gather_step(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len, chunk_size,
                     budget_chunks, rope_style, ws)
 
-    if torch.cuda.is_current_stream_capturing() or not st.values.is_pinned():
+    if torch.cuda.is_current_stream_capturing() or not is_pinned(st.values):
         return step(q, k, v)
     persistent = [*state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
                   n_load]

@@ -207,3 +207,13 @@ def test_cgroup_limit_caps_host_memory(tmp_path):
     (tmp_path / "memory.current").write_text(f"{4 << 30}\n")
     (tmp_path / "memory.stat").write_text(f"anon 1\ninactive_file {1 << 30}\n")
     assert hostmem._cgroup_bytes_left(str(tmp_path)) == 7 << 30  # limit - usage + droppable cache
+
+
+def test_is_pinned_is_false_for_pageable_and_fake_tensors():
+    """Kernels ask whether the value store is page-locked while torch.compile traces them with
+    FakeTensors, which have no memory: that must answer False, not raise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    assert not hostmem.is_pinned(torch.empty(4))
+    with FakeTensorMode():
+        fake = torch.empty(4)
+    assert not hostmem.is_pinned(fake)
