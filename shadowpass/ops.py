@@ -64,6 +64,11 @@ def _(cos, sin, chunk_size, local_chunks):
     return [cos.new_empty(B, S, rd), sin.new_empty(B, S, rd)]
 
 
+def _check_step_inputs(q, k, state):
+    torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
+
+
 @torch.library.custom_op("shadowkv::decode", mutates_args=(
     "gen_k", "gen_v", "gen_len", "sel_k", "sel_v", "slot_chunk", "chunk_slot", "n_load"))
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
@@ -84,8 +89,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.
 @decode.register_fake
 def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
       n_load, scale, chunk_size, budget_chunks, rope_style, policy="shadowkv"):
-    torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
-    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
+    _check_step_inputs(q, k, state)
     torch._check(gen_k.shape[:2] == k.shape[:2], lambda: "gen_k must be [B, Hkv, Gcap, d]")
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
@@ -111,8 +115,7 @@ def decode_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List
 @decode_gather.register_fake
 def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
       n_load, scale, chunk_size, budget_chunks, rope_style, policy="shadowkv"):
-    torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
-    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
+    _check_step_inputs(q, k, state)
     torch._check(sel_k.shape[2] == slot_chunk.shape[2] * chunk_size,
                  lambda: "sel_k must be [B, Hkv, K*C, d] for slot_chunk [B, Hkv, K]")
     return None

@@ -273,15 +273,21 @@ def copies(code: str) -> list:
             if re.search(r"\bclone\(|\.copy_\(|aten\.copy", line)]
 
 
-@pytest.mark.parametrize("G,T,d,dtype,sizes", CASES)
-def test_template_compiled_on_cpu(triton_on_cpu, G, T, d, dtype, sizes):
-    args = segments(G=G, T=T, d=d, dtype=dtype, **sizes)
-    out, code = run_and_get_code(torch.compile(epilogue, fullgraph=True), *args)
+def check_compiled(out, code, args):
+    """Our two template kernels ran, the epilogue fused into the merge, no copies, and the
+    result equals the direct formula."""
     code = generated(code)
     assert tmpl.SPLIT_MARKER in code and tmpl.COMBINE_MARKER in code
     assert "triton_poi" not in code, "the epilogue should fuse into the merge kernel"
     assert not copies(code), copies(code)
     close(out, (direct(args) * 2).to(torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("G,T,d,dtype,sizes", CASES)
+def test_template_compiled_on_cpu(triton_on_cpu, G, T, d, dtype, sizes):
+    args = segments(G=G, T=T, d=d, dtype=dtype, **sizes)
+    out, code = run_and_get_code(torch.compile(epilogue, fullgraph=True), *args)
+    check_compiled(out, code, args)
 
 
 def test_template_compiled_on_cpu_with_max_autotune(triton_on_cpu):
@@ -421,11 +427,7 @@ def test_gpu_template_in_generated_code(G, d, dtype):
                     dtype=dtype, device="cuda")
     with inductor_config.patch(force_disable_caches=True):
         out, code = run_and_get_code(torch.compile(epilogue, fullgraph=True), *args)
-    code = generated(code)
-    assert tmpl.SPLIT_MARKER in code and tmpl.COMBINE_MARKER in code
-    assert "triton_poi" not in code, "the epilogue should fuse into the merge kernel"
-    assert not copies(code), copies(code)
-    close(out, (direct(args) * 2).to(torch.bfloat16), torch.bfloat16)
+    check_compiled(out, code, args)
     close(ops.sparse_attention(*args), direct(args), dtype, "eager CUDA op (sparse_decode)")
 
 
