@@ -44,6 +44,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of available host memory shadowpass may pin for values")
     p.add_argument("--gpu-reserve-gib", type=float, default=6.0,
                    help="GPU memory kept free for activations and workspaces when sizing batches")
+    p.add_argument("--methods", nargs="+", choices=("shadowkv", "dense"),
+                   default=["shadowkv", "dense"],
+                   help="which side to run (one side per call fits a 10-minute GPU job at 60K+)")
     p.add_argument("--check", action="store_true",
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")
@@ -321,6 +324,45 @@ def plot(rows: list[Row], path: str):
     fig.savefig(path, dpi=120)
 
 
+def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
+    """Prefill one sequence through the backend, then decode at batch 1 and the largest batch."""
+    rows = []
+    session, cache, t_prefill, t_dense_prefill = shadow_prefill(model, T, opts)
+    print(f"T={T}: prefill (1 sequence) dense {t_dense_prefill:.2f} s, shadowkv "
+          f"{t_prefill:.2f} s (state {1 - t_dense_prefill / t_prefill:.0%})", flush=True)
+    b_shadow = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
+    if args.max_batch:
+        b_shadow = min(b_shadow, args.max_batch)
+    for B in sorted({b for b in (args.batches or []) if b < b_shadow} | {1, b_shadow}):
+        row = shadow_run(model, session, B, T, args.gen, cfg, bw)
+        gc.collect()
+        row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill)
+        rows.append(row)
+        print(json.dumps(asdict(row)), flush=True)
+    del session, cache
+    release()
+    return rows
+
+
+def dense_side(model, T: int, args) -> list[Row]:
+    """Dense SDPA over a compiled static cache at batch 1 and the largest batch that fits."""
+    rows = []
+    b_dense = dense_max_batch(model, T, args.gpu_reserve_gib)
+    if args.max_batch:
+        b_dense = min(b_dense, args.max_batch)
+    for B in sorted({b for b in (args.batches or []) if b < b_dense} | {1, b_dense}):
+        try:
+            row = dense_run(model, B, T, args.gen)
+        except torch.OutOfMemoryError:
+            print(f"dense B={B} T={T}: out of GPU memory")
+            release()
+            continue
+        release()
+        rows.append(row)
+        print(json.dumps(asdict(row)), flush=True)
+    return rows
+
+
 def run_bench(args) -> int:
     if not torch.cuda.is_available():
         print("shadowpass bench needs a CUDA GPU (it measures GPU decode throughput); "
@@ -338,33 +380,10 @@ def run_bench(args) -> int:
     opts = {"rank": args.rank, "budget": args.budget}
     rows: list[Row] = []
     for T in args.contexts:
-        session, cache, t_prefill, t_dense_prefill = shadow_prefill(model, T, opts)
-        print(f"T={T}: prefill (1 sequence) dense {t_dense_prefill:.2f} s, shadowkv "
-              f"{t_prefill:.2f} s (state {1 - t_dense_prefill / t_prefill:.0%})")
-        b_shadow = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
-        if args.max_batch:
-            b_shadow = min(b_shadow, args.max_batch)
-        for B in sorted({b for b in (args.batches or []) if b < b_shadow} | {1, b_shadow}):
-            row = shadow_run(model, session, B, T, args.gen, cfg, bw)
-            gc.collect()
-            row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill)
-            rows.append(row)
-            print(json.dumps(asdict(row)))
-        del session, cache
-        release()
-        b_dense = dense_max_batch(model, T, args.gpu_reserve_gib)
-        if args.max_batch:
-            b_dense = min(b_dense, args.max_batch)
-        for B in sorted({b for b in (args.batches or []) if b < b_dense} | {1, b_dense}):
-            try:
-                row = dense_run(model, B, T, args.gen)
-            except torch.OutOfMemoryError:
-                print(f"dense B={B} T={T}: out of GPU memory")
-                release()
-                continue
-            release()
-            rows.append(row)
-            print(json.dumps(asdict(row)))
+        if "shadowkv" in args.methods:
+            rows += shadow_side(model, T, opts, cfg, bw, args)
+        if "dense" in args.methods:
+            rows += dense_side(model, T, args)
     print_table(rows)
     if args.out:
         import os
