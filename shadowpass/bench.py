@@ -46,7 +46,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU memory kept free for activations and workspaces when sizing batches")
     p.add_argument("--methods", nargs="+", choices=("shadowkv", "dense"),
                    default=["shadowkv", "dense"],
-                   help="which side to run (one side per call fits a 10-minute GPU job at 60K+)")
+                   help="which side to run (one side per call keeps each GPU job short at 60K+)")
     p.add_argument("--check", action="store_true",
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")
