@@ -125,6 +125,13 @@ def load_inductor_kernel(source: str):
     return getattr(mod, name), sig, warps, stages
 
 
+def compile_for(src, target, options):
+    """Compile one kernel for the target: (registers, spilled bytes, shared memory bytes)."""
+    k = triton_compile(src, target=target, options=options)
+    res = resources(k.asm["cubin"])
+    return res.get("REG", "?"), res.get("LOCAL", 0) + res.get("STACK", 0), k.metadata.shared
+
+
 def compile_inductor_kernels(path: str, target) -> int:
     """Compile each kernel of the JSON file; prints a table, returns the failure count."""
     failures = 0
@@ -134,15 +141,13 @@ def compile_inductor_kernels(path: str, target) -> int:
     for label, source in kernels.items():
         try:
             fn, sig, warps, stages = load_inductor_kernel(source)
-            k = triton_compile(ASTSource(fn=fn, signature=sig, constexprs={}), target=target,
-                               options={"num_warps": warps, "num_stages": stages})
+            regs, spill, shared = compile_for(ASTSource(fn=fn, signature=sig, constexprs={}),
+                                              target, {"num_warps": warps, "num_stages": stages})
         except Exception as e:  # noqa: BLE001 (report every failing kernel, then fail)
             failures += 1
             print(f"{label:<96} FAILED: {type(e).__name__}: {e}")
             continue
-        res = resources(k.asm["cubin"])
-        spill = res.get("LOCAL", 0) + res.get("STACK", 0)
-        print(f"{label:<96} {warps:>5} {res.get('REG', '?'):>5} {spill:>8} {k.metadata.shared:>9}")
+        print(f"{label:<96} {warps:>5} {regs:>5} {spill:>8} {shared:>9}")
     print(f"{failures} failed to compile")
     return failures
 
@@ -184,17 +189,16 @@ def main():
             seen.add(key)
             name = kernel.__name__ + ("" if "ROPE" not in kwargs else f"[rope={kwargs['ROPE']}]")
             try:
-                src = ASTSource(fn=kernel, signature=sig, constexprs=kwargs)
-                k = triton_compile(src, target=target, options={"num_warps": num_warps})
+                regs, spill, shared = compile_for(
+                    ASTSource(fn=kernel, signature=sig, constexprs=kwargs), target,
+                    {"num_warps": num_warps})
             except Exception as e:  # noqa: BLE001 (report every failing kernel, then fail)
                 failures += 1
                 print(f"{name:<32} {str(dtype)[6:]:<9} {d:>4}  FAILED: {type(e).__name__}: {e}")
                 continue
-            res = resources(k.asm["cubin"])
-            spill = res.get("LOCAL", 0) + res.get("STACK", 0)
             spills += spill > 0
-            print(f"{name:<32} {str(dtype)[6:]:<9} {d:>4} {num_warps:>5} {res.get('REG', '?'):>5} "
-                  f"{spill:>8} {k.metadata.shared:>9}")
+            print(f"{name:<32} {str(dtype)[6:]:<9} {d:>4} {num_warps:>5} {regs:>5} "
+                  f"{spill:>8} {shared:>9}")
     print(f"{failures} failed to compile; {spills} spill registers to local memory")
     sys.exit(1 if failures else 0)
 

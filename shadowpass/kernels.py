@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass
 
 import torch
 
 from . import reference as ref
 from .hostmem import is_pinned
-from .reference import PrefillState
+from .reference import DecodeWorkspace, PrefillState
 from .templates.chunk_gather import (
     fetch_values_into,
     full_load,
@@ -45,59 +44,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DecodeWorkspace", "decode_attention_cuda", "decode_triton", "gather_step",
            "register_cuda_kernel", "sparse_attention_triton"]
-
-
-@dataclass
-class DecodeWorkspace:
-    """Selected-chunk buffers of one site, kept across decode steps for cache-hit reuse.
-
-    sel_k, sel_v : [B, Hkv, K*C, d] rebuilt keys / fetched values, slot-major.
-    slot_chunk : [B, Hkv, K] int32 chunk held by each slot (-1: empty).
-    chunk_slot : [B, Hkv, N] int16 inverse map (-1: chunk not held); it grows with the
-        context, so it is kept narrow (slots < K <= 32767).
-    n_load : [B, Hkv] int32 chunks loaded by the last step (misses), for hit-rate reports.
-
-    Allocate one per site after prefill (``allocate``); a new prompt needs a new one (or
-    ``reset``), since slots refer to the old prompt's chunks.
-    """
-
-    sel_k: torch.Tensor
-    sel_v: torch.Tensor
-    slot_chunk: torch.Tensor
-    chunk_slot: torch.Tensor
-    n_load: torch.Tensor
-
-    @classmethod
-    def allocate(cls, state: PrefillState, budget_chunks: int, chunk_size: int,
-                 dtype: torch.dtype | None = None) -> DecodeWorkspace:
-        """Empty buffers for ``state``; K = min(budget_chunks, N); dtype defaults to the local
-        keys' dtype (the model's)."""
-        B, H, N, d = state.landmarks.shape
-        K = min(budget_chunks, N)
-        dev = state.landmarks.device
-        dtype = dtype or state.local_k.dtype
-        dv = state.local_v.shape[-1]
-        ws = cls(sel_k=torch.empty(B, H, K * chunk_size, d, dtype=dtype, device=dev),
-                 sel_v=torch.empty(B, H, K * chunk_size, dv, dtype=dtype, device=dev),
-                 slot_chunk=torch.empty(B, H, K, dtype=torch.int32, device=dev),
-                 chunk_slot=torch.empty(B, H, N, dtype=torch.int16, device=dev),
-                 n_load=torch.empty(B, H, dtype=torch.int32, device=dev))
-        return ws.reset()
-
-    def reset(self) -> DecodeWorkspace:
-        """Forget every held chunk (the next step loads all of its selection)."""
-        self.slot_chunk.fill_(-1)
-        self.chunk_slot.fill_(-1)
-        self.n_load.fill_(-1)
-        return self
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.sel_k, self.sel_v, self.slot_chunk, self.chunk_slot, self.n_load]
-
-    def hit_rate(self) -> float | None:
-        """Fraction of last step's selected chunks that were reused (syncs; for reports only)."""
-        from .ops import hit_rate  # ops imports this module
-        return hit_rate(self.slot_chunk, self.n_load)
 
 
 _SIDE_STREAMS = {}
@@ -239,13 +185,8 @@ def _decode_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_
         return decode_attention_cuda(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len,
                                      chunk_size, budget_chunks, rope_style, workspace=ws)
 
-    if torch.cuda.is_current_stream_capturing() or not is_pinned(st.values):
-        return step(q, k, v)
-    persistent = [*state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
-                  n_load]
-    key = (tuple((t.data_ptr(), tuple(t.shape)) for t in persistent), q.shape, q.dtype, k.shape,
-           scale, chunk_size, budget_chunks, rope_style)
-    return _STEP_GRAPHS.run(gen_len, key, step, (q, k, v))
+    return _replayed(step, q, k, v, st, gen_len, [cos, sin, gen_k, gen_v, *ws.tensors()],
+                     ("decode", scale, chunk_size, budget_chunks, rope_style))
 
 
 def _decode_gather_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v,
@@ -265,13 +206,19 @@ def _decode_gather_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_
         gather_step(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len, chunk_size,
                     budget_chunks, rope_style, ws)
 
+    _replayed(step, q, k, v, st, gen_len, [cos, sin, gen_k, gen_v, *ws.tensors()],
+              ("gather", scale, chunk_size, budget_chunks, rope_style))
+
+
+def _replayed(step, q, k, v, st: PrefillState, gen_len, buffers, config: tuple):
+    """step(q, k, v), replayed as the site's CUDA graph (StepGraphs) when the state allows it:
+    not while another graph captures, and only with page-locked values (the GPU reads them
+    directly). The graph is keyed by every persistent buffer's address and shape."""
     if torch.cuda.is_current_stream_capturing() or not is_pinned(st.values):
         return step(q, k, v)
-    persistent = [*state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
-                  n_load]
-    key = ("gather", tuple((t.data_ptr(), tuple(t.shape)) for t in persistent), q.shape,
-           q.dtype, k.shape, scale, chunk_size, budget_chunks, rope_style)
-    _STEP_GRAPHS.run(gen_len, key, step, (q, k, v))
+    key = (tuple((t.data_ptr(), tuple(t.shape)) for t in (*st, gen_len, *buffers)), q.shape,
+           q.dtype, k.shape, *config)
+    return _STEP_GRAPHS.run(gen_len, key, step, (q, k, v))
 
 
 def _kernel_takes(q, outlier_k, sel_v, gen_v) -> bool:

@@ -10,6 +10,7 @@ import torch
 
 from . import policies
 from . import reference as ref
+from .reference import hit_rate  # noqa: F401  (ops.hit_rate for reports)
 
 _STATE_FIELDS = ref.PrefillState._fields
 
@@ -166,17 +167,8 @@ def workspace(state: ref.PrefillState, budget_chunks: int, chunk_size: int,
     """The decode workspace of a site: the CUDA kernels' reuse buffers, and always allocated
     when ``gather`` (the decode step is decode_gather + sparse_attention); else empty where the
     reference runs."""
-    if _KERNELS is not None and (state.U.is_cuda or gather):
-        return _KERNELS.DecodeWorkspace.allocate(state, budget_chunks, chunk_size).tensors()
-    if gather:  # no Triton: the same layout, by hand
-        B, H, N, d = state.landmarks.shape
-        K = min(budget_chunks, N)
-        i32 = dict(dtype=torch.int32, device=state.U.device)
-        return [state.local_k.new_empty(B, H, K * chunk_size, d),
-                state.local_v.new_empty(B, H, K * chunk_size, state.local_v.shape[-1]),
-                torch.full((B, H, K), -1, **i32),
-                torch.full((B, H, N), -1, dtype=torch.int16, device=state.U.device),
-                torch.full((B, H), -1, **i32)]
+    if gather or (_KERNELS is not None and state.U.is_cuda):
+        return ref.DecodeWorkspace.allocate(state, budget_chunks, chunk_size).tensors()
     B, H, _, d = state.local_k.shape
     i32 = dict(dtype=torch.int32, device=state.U.device)
     return [state.local_k.new_empty(B, H, 0, d), state.local_v.new_empty(B, H, 0, d),
@@ -186,14 +178,6 @@ def workspace(state: ref.PrefillState, budget_chunks: int, chunk_size: int,
 def has_kernels() -> bool:
     """Whether the Triton kernels (shadowpass.kernels) are importable here."""
     return _KERNELS is not None
-
-
-def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor) -> Optional[float]:
-    """Share of a step's selected chunks reused from the step before: 1 - loaded / selected;
-    None before the first step (n_load = -1) or without a workspace. Syncs: for reports."""
-    if slot_chunk.numel() == 0 or bool((n_load < 0).any()):
-        return None
-    return 1.0 - n_load.sum().item() / slot_chunk.numel()
 
 
 try:  # the Triton kernels become the CUDA implementation of shadowkv::decode

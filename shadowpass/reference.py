@@ -15,7 +15,8 @@ Imports nothing beyond torch, so it runs on any CPU.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -214,6 +215,68 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
         local_k=k_post[:, :, S:].clone(), local_v=v[:, :, S:].clone(),
         local_valid=valid[:, S:].clone(), values=host,
         aux=policies.prefill_aux(policy, k_post[:, :, :S], sparse_valid, C))
+
+
+@dataclass
+class DecodeWorkspace:
+    """Selected-chunk buffers of one site, kept across decode steps for cache-hit reuse.
+
+    sel_k, sel_v : [B, Hkv, K*C, d] rebuilt keys / fetched values, slot-major.
+    slot_chunk : [B, Hkv, K] int32 chunk held by each slot (-1: empty).
+    chunk_slot : [B, Hkv, N] int16 inverse map (-1: chunk not held); it grows with the
+        context, so it is kept narrow (slots < K <= 32767).
+    n_load : [B, Hkv] int32 chunks loaded by the last step (misses), for hit-rate reports.
+
+    The CUDA kernels reuse chunks through it; the split decode route passes it on every
+    device. Allocate one per site after prefill (``allocate``); a new prompt needs a new one (or
+    ``reset``), since slots refer to the old prompt's chunks.
+    """
+
+    sel_k: torch.Tensor
+    sel_v: torch.Tensor
+    slot_chunk: torch.Tensor
+    chunk_slot: torch.Tensor
+    n_load: torch.Tensor
+
+    @classmethod
+    def allocate(cls, state: PrefillState, budget_chunks: int, chunk_size: int,
+                 dtype: Optional[torch.dtype] = None) -> "DecodeWorkspace":
+        """Empty buffers for ``state``; K = min(budget_chunks, N); dtype defaults to the local
+        keys' dtype (the model's)."""
+        B, H, N, d = state.landmarks.shape
+        K = min(budget_chunks, N)
+        dev = state.landmarks.device
+        dtype = dtype or state.local_k.dtype
+        dv = state.local_v.shape[-1]
+        ws = cls(sel_k=torch.empty(B, H, K * chunk_size, d, dtype=dtype, device=dev),
+                 sel_v=torch.empty(B, H, K * chunk_size, dv, dtype=dtype, device=dev),
+                 slot_chunk=torch.empty(B, H, K, dtype=torch.int32, device=dev),
+                 chunk_slot=torch.empty(B, H, N, dtype=torch.int16, device=dev),
+                 n_load=torch.empty(B, H, dtype=torch.int32, device=dev))
+        return ws.reset()
+
+    def reset(self) -> "DecodeWorkspace":
+        """Forget every held chunk (the next step loads all of its selection)."""
+        self.slot_chunk.fill_(-1)
+        self.chunk_slot.fill_(-1)
+        self.n_load.fill_(-1)
+        return self
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.sel_k, self.sel_v, self.slot_chunk, self.chunk_slot, self.n_load]
+
+    def hit_rate(self) -> Optional[float]:
+        """Fraction of last step's selected chunks that were reused (syncs; for reports only)."""
+        return hit_rate(self.slot_chunk, self.n_load)
+
+
+
+def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor) -> Optional[float]:
+    """Share of a step's selected chunks reused from the step before: 1 - loaded / selected;
+    None before the first step (n_load = -1) or without a workspace. Syncs: for reports."""
+    if slot_chunk.numel() == 0 or bool((n_load < 0).any()):
+        return None
+    return 1.0 - n_load.sum().item() / slot_chunk.numel()
 
 
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor, chunk_size: int, local_chunks: int):
