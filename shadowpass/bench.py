@@ -156,8 +156,11 @@ def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int):
         ids = out.logits[:, -1:].argmax(-1)
         pos.add_(1)
 
+    t0 = time.perf_counter()
     for _ in range(3):
         step()
+    torch.cuda.synchronize()
+    print(f"B={B}: 3 warm-up steps (compiling) in {time.perf_counter() - t0:.1f} s", flush=True)
     return summary(time_steps(step, gen))
 
 
@@ -259,7 +262,10 @@ def shadow_roofline(model, B: int, T: int, cfg, hit: float, bw: dict[str, float]
 def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw) -> Row:
     import shadowpass
     torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     batched = tile_session(session, B)
+    print(f"T={T} B={B}: state copied to {B} rows in {time.perf_counter() - t0:.1f} s",
+          flush=True)
     rt = shadowpass.runtime_of(model)
     rt.clear()
     rt._session = batched

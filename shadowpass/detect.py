@@ -50,6 +50,16 @@ def concrete(s) -> int:
     return int(s)
 
 
+def constant_scale(s) -> Optional[float]:
+    """SDPA's scale as a float. Traced with dynamic=True, HF's 1/sqrt(head_dim) arrives as a
+    graph node over the head size, which is fixed by the weights' (static) shapes."""
+    if isinstance(s, Node):
+        s = example(s)
+    if isinstance(s, torch.SymFloat):
+        return float(s.node.hint)
+    return None if s is None else float(s)
+
+
 # Ops that only move or cast data; replaying them on another tensor of the same layout is safe.
 LAYOUT_OPS = {"transpose", "permute", "contiguous", "to", "float", "half", "bfloat16", "type_as",
               "clone"}
@@ -235,7 +245,7 @@ def match_sdpa(n: Node, site: Site):
         raise NoMatch("SDPA with dropout_p > 0")
     site.attention = "sdpa"
     site.node, site.q = n, q
-    site.scale = kw.get("scale")
+    site.scale = constant_scale(kw.get("scale"))
     is_causal = kw.get("is_causal", args[5] if len(n.args) > 5 else False)
     qs, ks = shape(q), shape(k)
     if is_causal and qs and ks and concrete(qs[-2]) != concrete(ks[-2]):

@@ -208,7 +208,9 @@ class ShadowGraph:
 
     Holds the dense graph and the rewritten one, each compiled lazily by a nested torch.compile
     (so state shapes, which change per prompt, get Dynamo's usual guards and dynamic shapes),
-    and picks one per call: prompts shorter than min_sparse_len stay dense.
+    and picks one per call: prompts shorter than min_sparse_len stay dense. The nested compile
+    takes each graph's own forward: compiling the module would put every graph's guards on one
+    shared wrapper frame, whose recompile limit (8) then silently leaves later graphs eager.
     """
 
     def __init__(self, original: fx.GraphModule, rw: Rewritten, example_inputs, cfg: ShadowKVConfig,
@@ -234,12 +236,12 @@ class ShadowGraph:
 
     def dense(self, *args):
         if self._dense is None:
-            self._dense = torch.compile(self.original, backend=self.inductor)
+            self._dense = torch.compile(self.original.forward, backend=self.inductor)
         return self._dense(*args)
 
     def sparse(self, *args):
         if self._sparse is None:
-            self._sparse = torch.compile(self.rw.gm, backend=self.inductor)
+            self._sparse = torch.compile(self.rw.gm.forward, backend=self.inductor)
         return self._sparse(*args)
 
     def runtime(self, args) -> Runtime:
