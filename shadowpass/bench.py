@@ -194,8 +194,15 @@ def shadow_prefill(model, T: int, opts: dict):
             cache = DynamicCache(config=model.config)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.no_grad():
-                out = model(ids, past_key_values=cache, logits_to_keep=1)
+            try:
+                with torch.no_grad():
+                    out = model(ids, past_key_values=cache, logits_to_keep=1)
+            except torch.OutOfMemoryError:  # HF's compiled dense prefill builds a [T, T] mask
+                print(f"T={T}: {path} prefill: out of GPU memory", flush=True)
+                times[path] = None
+                del cache
+                release()
+                break
             torch.cuda.synchronize()
             times[path] = time.perf_counter() - t0
             del out
@@ -334,8 +341,10 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
     """Prefill one sequence through the backend, then decode at batch 1 and the largest batch."""
     rows = []
     session, cache, t_prefill, t_dense_prefill = shadow_prefill(model, T, opts)
-    print(f"T={T}: prefill (1 sequence) dense {t_dense_prefill:.2f} s, shadowkv "
-          f"{t_prefill:.2f} s (state {1 - t_dense_prefill / t_prefill:.0%})", flush=True)
+    dense = f"{t_dense_prefill:.2f} s" if t_dense_prefill else "out of memory"
+    share = f" (state {1 - t_dense_prefill / t_prefill:.0%})" if t_dense_prefill else ""
+    print(f"T={T}: prefill (1 sequence) dense {dense}, shadowkv {t_prefill:.2f} s{share}",
+          flush=True)
     b_shadow = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
     if args.max_batch:
         b_shadow = min(b_shadow, args.max_batch)

@@ -24,16 +24,17 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 def prefill_state(k_pre: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor,
                   mask: Optional[torch.Tensor], mask_kind: str, rank: int, chunk_size: int,
                   outlier_chunks: int, local_chunks: int, sites_left: int,
-                  policy: str = "shadowkv") -> List[torch.Tensor]:
+                  policy: str = "shadowkv", mask_ok: Optional[torch.Tensor] = None
+                  ) -> List[torch.Tensor]:
     """Build a site's state from the prompt; returns the fields of reference.PrefillState."""
     state = ref.prefill_state(k_pre, k_post, v, mask, mask_kind, rank, chunk_size,
-                              outlier_chunks, local_chunks, sites_left, policy)
+                              outlier_chunks, local_chunks, sites_left, policy, mask_ok)
     return [_fresh(t) for t in state]
 
 
 @prefill_state.register_fake
 def _(k_pre, k_post, v, mask, mask_kind, rank, chunk_size, outlier_chunks, local_chunks,
-      sites_left, policy="shadowkv"):
+      sites_left, policy="shadowkv", mask_ok=None):
     B, H, T, d = k_post.shape
     torch._check(k_pre.shape == k_post.shape, lambda: "k_pre and k_post must have equal shapes")
     torch._check(v.shape[:3] == k_post.shape[:3], lambda: "v must be [B, Hkv, T, dv]")
@@ -48,6 +49,19 @@ def _(k_pre, k_post, v, mask, mask_kind, rank, chunk_size, outlier_chunks, local
             torch.empty(B, H, O * C, **b), new(B, H, L, d), v.new_empty(B, H, L, dv),
             torch.empty(B, L, **b), torch.empty(B, H, N, C, dv, dtype=v.dtype, device="cpu"),
             new(*policies.aux_shape(policy, B, H, N, C, d))]
+
+
+@torch.library.custom_op("shadowkv::prefill_attention", mutates_args=())
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """A prompt's causal attention over its real tokens, without a [T, T] mask (the reference)."""
+    return ref.prefill_attention(q, k, v, valid, scale)
+
+
+@prefill_attention.register_fake
+def _(q, k, v, valid, scale):
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of KV heads")
+    return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
 @torch.library.custom_op("shadowkv::rope_tables", mutates_args=())

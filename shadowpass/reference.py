@@ -14,11 +14,13 @@ Imports nothing beyond torch, so it runs on any CPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import policies  # selection-policy hook (eval baselines)
 from .hostmem import check_host_memory, pinned_empty
@@ -81,50 +83,97 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
     return torch.cat((out, x[..., rd:]), dim=-1)
 
 
-def keep_rows(mask: torch.Tensor, kind: str, rows: slice, T: int) -> torch.Tensor:
-    """Rows `rows` of the attention mask over the prompt's own columns, as bool (True = attend).
+NOT_CAUSAL_PADDING = (
+    "shadowkv: the prefill attention mask is not causal + padding (a sliding window, an "
+    "ALiBi-style bias, or a custom mask?). ShadowKV needs causal attention over the whole prompt; "
+    "raise the model's sliding window above the context or compile it without shadowkv.")
 
-    mask: the model's mask, broadcastable to [B, 1, T, >=T]; kind: how to read it.
-    """
+
+def keep_rows(mask: torch.Tensor, kind: str, T: int) -> torch.Tensor:
+    """The attention mask over the prompt's own rows and columns, as bool [B or 1, T, T]
+    (True = attend). mask: the model's mask, broadcastable to [B, 1, >=T, >=T]; kind: how to
+    read it ("bool_keep", "bool_drop", or "additive": attend where the bias is above -inf/2)."""
     m = mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
-    m = m[:, 0, m.shape[2] - T:][:, rows, :T] if m.shape[2] >= T else m[:, 0, :, :T]
+    m = m[:, 0, m.shape[2] - T:, :T] if m.shape[2] >= T else m[:, 0, :, :T]
     if kind == "bool_keep":
         return m.bool()
     if kind == "bool_drop":
         return ~m.bool()
     if kind == "additive":
-        floor = torch.finfo(m.dtype).min / 2
-        if (torch.isfinite(m) & (m != 0) & (m > floor)).any():
-            raise ValueError(
-                "shadowkv: the attention mask adds a non-zero bias (ALiBi or similar); ShadowKV "
-                "supports only causal + padding masks. Compile this model without shadowkv.")
-        return m > floor
+        return m > torch.finfo(m.dtype).min / 2
     raise ValueError(f"unknown mask kind {kind!r}")
 
 
-def key_validity(mask: Optional[torch.Tensor], kind: str, B: int, T: int, device) -> torch.Tensor:
-    """[B, T] bool: which prompt tokens are real (not padding), checked against a causal mask.
+def mask_validity(mask: Optional[torch.Tensor], kind: str, k: torch.Tensor):
+    """([B, T] bool: which prompt tokens are real (not padding), 0-d bool: the mask is exactly
+    causal + that padding). k: any [B, H, T, d] tensor of the prompt, for the sizes.
 
-    Reads the [T, T] mask in row blocks, so a 128K prompt never needs a T x T temporary.
+    Whole-tensor ops on purpose: compiled, Inductor fuses them with the mask's own construction,
+    so the [T, T] mask is never materialized (HF builds one under torch.compile; at 122K tokens
+    it would take 15 GiB as bool, 28 GiB as the bf16 bias SDPA wants).
     """
+    B, T = k.shape[0], k.shape[2]
     if mask is None:
-        return torch.ones(B, T, dtype=torch.bool, device=device)
-    valid = keep_rows(mask, kind, slice(T - 1, T), T)[:, 0].expand(B, T).to(device)
-    cols = torch.arange(T, device=valid.device)
-    step = max(1, (1 << 24) // max(T, 1))
-    for start in range(0, T, step):
-        rows = slice(start, min(start + step, T))
-        keep = keep_rows(mask, kind, rows, T).to(valid.device)        # [B or 1, n, T]
-        causal = cols[None, :] <= cols[rows, None]                    # [n, T]
-        wrong = (keep != (causal[None] & valid[:, None, :])) & valid[:, rows, None]
-        if wrong.any():
-            raise ValueError(
-                "shadowkv: the prefill attention mask is not causal + padding (a sliding window "
-                "or a custom mask?). ShadowKV needs causal attention over the whole prompt; raise "
-                "the model's sliding window above the context or compile it without shadowkv.")
-    return valid.contiguous()
+        return (torch.ones(B, T, dtype=torch.bool, device=k.device),
+                torch.ones((), dtype=torch.bool, device=k.device))
+    keep = keep_rows(mask, kind, T)
+    valid = keep[:, -1].expand(B, T)
+    cols = torch.arange(T, device=keep.device)
+    causal = cols[None, :] <= cols[:, None]
+    # rows of padding queries are free (their outputs are never used)
+    ok = ~((keep ^ (causal & valid[:, None, :])) & valid[:, :, None]).any()
+    if kind == "additive":  # a finite non-zero bias (ALiBi) is not a mask ShadowKV can keep
+        m = mask[..., :T]
+        ok = ok & ((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()
+    return valid.to(k.device).contiguous(), ok
+
+
+def key_validity(mask: Optional[torch.Tensor], kind: str, B: int, T: int, device) -> torch.Tensor:
+    """[B, T] bool: which prompt tokens are real; raises if the mask is not causal + padding.
+    kind "valid": mask is already that [B, T] validity (mask_validity's, checked by the caller)."""
+    if kind == "valid":
+        return mask.to(device)
+    valid, ok = mask_validity(mask, kind, torch.empty(B, 0, T, 0, device=device))
+    if not bool(ok):
+        raise ValueError(NOT_CAUSAL_PADDING)
+    return valid
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Causal attention of a prompt over its real tokens: what SDPA computes with a causal +
+    padding mask, without the [T, T] mask. q: [B, Hq, T, d]; k, v: [B, Hkv, T, d]; valid: [B, T].
+
+    Rows whose padding is a prefix (left padding, or none) run grouped by padding length as
+    is_causal SDPA over their real suffix (the flash kernel); other rows take the mask in
+    blocks of query rows. Outputs of padding queries are zero, as SDPA gives fully masked rows.
+    """
+    B, Hq, T, _ = q.shape
+    out = q.new_zeros(B, Hq, T, v.shape[-1])
+    sdpa = functools.partial(F.scaled_dot_product_attention, scale=scale,
+                             enable_gqa=k.shape[1] != Hq)
+    real = valid.sum(1)
+    trailing = valid.flip(1).int().cumprod(1).sum(1)
+    groups: dict = {}
+    for b, (n, tail) in enumerate(zip(real.tolist(), trailing.tolist())):
+        groups.setdefault(T - n if n == tail else -1, []).append(b)
+    for p, rows in groups.items():
+        if p >= T:
+            continue
+        idx = torch.tensor(rows, device=q.device)
+        if p >= 0:
+            out[idx, :, p:] = sdpa(q[idx, :, p:], k[idx, :, p:], v[idx, :, p:], is_causal=True)
+            continue
+        cols = torch.arange(T, device=q.device)
+        step = max(1, (1 << 24) // T)
+        for start in range(0, T, step):
+            r = slice(start, min(start + step, T))
+            m = (cols[None, :] <= cols[r, None]) & valid[idx, None, :]           # [b, n, T]
+            o = sdpa(q[idx, :, r], k[idx], v[idx], attn_mask=m[:, None])
+            out[idx, :, r] = o.masked_fill(~valid[idx, None, r, None], 0.0)
+    return out
 
 
 def svd_keys(k_pre: torch.Tensor, valid: torch.Tensor, rank: int):
@@ -179,11 +228,12 @@ def gather_chunks(x: torch.Tensor, idx: torch.Tensor, C: int) -> torch.Tensor:
 
 def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size: int,
                   outlier_chunks: int, local_chunks: int, sites_left: int = 1,
-                  policy: str = "shadowkv") -> PrefillState:
+                  policy: str = "shadowkv", mask_ok: Optional[torch.Tensor] = None) -> PrefillState:
     """Build a site's ShadowKV state from the prompt.
 
     k_pre, k_post, v: [B, Hkv, T, d] (pre-RoPE keys, post-RoPE keys, values);
-    mask: the model's attention mask (or None for plain causal), interpreted by mask_kind;
+    mask: the model's attention mask (or None for plain causal), interpreted by mask_kind
+    (kind "valid": the [B, T] validity from mask_validity, whose check result is mask_ok);
     sites_left: this site and the ones after it in the graph, for the host-memory check;
     policy: chunk-selection policy (shadowpass/policies.py); decides only the ``aux`` field.
     """
@@ -191,6 +241,8 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
     C = chunk_size
     N, O, L, r = layout(T, C, outlier_chunks, local_chunks, rank, H * d)
     S = N * C
+    if mask_ok is not None and not bool(mask_ok):
+        raise ValueError(NOT_CAUSAL_PADDING)
     valid = key_validity(mask, mask_kind, B, T, k_post.device)
     sparse_valid = valid[:, :S]
 

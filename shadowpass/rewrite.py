@@ -23,7 +23,7 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (registers torch.ops.shadowkv)
 from .config import ShadowKVConfig
 from .detect import Site, concrete, example, find_sites, shape
-from .reference import PrefillState
+from .reference import PrefillState, mask_validity
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,28 @@ def split_decode(graph: fx.Graph, site: Site, q, k_post, v, state: List[fx.Node]
                 st["local_valid"], gen_k, gen_v, gen_len, cfg.chunk_size)
 
 
+def prefill_mask(graph: fx.Graph, site: Site, memo: dict):
+    """(validity [B, T], mask check) nodes of a prefill site, in whole-tensor ops that Inductor
+    fuses with the mask's construction; an SDPA site with a mask then attends through
+    shadowkv::prefill_attention, so nothing reads the [T, T] mask and it is never built.
+    Sites that share a mask (all layers, usually) share one check: memo."""
+    n = site.node
+    key = (site.mask, site.mask_kind)
+    if key not in memo:  # placed before the first site's attention: the mask exists there
+        with graph.inserting_before(n):
+            checked = call(graph, mask_validity, site.mask, site.mask_kind, site.q)
+            memo[key] = tuple(call(graph, operator.getitem, checked, i) for i in range(2))
+    valid, mask_ok = memo[key]
+    if site.attention == "sdpa" and site.mask is not None:
+        q, k, v = (n.args[i] if len(n.args) > i else n.kwargs[name]
+                   for i, name in enumerate(("query", "key", "value")))
+        with graph.inserting_before(n):
+            attn = call(graph, torch.ops.shadowkv.prefill_attention.default, q, k, v, valid,
+                        float(site.scale))
+        n.replace_all_uses_with(attn)
+    return valid, mask_ok
+
+
 def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
     """Copy gm, find its sites and rewrite those that fit. `phase` is None if none fit."""
     gm = copy.deepcopy(gm)
@@ -169,6 +191,7 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
 
     last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
     state_outputs, tables, stubs = [], {}, []  # tables: key -> (index, [cos, sin] output nodes)
+    masks: dict = {}
     for index, site in enumerate(ok):
         kv_heads = concrete(shape(site.q)[1]) // site.gqa_group
         head_dim = concrete(shape(site.q)[-1])
@@ -182,9 +205,10 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
                 k_pre = replay(graph, site.k.chain, site.rope.x)
                 k_post = replay(graph, site.k.chain, site.k.new)
                 v = replay(graph, site.v.chain, site.v.new)
+                valid, mask_ok = prefill_mask(graph, site, masks)
                 st = call(graph, torch.ops.shadowkv.prefill_state.default, k_pre, k_post, v,
-                          site.mask, site.mask_kind, rank, cfg.chunk_size, cfg.outlier_chunks,
-                          cfg.local_chunks, len(ok) - index, cfg.policy)
+                          valid, "valid", rank, cfg.chunk_size, cfg.outlier_chunks,
+                          cfg.local_chunks, len(ok) - index, cfg.policy, mask_ok)
                 state_outputs += [call(graph, operator.getitem, st, i)
                                   for i in range(len(STATE_FIELDS))]
                 key = table_key(site)

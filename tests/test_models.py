@@ -9,7 +9,7 @@ from transformers import DynamicCache
 import shadowpass
 from shadowpass import runtime
 from cases import EXPECTED_ROPE, HF_MODELS, hf_model
-from tolerances import FP32_LOGITS
+from tolerances import ATTENTION_TOL, FP32_LOGITS
 
 EXACT = {"rank": 4096, "budget": 1 << 16, "min_sparse_len": 0, "outlier_chunks": 3}
 
@@ -238,3 +238,21 @@ def test_static_cache_route_is_correct():
                              cache_implementation="static", compile_config=config)
     assert torch.equal(out, dense)
     assert shadowpass.runtime_of(model).sites == {}
+
+
+def test_prefill_never_builds_the_square_mask():
+    """HF builds a [B, 1, T, T] mask under torch.compile; the rewritten prefill reads only what
+    Inductor can fuse into its construction (validity + check), so no T x T buffer exists (at
+    122K tokens it would be 15-28 GiB). Outputs stay those of the dense model."""
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    model = hf_model("llama")
+    ids, mask = prompt(2, 300)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits[:, -1]
+        model.compile(backend="shadowkv", options=EXACT)
+        out, code = run_and_get_code(lambda: model(ids, attention_mask=mask,
+                                                   past_key_values=DynamicCache(config=model.config)))
+    assert shadowpass.runtime_of(model).sites, "the prefill did not build ShadowKV state"
+    assert not [c for c in code if "300, 300)" in c], "a T x T buffer is allocated"
+    torch.testing.assert_close(out.logits[:, -1], want, **ATTENTION_TOL["fp32"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from shadowpass import hostmem, ops, reference as ref
-from tolerances import FP32_OP
+from tolerances import ATTENTION_TOL, FP32_OP
 
 
 def rope_tables(B, T, rd, theta=10000.0):
@@ -217,3 +217,56 @@ def test_is_pinned_is_false_for_pageable_and_fake_tensors():
     with FakeTensorMode():
         fake = torch.empty(4)
     assert not hostmem.is_pinned(fake)
+
+
+# ----------------------------------------------------------------- prefill mask and attention
+def causal_padding_mask(valid):
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return causal[None] & valid[:, None, :]  # [B, T, T]
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_matches_sdpa_with_the_mask(Hq, Hkv, dtype):
+    torch.manual_seed(0)
+    B, T, d = 5, 70, 16
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :9] = False           # left padding
+    valid[2, :9] = False           # same length: grouped with row 1
+    valid[3, 60:] = False          # right padding: the blockwise route
+    valid[4] = False               # all padding
+    q, k, v = (torch.randn(B, H, T, d, dtype=dtype) for H in (Hq, Hkv, Hkv))
+    got = ref.prefill_attention(q, k, v, valid, 0.3)
+    mask = causal_padding_mask(valid)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, scale=0.3, enable_gqa=Hq != Hkv)
+    want = want.masked_fill(~valid[:, None, :, None], 0.0)  # padding queries: zero
+    tol = ATTENTION_TOL["bf16" if dtype == torch.bfloat16 else "fp32"]
+    torch.testing.assert_close(got.float(), want, **tol)
+    assert (got[4] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["bool_keep", "bool_drop", "additive"])
+def test_mask_validity_reads_padding_and_refuses_other_masks(kind):
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[0, :5] = False
+    keep = causal_padding_mask(valid)
+
+    def as_kind(m):
+        if kind == "bool_keep":
+            return m[:, None]
+        if kind == "bool_drop":
+            return ~m[:, None]
+        return torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)[:, None]
+
+    q = torch.empty(2, 4, 40, 8)
+    got, ok = ref.mask_validity(as_kind(keep), kind, q)
+    assert torch.equal(got, valid) and bool(ok)
+    window = keep & ~torch.ones(40, 40, dtype=torch.bool).tril(-16)  # a sliding window
+    assert not bool(ref.mask_validity(as_kind(window), kind, q)[1])
+    with pytest.raises(ValueError, match="not causal \\+ padding"):
+        ref.prefill_state(q, q, q, as_kind(window), kind, 8, 8, 1, 1)
+    if kind == "additive":  # a finite bias where keys are kept (ALiBi)
+        bias = as_kind(keep) - 0.5 * keep[:, None].float()
+        assert not bool(ref.mask_validity(bias, kind, q)[1])
