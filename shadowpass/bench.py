@@ -294,7 +294,9 @@ def shadow_max_batch(model, session, reserve: float, host_fraction: float) -> in
     free = torch.cuda.mem_get_info()[0] - reserve * GIB
     by_gpu = int(free // max(gpu_per_seq, 1))
     by_host = int(host_fraction * host_bytes_available() // max(host_per_seq, 1))
-    log.info("shadowkv batch limit: %d by GPU, %d by host memory", by_gpu, by_host)
+    print(f"shadowkv batch limit: {by_gpu} by GPU ({gpu_per_seq / GIB:.2f} GiB/sequence), "
+          f"{by_host} by host memory ({host_per_seq / GIB:.2f} GiB/sequence, "
+          f"{host_bytes_available() / GIB:.1f} GiB available)", flush=True)
     return max(1, min(by_gpu, by_host))
 
 
