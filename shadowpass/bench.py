@@ -289,6 +289,8 @@ def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw) -> Row:
 
 def shadow_max_batch(model, session, reserve: float, host_fraction: float) -> int:
     from .hostmem import host_bytes_available
+    gc.collect()
+    torch.cuda.empty_cache()  # the prefill's cached activations are not free to mem_get_info
     gpu_per_seq = session.nbytes("device")
     host_per_seq = session.nbytes("host")
     free = torch.cuda.mem_get_info()[0] - reserve * GIB
