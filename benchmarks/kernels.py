@@ -195,7 +195,6 @@ def bench_config(ctx, B, env):
     selectable[:, :, torch.randperm(N, device=dev)[:OUTLIERS]] = False
     inv = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D)
     f = torch.arange(S, device=dev).float()[:, None] * inv
-    emb = torch.cat([f, f], -1)
     st = ref.PrefillState(
         U=rnd(B, S, RANK, s=RANK ** -0.5), SV=rnd(B, H, RANK, D), landmarks=rnd(B, H, N, D),
         selectable=selectable, sparse_valid=torch.ones(B, S, dtype=torch.bool, device=dev),
@@ -204,7 +203,8 @@ def bench_config(ctx, B, env):
         local_k=rnd(B, H, LOCAL, D), local_v=rnd(B, H, LOCAL, D),
         local_valid=torch.ones(B, LOCAL, dtype=torch.bool, device=dev),
         values=pool[:B * H * N * C * D].view(B, H, N, C, D), aux=rnd(B, H, 0, D))
-    cos, sin = emb.cos().to(DTYPE)[None].expand(B, S, D), emb.sin().to(DTYPE)[None].expand(B, S, D)
+    # one value per rotated pair, as reference.rope_tables keeps them
+    cos, sin = (t.to(DTYPE)[None].expand(B, S, D // 2) for t in (f.cos(), f.sin()))
     gen_k, gen_v = rnd(B, H, GEN_CAP, D), rnd(B, H, GEN_CAP, D)
     gen_len = torch.tensor([GEN], device=dev)
     q = rnd(B, Hq, 1, D)

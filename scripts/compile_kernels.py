@@ -73,7 +73,7 @@ def record_launches(dtype: torch.dtype, d: int):
     chunk_gather.reuse_plan(idx, z(B, H, K, dtype=torch.int32), z(B, H, N, dtype=torch.int16))
     plan = chunk_gather.full_load(idx)
     U, SV = z(B, N * C, r, dtype=dtype), z(B, H, r, d, dtype=dtype)
-    cos = z(1, N * C, d, dtype=dtype)
+    cos = z(1, N * C, d // 2, dtype=dtype)  # one value per rotated pair (reference.rope_tables)
     sel_k = z(B, H, K * C, d, dtype=dtype)
     for style in ("rotate_half", "interleaved", "none"):
         chunk_gather.rebuild_keys_into(sel_k, U, SV, cos, cos, *plan, C, style)

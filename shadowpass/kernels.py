@@ -67,7 +67,8 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
         and values.
     scale : the model's attention scale.
     state : the site's PrefillState (device tensors; ``values`` pinned host memory on CUDA).
-    cos, sin : [B, N*C, rd] rotary factors of the sparse region (shared by the model's sites).
+    cos, sin : [B, N*C, rd/2] rotary factors of the sparse region, one per rotated pair
+        (reference.rope_tables; shared by the model's sites).
     gen_k, gen_v : [B, Hkv, Gcap, d] generated tokens (updated in place);
     gen_len : [1] int64 generated count (updated in place). No host sync anywhere.
     chunk_size, budget_chunks, rope_style : as the reference.

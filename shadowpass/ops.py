@@ -65,18 +65,20 @@ def _(q, k, v, valid, scale):
 
 
 @torch.library.custom_op("shadowkv::rope_tables", mutates_args=())
-def rope_tables(cos: torch.Tensor, sin: torch.Tensor, chunk_size: int,
-                local_chunks: int) -> List[torch.Tensor]:
-    """The rotary factors of the sparse region, one copy shared by all sites that use them."""
-    return [_fresh(t) for t in ref.rope_tables(cos, sin, chunk_size, local_chunks)]
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, chunk_size: int, local_chunks: int,
+                rope_style: str) -> List[torch.Tensor]:
+    """The rotary factors of the sparse region, one value per rotated pair of dims
+    (reference.rope_tables), one copy shared by all sites that use them."""
+    return [_fresh(t) for t in ref.rope_tables(cos, sin, chunk_size, local_chunks, rope_style)]
 
 
 @rope_tables.register_fake
-def _(cos, sin, chunk_size, local_chunks):
+def _(cos, sin, chunk_size, local_chunks, rope_style):
     torch._check(cos.shape == sin.shape, lambda: "cos and sin must have equal shapes")
     B, T, rd = cos.shape
     S = ref.layout(T, chunk_size, 0, local_chunks, 1, 1)[0] * chunk_size
-    return [cos.new_empty(B, S, rd), sin.new_empty(B, S, rd)]
+    half = 0 if rope_style == "none" else rd // 2
+    return [cos.new_empty(B, S, half), sin.new_empty(B, S, half)]
 
 
 def _check_step_inputs(q, k, state):

@@ -331,15 +331,55 @@ def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor) -> Optional[float]:
     return 1.0 - n_load.sum().item() / slot_chunk.numel()
 
 
-def rope_tables(cos: torch.Tensor, sin: torch.Tensor, chunk_size: int, local_chunks: int):
-    """The rotary factors [B, N*C, rd] of the sparse region: what key rebuild needs.
+NOT_PAIRED = (
+    "shadowkv: the model's rotary tables do not repeat each angle over its pair of dims (cos and "
+    "sin of a {style} rotation should be equal on {where}); ShadowKV stores one value per pair. "
+    "Compile this model without shadowkv.")
+
+
+def pair_tables(cos: torch.Tensor, sin: torch.Tensor, style: str):
+    """Tables [..., rd] -> [..., rd/2], one value per rotated pair of dims.
+
+    A rotation turns both dims of a pair by one angle, so a model's cos and sin hold each value
+    twice (in both halves for rotate_half, in neighbours for interleaved); keeping one copy
+    halves the tables, which grow with the context. Raises (ValueError) on tables that do not
+    repeat: ``full_table`` would not give them back.
+    """
+    rd = cos.shape[-1]
+    if style == "none" or rd == 0:
+        return cos[..., :0], sin[..., :0]
+    if rd % 2:
+        raise ValueError(f"shadowkv: an odd number of rotary dims ({rd})")
+    where = "halves" if style == "rotate_half" else "neighbouring dims"
+    out = []
+    for t in (cos, sin):
+        a, b = (t[..., :rd // 2], t[..., rd // 2:]) if style == "rotate_half" else \
+            (t[..., 0::2], t[..., 1::2])
+        if not torch.equal(a, b):
+            raise ValueError(NOT_PAIRED.format(style=style, where=where))
+        out.append(a)
+    return tuple(out)
+
+
+def full_table(t: torch.Tensor, style: str) -> torch.Tensor:
+    """The inverse of ``pair_tables``: [..., rd/2] -> [..., rd] in the rotation's layout."""
+    if style == "rotate_half":
+        return torch.cat((t, t), dim=-1)
+    return t.repeat_interleave(2, dim=-1)
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, chunk_size: int, local_chunks: int,
+                rope_style: str):
+    """The rotary factors [B, N*C, rd/2] of the sparse region, one value per rotated pair
+    (``pair_tables``): what key rebuild needs.
 
     cos, sin: [B, T, rd] the factors the model applied to the prompt's keys. One copy serves
     every site that uses the same tables (all layers of a usual decoder).
     """
     T = cos.shape[1]
     N = layout(T, chunk_size, 0, local_chunks, 1, 1)[0]
-    return cos[:, :N * chunk_size].clone(), sin[:, :N * chunk_size].clone()
+    cos, sin = pair_tables(cos[:, :N * chunk_size], sin[:, :N * chunk_size], rope_style)
+    return cos.clone(), sin.clone()
 
 
 def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
@@ -364,17 +404,18 @@ def select_chunks(scores: torch.Tensor, selectable: torch.Tensor, budget_chunks:
 
 def rebuild_keys(U, SV, cos, sin, idx, C: int, rope_style: str):
     """Post-RoPE keys of the chunks idx [B, Hkv, K]: U[rows] @ SV[head], RoPE at the rows'
-    prompt positions with the model's own factors. Returns [B, Hkv, K*C, d]."""
+    prompt positions with the model's own factors (cos, sin: [B, N*C, rd/2], ``rope_tables``).
+    Returns [B, Hkv, K*C, d]."""
     B, H, K = idx.shape
     rows = (idx[..., None] * C + torch.arange(C, device=idx.device)).flatten(2)  # [B,H,K*C]
     u = U.gather(1, rows.flatten(1)[..., None].expand(B, H * K * C, U.shape[-1]))
     k_pre = u.view(B, H, K * C, U.shape[-1]).float() @ SV.float()
     if rope_style == "none":
         return k_pre
-    rd = cos.shape[-1]
-    pos = rows.flatten(1)[..., None].expand(B, H * K * C, rd)
-    c = cos.gather(1, pos).view(B, H, K * C, rd).float()
-    s = sin.gather(1, pos).view(B, H, K * C, rd).float()
+    half = cos.shape[-1]
+    pos = rows.flatten(1)[..., None].expand(B, H * K * C, half)
+    c, s = (full_table(t.gather(1, pos).view(B, H, K * C, half).float(), rope_style)
+            for t in (cos, sin))
     return apply_rope(k_pre, c, s, rope_style)
 
 
@@ -468,7 +509,7 @@ def decode_attention(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k
     """One decode step of a rewritten site.
 
     q: [B, Hq, T, d] post-RoPE queries; k, v: [B, Hkv, T, d] the new tokens' post-RoPE keys and
-    values; cos, sin: [B, N*C, rd] rotary factors of the sparse region (``rope_tables``);
+    values; cos, sin: [B, N*C, rd/2] rotary factors of the sparse region (``rope_tables``);
     gen_k, gen_v: [B, Hkv, Gcap, d] generated tokens so far (updated in place);
     gen_len: [1] int64 count of generated tokens (updated in place); policy: how chunks are
     scored (shadowkv landmarks, or a baseline from policies.py). Returns [B, Hq, T, d].

@@ -95,9 +95,10 @@ def expression(node, memo=None):
 
 
 def table_key(site: Site):
-    """Sites whose rotary tables are equal computations in the same layout share one copy."""
+    """Sites whose rotary tables are equal computations in the same layout and rotation style
+    share one copy."""
     rope = site.rope
-    return (expression((rope.cos, rope.sin, rope.freqs)),
+    return (rope.style, expression((rope.cos, rope.sin, rope.freqs)),
             str(shape(rope.x_rot)) if rope.x_rot else None,
             tuple((n.op, str(n.target), str(n.args[1:]), str(n.kwargs)) for n in site.k.chain))
 
@@ -215,7 +216,7 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
                 if key not in tables:
                     cos, sin = rotary_tables(graph, site, k_post)
                     tab = call(graph, torch.ops.shadowkv.rope_tables.default, cos, sin,
-                               cfg.chunk_size, cfg.local_chunks)
+                               cfg.chunk_size, cfg.local_chunks, site.rope.style)
                     tables[key] = (len(tables), [call(graph, operator.getitem, tab, i)
                                                  for i in range(len(TABLE_FIELDS))])
                 result.site_tables.append(tables[key][0])

@@ -30,7 +30,7 @@ GEN_CAPACITY = 256  # generated tokens held exactly before the buffer doubles
 @dataclass
 class SiteState:
     prefill: PrefillState
-    cos: torch.Tensor      # [B, N*C, rd] shared with the other sites that use the same tables
+    cos: torch.Tensor      # [B, N*C, rd/2] shared with the other sites that use the same tables
     sin: torch.Tensor
     gen_k: torch.Tensor    # [B, Hkv, Gcap, d] generated tokens, exact
     gen_v: torch.Tensor

@@ -91,13 +91,16 @@ def _rebuild_keys_kernel(
     d_ok = cols < D
     # RoPE is linear along d, so rot(U @ SV) = U @ rot(SV): a second GEMM against SV with
     # permuted columns gives the rotated keys without shuffling registers.
+    # the tables hold one value per rotated pair (RD // 2 a row): pair = the dim's column there
     HALF = RD // 2
     if ROPE == 1:  # rotate_half: [x1, x2] -> [-x2, x1] on the first rd dims
         src = tl.where(cols < HALF, cols + HALF, cols - HALF)
         sign = tl.where(cols < HALF, -1.0, 1.0)
+        pair = tl.where(cols < HALF, cols, cols - HALF)
     else:  # interleaved pairs: (a, b) -> (-b, a)
         src = tl.where(cols % 2 == 0, cols + 1, cols - 1)
         sign = tl.where(cols % 2 == 0, -1.0, 1.0)
+        pair = cols // 2
     rot_ok = cols < RD
     acc = tl.zeros([BLOCK_ROWS, D_PAD], dtype=tl.float32)
     acc_rot = tl.zeros([BLOCK_ROWS, D_PAD], dtype=tl.float32)
@@ -113,7 +116,7 @@ def _rebuild_keys_kernel(
             svr = tl.load(sv_rows + src[None, :], mask=r_ok[:, None] & rot_ok[None, :], other=0.0)
             acc_rot += dot(u, svr, UPCAST)
     if ROPE != 0:
-        tab = b * tab_bstride + pos[:, None] * RD + cols[None, :]
+        tab = b * tab_bstride + pos[:, None] * HALF + pair[None, :]
         t_ok = ok[:, None] & rot_ok[None, :]
         cs = tl.load(cos_ptr + tab, mask=t_ok, other=1.0).to(tl.float32)  # dims >= rd pass through
         sn = tl.load(sin_ptr + tab, mask=t_ok, other=0.0).to(tl.float32)
@@ -187,8 +190,9 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
     ----------
     out : [B, H, K*C, d] selected-K buffer (any float dtype; fp32 accumulation), written in place.
     U : [B, N*C, r] left factor; SV : [B, H, r, d] right factor (same dtype as U).
-    cos, sin : [B, N*C, rd] rotary factors at prompt positions (ignored when rope_style="none");
-        [1, N*C, rd] or a batch-expanded view of it shares one table across the batch.
+    cos, sin : [B, N*C, rd/2] rotary factors at prompt positions, one per rotated pair of dims
+        (``reference.rope_tables``; ignored when rope_style="none"); [1, N*C, rd/2] or a
+        batch-expanded view of it shares one table across the batch.
     load_chunk, load_slot : [B, H, K] int32; n_load : [B, H] int32 (see ``reuse_plan``).
     chunk_size : C. rope_style : "rotate_half", "interleaved" or "none".
 
@@ -202,15 +206,13 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
     N = U.shape[1] // C
     R = U.shape[-1]
     rope = ROPE_CODES[rope_style]
-    RD = cos.shape[-1] if rope else 0
-    if rope and RD % 2:
-        raise ValueError(f"rotary dims must be even, got {RD}")
+    RD = 2 * cos.shape[-1] if rope else 0
     if B * H * KC == 0:
         return out
     if cos.shape[0] == 1 or cos.stride(0) == 0:  # one table for the whole batch
         cos, sin, tab_bstride = cos[:1].contiguous(), sin[:1].contiguous(), 0
     else:
-        cos, sin, tab_bstride = cos.contiguous(), sin.contiguous(), N * C * RD
+        cos, sin, tab_bstride = cos.contiguous(), sin.contiguous(), N * C * RD // 2
     # 32 rows x 8 warps: two fp32 [rows, d] accumulators fit in registers at d=128 (sm_90,
     # scripts/compile_kernels.py: 64 rows x 4 warps spilled 2 KB)
     BLOCK_ROWS = block_rows or 32

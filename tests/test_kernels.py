@@ -77,7 +77,8 @@ def rope_tables(B, S, rd, style, device=DEV, dtype=torch.float32, theta=10000.0)
 
 
 class KernelState(NamedTuple):
-    """A site's PrefillState fields plus its rotary tables (which the runtime shares)."""
+    """A site's PrefillState fields plus its rotary tables (which the runtime shares), one value
+    per rotated pair as reference.rope_tables keeps them."""
 
     U: torch.Tensor
     SV: torch.Tensor
@@ -130,7 +131,7 @@ def synthetic_state(B, H, N, C, d, r, rd, O, L, style, dtype, device=DEV, pad=0)
     values = torch.randn(B, H, N, C, d, generator=g).to(dtype)
     if device == "cuda":
         values = values.pin_memory()
-    cos, sin = rope_tables(B, N * C, rd, style, device, dtype)
+    cos, sin = ref.pair_tables(*rope_tables(B, N * C, rd, style, device, dtype), style)
     return KernelState(
         U=rnd(B, N * C, r, scale=r ** -0.5), SV=rnd(B, H, r, d), landmarks=rnd(B, H, N, d),
         selectable=selectable.to(device), sparse_valid=sparse_valid.to(device),
@@ -445,7 +446,7 @@ def test_decode_without_workspace_and_real_prefill_state():
     keep = torch.ones(B, T, T, dtype=torch.bool, device=DEV).tril()
     keep[0, :, :13] = False
     st = KernelState(*ops.prefill_state(kpre, kpost, v, keep[:, None], "bool_keep", 32, C, 2, 3,
-                                        1), *ops.rope_tables(cos, sin, C, 3))
+                                        1), *ops.rope_tables(cos, sin, C, 3, "rotate_half"))
     gk, gv = (torch.zeros(B, H, 4, d, device=DEV) for _ in range(2))
     gl = torch.zeros(1, dtype=torch.long, device=DEV)
     rk, rv, rl = gk.clone(), gv.clone(), gl.clone()

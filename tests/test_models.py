@@ -94,7 +94,7 @@ def test_small_budget_state_sizes():
         assert st.outlier_k.shape == (B, H, outliers * C, d) == st.outlier_v.shape
         assert st.local_k.shape == (B, H, L, d)
         assert st.values.shape == (B, H, N, C, d) and st.values.device.type == "cpu"
-        assert s.cos.shape == (B, N * C, d) and s.sin.shape == (B, N * C, d)
+        assert s.cos.shape == (B, N * C, d // 2) == s.sin.shape  # one value per rotated pair
         # outliers are excluded from selection; the padded first chunk of sequence 0 too
         assert (st.selectable.sum(-1)[1] == N - outliers).all()
         assert s.used == 15
@@ -191,7 +191,8 @@ def test_generation_grows_past_the_generated_buffer(monkeypatch):
 
 def test_state_bytes_per_token():
     """GPU-resident state grows by U (2r B) + landmarks (2*Hkv*d/C B) + ~2 B of masks per token
-    and layer, plus the shared rotary tables; values are on the host."""
+    and layer, plus the shared rotary tables (cos and sin, one value per rotated pair: 2 * d/2
+    bf16); values are on the host."""
     model = hf_model("llama").to(torch.bfloat16)
     cfg = model.config
     H, d, C, r = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, 8, 8
@@ -206,9 +207,30 @@ def test_state_bytes_per_token():
         del out, session
     layers = cfg.num_hidden_layers
     per_token = (device[1024] - device[512]) / 512 / layers
-    expected = 2 * r + 2 * H * d / C + 2 + 2 * 2 * d / layers  # U, landmarks, masks, tables
+    expected = 2 * r + 2 * H * d / C + 2 + 2 * 2 * (d // 2) / layers  # U, landmarks, masks, tables
     assert per_token == pytest.approx(expected, rel=0.02), per_token
     assert (host[1024] - host[512]) / 512 / layers == 2 * H * d  # bf16 values, all on the host
+
+
+def test_rotary_tables_that_do_not_repeat_fall_back_to_dense(caplog):
+    """ShadowKV keeps one rotary value per rotated pair; a model whose cos/sin differ inside a
+    pair (not a rotation) runs dense, with a warning, and stays exact."""
+    model = hf_model("llama")
+    rotary = model.model.rotary_emb
+    plain = rotary.forward
+
+    def unpaired(x, position_ids):
+        cos, sin = plain(x, position_ids)
+        return cos * torch.linspace(0.9, 1.1, cos.shape[-1]), sin
+
+    rotary.forward = unpaired
+    ids, mask = prompt(1, 300)
+    dense = greedy(model, ids, mask, n=8)
+    model.compile(backend="shadowkv", options=EXACT)
+    out = greedy(model, ids, mask, n=8)
+    assert torch.equal(out.sequences, dense.sequences)
+    assert shadowpass.runtime_of(model).sites == {}
+    assert "rotary tables do not repeat" in caplog.text
 
 
 def test_sampling_generate_matches_dense():

@@ -121,7 +121,7 @@ def test_ops_with_policy(policy):
     args = (kpre, kpost, v, None, "none", 16, 4, 1, 1, 1, policy)
     torch.library.opcheck(ops.prefill_state, args)
     st = ops.prefill_state(*args)
-    tables = ops.rope_tables(cos, sin, 4, 1)
+    tables = ops.rope_tables(cos, sin, 4, 1, "rotate_half")
     dargs = (torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), st,
              *tables, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8),
              torch.zeros(1, dtype=torch.long), *ops.workspace(ref.PrefillState(*st), 3, 4),
@@ -142,7 +142,7 @@ def test_full_budget_every_policy_is_exact(policy):
     k_all = ref.apply_rope(kpre, cos[:, None, :Tp], sin[:, None, :Tp], "rotate_half")
     v = torch.randn(1, Hkv, Tp + 1, 8)
     st = ref.prefill_state(kpre, k_all, v[:, :, :Tp], None, "none", 16, 4, 1, 1, 1, policy)
-    tables = ref.rope_tables(cos[:, :Tp], sin[:, :Tp], 4, 1)
+    tables = ref.rope_tables(cos[:, :Tp], sin[:, :Tp], 4, 1, "rotate_half")
     q, knew = torch.randn(1, 4, 1, 8), torch.randn(1, Hkv, 1, 8)
     out = ref.decode_attention(q, knew, v[:, :, Tp:], 0.35, st, *tables, torch.zeros(1, Hkv, 4, 8),
                                torch.zeros(1, Hkv, 4, 8), torch.zeros(1, dtype=torch.long), 4,

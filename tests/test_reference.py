@@ -106,6 +106,29 @@ def test_rope_matches_complex_rotation(style):
     torch.testing.assert_close(ref.apply_rope(x, cos, sin, style), want)
 
 
+@pytest.mark.parametrize("style,rd", [("rotate_half", 16), ("interleaved", 16),
+                                      ("rotate_half", 8), ("interleaved", 4)])
+def test_rebuild_from_paired_tables_gives_the_model_keys(style, rd):
+    """rope_tables keeps one value per rotated pair; at full rank the rebuilt keys equal the
+    keys the model rotated with its full tables (partial rotary: rd < d)."""
+    B, H, T, d, C = 2, 2, 48, 16, 4
+    theta = torch.rand(B, T, rd // 2) * 6
+    full = (lambda t: torch.cat([t, t], -1)) if style == "rotate_half" else \
+        (lambda t: t.repeat_interleave(2, -1))
+    cos, sin = full(theta.cos()), full(theta.sin())
+    kpre = torch.randn(B, H, T, d)
+    kpost = ref.apply_rope(kpre, cos[:, None], sin[:, None], style)
+    st = ref.prefill_state(kpre, kpost, torch.randn(B, H, T, d), None, "none", H * d, C, 1, 1)
+    tables = ref.rope_tables(cos, sin, C, 1, style)
+    N = st.landmarks.shape[2]
+    assert tables[0].shape == (B, N * C, rd // 2)
+    idx = torch.arange(N).expand(B, H, N)
+    got = ref.rebuild_keys(st.U, st.SV, *tables, idx, C, style)
+    torch.testing.assert_close(got, kpost[:, :, :N * C], atol=FP32_OP, rtol=FP32_OP)
+    with pytest.raises(ValueError, match="shadowkv: the model's rotary tables"):
+        ref.rope_tables(cos, sin + torch.rand_like(sin), C, 1, style)
+
+
 def make_state(B=2, H=2, T=100, d=16, C=8, rank=None, outliers=2, local=4, pad=0):
     kpre = torch.randn(B, H, T, d)
     cos, sin = rope_tables(B, T, d)
@@ -118,7 +141,7 @@ def make_state(B=2, H=2, T=100, d=16, C=8, rank=None, outliers=2, local=4, pad=0
         mask = keep[:, None]
     st = ops.prefill_state(kpre, kpost, v, mask, "bool_keep" if pad else "none",
                            rank or H * d, C, outliers, local, 1)
-    tables = ops.rope_tables(cos, sin, C, local)
+    tables = ops.rope_tables(cos, sin, C, local, "rotate_half")
     return kpost, v, ref.PrefillState(*st), tables
 
 
@@ -169,7 +192,7 @@ def test_opcheck():
     cos, sin = rope_tables(1, 40, 8)
     v = torch.randn(1, 2, 40, 8)
     torch.library.opcheck(ops.prefill_state, (kpre, kpre.clone(), v, None, "none", 8, 8, 1, 1, 1))
-    torch.library.opcheck(ops.rope_tables, (cos, sin, 8, 1))
+    torch.library.opcheck(ops.rope_tables, (cos, sin, 8, 1, "rotate_half"))
     _, _, st, tables = make_state(1, 2, T=40, d=8)
     args = (torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), list(st),
             *tables, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, dtype=torch.long),
