@@ -294,11 +294,12 @@ def shadow_max_batch(model, session, reserve: float, host_fraction: float) -> in
     gpu_per_seq = session.nbytes("device")
     host_per_seq = session.nbytes("host")
     free = torch.cuda.mem_get_info()[0] - reserve * GIB
+    host_free = host_bytes_available()
     by_gpu = int(free // max(gpu_per_seq, 1))
-    by_host = int(host_fraction * host_bytes_available() // max(host_per_seq, 1))
+    by_host = int(host_fraction * host_free // max(host_per_seq, 1))
     print(f"shadowkv batch limit: {by_gpu} by GPU ({gpu_per_seq / GIB:.2f} GiB/sequence), "
           f"{by_host} by host memory ({host_per_seq / GIB:.2f} GiB/sequence, "
-          f"{host_bytes_available() / GIB:.1f} GiB available)", flush=True)
+          f"{host_free / GIB:.1f} GiB available)", flush=True)
     return max(1, min(by_gpu, by_host))
 
 
@@ -341,6 +342,13 @@ def plot(rows: list[Row], path: str):
     fig.savefig(path, dpi=120)
 
 
+def batch_sizes(args, largest: int) -> list[int]:
+    """1, the --batches below the largest, and the largest that fits (capped by --max-batch)."""
+    if args.max_batch:
+        largest = min(largest, args.max_batch)
+    return sorted({b for b in (args.batches or []) if b < largest} | {1, largest})
+
+
 def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
     """Prefill one sequence through the backend, then decode at batch 1 and the largest batch."""
     rows = []
@@ -349,10 +357,8 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
     share = f" (state {1 - t_dense_prefill / t_prefill:.0%})" if t_dense_prefill else ""
     print(f"T={T}: prefill (1 sequence) dense {dense}, shadowkv {t_prefill:.2f} s{share}",
           flush=True)
-    b_shadow = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
-    if args.max_batch:
-        b_shadow = min(b_shadow, args.max_batch)
-    for B in sorted({b for b in (args.batches or []) if b < b_shadow} | {1, b_shadow}):
+    largest = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
+    for B in batch_sizes(args, largest):
         row = shadow_run(model, session, B, T, args.gen, cfg, bw)
         gc.collect()
         row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill)
@@ -366,10 +372,7 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
 def dense_side(model, T: int, args) -> list[Row]:
     """Dense SDPA over a compiled static cache at batch 1 and the largest batch that fits."""
     rows = []
-    b_dense = dense_max_batch(model, T, args.gpu_reserve_gib)
-    if args.max_batch:
-        b_dense = min(b_dense, args.max_batch)
-    for B in sorted({b for b in (args.batches or []) if b < b_dense} | {1, b_dense}):
+    for B in batch_sizes(args, dense_max_batch(model, T, args.gpu_reserve_gib)):
         try:
             row = dense_run(model, B, T, args.gen)
         except torch.OutOfMemoryError:

@@ -322,7 +322,6 @@ class DecodeWorkspace:
         return hit_rate(self.slot_chunk, self.n_load)
 
 
-
 def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor) -> Optional[float]:
     """Share of a step's selected chunks reused from the step before: 1 - loaded / selected;
     None before the first step (n_load = -1) or without a workspace. Syncs: for reports."""
