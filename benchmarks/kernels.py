@@ -7,8 +7,9 @@ One attention layer: Hq=32, Hkv=8, d=128, r=160, C=8, budget 2048 tokens (K=256 
 48 outlier chunks, 32 local tokens, 64 generated tokens, bf16. For each kernel: median time
 (p20-p80 spread), bytes moved, achieved GB/s and the fraction of the peak measured in this run
 (HBM: device-to-device copy, read+write bytes; PCIe: pinned host-to-device copy), and the max
-error against ``shadowpass.reference``. Then the whole ShadowKV step against dense SDPA over the
-full cache, eager and in CUDA graphs. Needs a CUDA GPU (exits with a message otherwise).
+error against ``shadowpass.reference``. Each kernel is timed inside a CUDA graph (triton's
+do_bench_cudagraph), so launch overhead is not counted: the decode step replays as a graph too.
+Then the whole ShadowKV step against dense SDPA over the full cache, eager and in CUDA graphs. Needs a CUDA GPU (exits with a message otherwise).
 """
 from __future__ import annotations
 
@@ -210,14 +211,15 @@ def bench_config(ctx, B, env):
     q = rnd(B, Hq, 1, D)
 
     # 1. landmark scoring (two passes) and top-k
-    t = timed(lambda: landmark_scores(q, st.landmarks, st.selectable, scale, fill=-1.0))
+    t = timed(lambda: landmark_scores(q, st.landmarks, st.selectable, scale, fill=-1.0),
+              graph=True)
     scores = landmark_scores(q, st.landmarks, st.selectable, scale, fill=-1.0)
     want = ref.score_chunks(q, st.landmarks, st.selectable, scale)
     err = (scores.masked_fill(~st.selectable, 0) - want).abs().max().item()
     nb = (B * H * N * (D * EB + 1 + 4) + B * H * G * N * 4 * 2 + q.numel() * EB) / 1e6
     summary.setdefault("scores", []).append(
         (ctx, B, report(ctx, B, "landmark scores", t, nb, hbm, err)))
-    t = timed(lambda: scores.topk(K, dim=-1, sorted=False))
+    t = timed(lambda: scores.topk(K, dim=-1, sorted=False), graph=True)
     idx = scores.topk(K, dim=-1, sorted=False).indices
     want_idx = ref.select_chunks(want, st.selectable, K)[0]
     key = want.masked_fill(~st.selectable, -1)
@@ -228,7 +230,7 @@ def bench_config(ctx, B, env):
     # 2. reuse plan
     slot_chunk = torch.full((B, H, K), -1, dtype=torch.int32, device=dev)
     chunk_slot = torch.full((B, H, N), -1, dtype=torch.int32, device=dev)
-    t = timed(lambda: reuse_plan(idx, slot_chunk, chunk_slot))
+    t = timed(lambda: reuse_plan(idx, slot_chunk, chunk_slot), graph=True)
     report(ctx, B, "reuse plan", t)
 
     # 3. key rebuild and value fetch, all chunks missed and a partial miss
@@ -244,10 +246,10 @@ def bench_config(ctx, B, env):
         n = torch.full_like(nl, max(1, round(frac * K)))
         loaded = B * H * int(n[0, 0]) * C
         t = timed(lambda n=n: rebuild_keys_into(sel_k, st.U, st.SV, cos, sin, lc, ls, n, C,
-                                                "rotate_half"))
+                                                "rotate_half"), graph=True)
         nb = (loaded * (RANK + 2 * D + D) * EB + B * H * RANK * D * EB) / 1e6
         report(ctx, B, f"key rebuild {frac:.0%} miss", t, nb, hbm, err_k, "err relative to max")
-        t = timed(lambda n=n: fetch_values_into(sel_v, st.values, lc, ls, n))
+        t = timed(lambda n=n: fetch_values_into(sel_v, st.values, lc, ls, n), graph=True)
         fr = report(ctx, B, f"value fetch {frac:.0%} miss", t, loaded * D * EB / 1e6, h2d, err_v,
                     "of pinned H2D")
         if frac == 1.0:
@@ -261,12 +263,12 @@ def bench_config(ctx, B, env):
         return sparse_decode(q, scale, st.outlier_k, st.outlier_v, st.outlier_valid, sel_k, sel_v,
                              slots, st.sparse_valid, st.selectable, st.local_k, st.local_v,
                              st.local_valid, gen_k, gen_v, gen_len, chunk_size=C)
-    t_attn = timed(attn)
+    t_attn = timed(attn, graph=True)
     nb = (2 * B * H * P * D * EB + 2 * q.numel() * EB) / 1e6
     report(ctx, B, "sparse attention", t_attn, nb, hbm)
     ck, cv = rnd(B, H, P, D), rnd(B, H, P, D)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    t_c = timed(lambda: sdpa(q, ck, cv, scale=scale, enable_gqa=True))
+    t_c = timed(lambda: sdpa(q, ck, cv, scale=scale, enable_gqa=True), graph=True)
     report(ctx, B, "SDPA, compact buffer", t_c, nb, hbm)
     summary.setdefault("attn", []).append((ctx, B, t_attn[1] / t_c[1]))
 
