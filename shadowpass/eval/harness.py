@@ -266,10 +266,10 @@ class Harness:
         return [trim(t, self.eos_ids) for t in new], sparse_ran, seconds / len(idx)
 
     def run(self, samples: Sequence[Sample], methods: Sequence[Method],
-            progress: Optional[Callable[[int], None]] = None) -> List[Output]:
+            progress: Optional[Callable[[int, str, int, float], None]] = None) -> List[Output]:
         """All methods on all samples. Dense (if listed) runs first in each batch so the others
-        can be compared with it. ``progress(n)`` is called after each batch x method with the
-        number of samples done."""
+        can be compared with it. ``progress(n, label, length, seconds)`` is called after each
+        batch x method with the number of samples done and the batch's wall time."""
         methods = sorted(methods, key=lambda m: m.name != "dense")
         outputs: List[Output] = []
         try:
@@ -294,7 +294,7 @@ class Harness:
                             log.warning("%s: the sparse path did not run at length %d", m.label,
                                         length)
                         if progress is not None:
-                            progress(len(idx))
+                            progress(len(idx), m.label, length, sec * len(idx))
         finally:
             self.backend.config = None
         return outputs
