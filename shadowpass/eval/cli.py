@@ -193,7 +193,7 @@ def run_eval(args: argparse.Namespace) -> int:
     h = harness.Harness(model, tok, batch_size=batch, inner=args.compiler,
                         chunk_size=args.chunk_size, local_chunks=args.local_chunks)
     start = time.time()
-    done_tasks = []
+    done_tasks, by_task = [], {}
 
     def write(outputs):
         """results.json and the PNGs for what has run so far (a run cut short by a time limit
@@ -222,26 +222,26 @@ def run_eval(args: argparse.Namespace) -> int:
 
     with tqdm(total=len(samples) * len(methods), unit="sample", disable=args.no_progress,
               desc="eval") as bar:
+        outputs = []
+
         def progress(n, label, length, seconds):
             bar.update(n)
             if args.no_progress:  # a log line instead of the bar (logs of runs on the GPU machine)
                 print(f"[{time.time() - start:6.0f} s] {label} length {length}: {n} prompts in "
                       f"{seconds:.1f} s", flush=True)
+            write(outputs)  # after each batch x method: a run cut short keeps what it finished
 
-        # one task at a time keeps batches homogeneous (same generation length); results are
-        # written after each task and length
-        outputs = []
-        groups = {}
+        # one task at a time keeps batches homogeneous (same generation length)
         for i, s in enumerate(samples):
-            groups.setdefault((s.task, s.haystack), {}).setdefault(s.length, []).append(i)
-        for task, by_length in groups.items():
+            by_task.setdefault((s.task, s.haystack), []).append(i)
+        for task, idx in by_task.items():
             done_tasks.append(task)
-            for idx in by_length.values():
-                sub = [samples[i] for i in idx]
-                for o in h.run(sub, methods, progress=progress):
-                    o.sample = idx[o.sample]
-                    outputs.append(o)
-                summary, meta, pngs = write(outputs)
+
+            def sink(o, idx=idx):
+                o.sample = idx[o.sample]
+                outputs.append(o)
+            h.run([samples[i] for i in idx], methods, progress=progress, sink=sink)
+        summary, meta, pngs = write(outputs)
     wall = time.time() - start
 
     print(_table(summary))

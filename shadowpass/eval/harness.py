@@ -266,10 +266,12 @@ class Harness:
         return [trim(t, self.eos_ids) for t in new], sparse_ran, seconds / len(idx)
 
     def run(self, samples: Sequence[Sample], methods: Sequence[Method],
-            progress: Optional[Callable[[int, str, int, float], None]] = None) -> List[Output]:
+            progress: Optional[Callable[[int, str, int, float], None]] = None,
+            sink: Optional[Callable[[Output], None]] = None) -> List[Output]:
         """All methods on all samples. Dense (if listed) runs first in each batch so the others
-        can be compared with it. ``progress(n, label, length, seconds)`` is called after each
-        batch x method with the number of samples done and the batch's wall time."""
+        can be compared with it. ``sink(output)`` gets each output as soon as its batch is done,
+        then ``progress(n, label, length, seconds)`` is called with the number of samples done
+        and the batch's wall time."""
         methods = sorted(methods, key=lambda m: m.name != "dense")
         outputs: List[Output] = []
         try:
@@ -290,6 +292,8 @@ class Harness:
                                 o.exact_agree = scoring.exact_agreement(t, dense_tokens[j])
                                 o.token_agree = scoring.token_agreement(t, dense_tokens[j])
                             outputs.append(o)
+                            if sink is not None:
+                                sink(o)
                         if ran is False:
                             log.warning("%s: the sparse path did not run at length %d", m.label,
                                         length)
