@@ -195,7 +195,7 @@ def run_eval(args: argparse.Namespace) -> int:
     start = time.time()
     done_tasks, by_task = [], {}
 
-    def write(outputs):
+    def write(outputs, with_plots=True):
         """results.json and the PNGs for what has run so far (a run cut short by a time limit
         keeps what it finished)."""
         summary = harness.summarize(samples, outputs, methods)
@@ -217,7 +217,8 @@ def run_eval(args: argparse.Namespace) -> int:
             samples=[s.to_json(with_prompt=args.save_prompts) for s in samples],
             outputs=[o.__dict__ for o in outputs])
         (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        pngs = plots.heatmaps(summary, out_dir) + plots.accuracy_vs_budget(summary, out_dir)
+        pngs = (plots.heatmaps(summary, out_dir) + plots.accuracy_vs_budget(summary, out_dir)
+                if with_plots else [])
         return summary, meta, pngs
 
     with tqdm(total=len(samples) * len(methods), unit="sample", disable=args.no_progress,
@@ -229,7 +230,7 @@ def run_eval(args: argparse.Namespace) -> int:
             if args.no_progress:  # a log line instead of the bar (logs of runs on the GPU machine)
                 print(f"[{time.time() - start:6.0f} s] {label} length {length}: {n} prompts in "
                       f"{seconds:.1f} s", flush=True)
-            write(outputs)  # after each batch x method: a run cut short keeps what it finished
+            write(outputs, with_plots=False)  # a run cut short keeps what it finished
 
         # one task at a time keeps batches homogeneous (same generation length)
         for i, s in enumerate(samples):
@@ -241,7 +242,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 o.sample = idx[o.sample]
                 outputs.append(o)
             h.run([samples[i] for i in idx], methods, progress=progress, sink=sink)
-        summary, meta, pngs = write(outputs)
+            summary, meta, pngs = write(outputs)  # the plots once per task
     wall = time.time() - start
 
     print(_table(summary))
