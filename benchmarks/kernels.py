@@ -9,7 +9,8 @@ One attention layer: Hq=32, Hkv=8, d=128, r=160, C=8, budget 2048 tokens (K=256 
 (HBM: device-to-device copy, read+write bytes; PCIe: pinned host-to-device copy), and the max
 error against ``shadowpass.reference``. Each kernel is timed inside a CUDA graph (triton's
 do_bench_cudagraph), so launch overhead is not counted: the decode step replays as a graph too.
-Then the whole ShadowKV step against dense SDPA over the full cache, eager and in CUDA graphs. Needs a CUDA GPU (exits with a message otherwise).
+Then the whole ShadowKV step against dense SDPA over the full cache, eager and in CUDA graphs.
+Needs a CUDA GPU (exits with a message otherwise).
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU machine: the issue-5 grid, one process per group of tasks, the groups in parallel (a 135M
-# model leaves the GPU partly idle per process). Logs and results go straight to $OUT, rewritten
-# after each task and length, so a run cut by the call's limit keeps what it finished.
+# model leaves the GPU partly idle per process; but each process pays its own graph rewrites, so
+# one group of all tasks is what finished most in a 10-minute call). Logs and results go straight
+# to $OUT (results.json is rewritten after each batch x method), so a run cut by the call's limit
+# keeps what it finished.
 # usage: scripts/gpu/eval_all.sh DEADLINE_SECONDS "TASK..." ["TASK..." ...]   (extra flags: $EVAL_FLAGS)
 deadline=$1; shift
 python3 -c "from shadowpass.eval.smollm2 import load_smollm2; load_smollm2('cpu')" 2>&1 | tail -1
