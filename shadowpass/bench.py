@@ -51,6 +51,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")
     p.add_argument("--out", default=None, help="write results JSON (and a PNG plot) here")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing each run, profile this many decode steps and print GPU "
+                        "time per part of the step (kernels grouped by name) and the GPU's idle "
+                        "share")
 
 
 @dataclass
@@ -126,7 +130,7 @@ def weight_bytes(model) -> int:
 
 
 # ------------------------------------------------------------------------------------- dense
-def dense_run(model, B: int, T: int, gen: int) -> Row:
+def dense_run(model, B: int, T: int, gen: int, profile: int = 0) -> Row:
     from transformers import StaticCache
     cfg = model.config
     H, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -139,12 +143,13 @@ def dense_run(model, B: int, T: int, gen: int) -> Row:
         layer.values.normal_()
         layer.cumulative_length.fill_(T)
     forward = torch.compile(model.forward, mode="reduce-overhead")
-    med, spread = decode_steps(forward, cache, model.config.vocab_size, B, T, gen)
+    med, spread = decode_steps(forward, cache, model.config.vocab_size, B, T, gen, profile)
     return Row("dense", T, B, B * 1e3 / med, med, spread, torch.cuda.max_memory_allocated() / GIB)
 
 
-def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int):
-    """Median and p20-p80 milliseconds of `gen` greedy decode steps after 3 warm-up steps."""
+def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: int = 0):
+    """Median and p20-p80 milliseconds of `gen` greedy decode steps after 3 warm-up steps;
+    then, with ``profile``, the GPU time of that many more steps per part (``step_profile``)."""
     ids = torch.randint(0, vocab, (B, 1), device="cuda")
     pos = torch.full((B, 1), T, device="cuda")
 
@@ -161,7 +166,81 @@ def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int):
         step()
     torch.cuda.synchronize()
     print(f"B={B}: 3 warm-up steps (compiling) in {time.perf_counter() - t0:.1f} s", flush=True)
-    return summary(time_steps(step, gen))
+    timed = summary(time_steps(step, gen))
+    if profile:
+        print(f"B={B} T={T}: GPU time per decode step, {profile} steps profiled\n"
+              + step_profile(step, profile), flush=True)
+    return timed
+
+
+# Kernel-name fragments -> part of the step (first match wins; names from templates/ and the
+# kernels torch/Inductor launch for the rest of the model).
+STEP_PARTS = (("value fetch (PCIe)", ("fetch_values",)),
+              ("key rebuild", ("rebuild_keys", "reuse_plan")),
+              ("landmark scores", ("landmark",)),
+              ("top-k", ("topk", "sort", "radix")),
+              ("sparse attention", ("sparse_decode", "flash", "attention", "fmha")),
+              ("GEMM (weights)", ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma", "cublas")),
+              ("copies", ("copy", "memcpy", "memset", "fill")))
+
+
+def step_profile(step, steps: int, device: str = "cuda") -> str:
+    """GPU kernel time per part of the step (``STEP_PARTS``), per step, and the share of the
+    wall time the GPU ran no kernel (launch gaps, host work, waits)."""
+    from torch.profiler import ProfilerActivity, profile
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    kind = torch.autograd.DeviceType.CUDA if device == "cuda" else torch.autograd.DeviceType.CPU
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    parts: dict[str, float] = {}
+    names: dict[str, float] = {}
+    intervals = []
+    for e in prof.events():
+        if e.device_type != kind:
+            continue
+        us = e.time_range.end - e.time_range.start
+        intervals.append((e.time_range.start, e.time_range.end))
+        low = e.name.lower()
+        part = next((p for p, keys in STEP_PARTS if any(k in low for k in keys)), "other")
+        parts[part] = parts.get(part, 0.0) + us
+        names[e.name] = names.get(e.name, 0.0) + us
+    busy, end = 0.0, float("-inf")  # union of kernel intervals (streams overlap)
+    for a, b in sorted(intervals):
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    lines = [f"  {p:22s} {us / steps / 1e3:8.3f} ms" for p, us in
+             sorted(parts.items(), key=lambda kv: -kv[1])]
+    lines.append(f"  {'sum of kernels':22s} {sum(parts.values()) / steps / 1e3:8.3f} ms "
+                 f"(busy {busy / steps / 1e3:.3f} ms of {wall_us / steps / 1e3:.3f} ms wall: "
+                 f"GPU idle {1 - busy / wall_us:.0%})")
+    lines.append("  top kernels:")
+    lines += [f"    {us / steps / 1e3:8.3f} ms  {n[:100]}" for n, us in
+              sorted(names.items(), key=lambda kv: -kv[1])[:15]]
+    return "\n".join(lines) + "\n  host (Python) time of the same steps:\n" + host_profile(
+        step, steps, sync)
+
+
+def host_profile(step, steps: int, sync) -> str:
+    """The host functions that take the most time (cProfile: own time, then cumulative)."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(15)
+    stats.sort_stats("cumulative").print_stats(25)
+    return "\n".join("    " + line for line in out.getvalue().splitlines() if line.strip())
 
 
 def release():
@@ -266,7 +345,7 @@ def shadow_roofline(model, B: int, T: int, cfg, hit: float, bw: dict[str, float]
     return max(hbm, pcie)
 
 
-def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw) -> Row:
+def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw, profile: int = 0) -> Row:
     import shadowpass
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -277,7 +356,7 @@ def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw) -> Row:
     rt.clear()
     rt._session = batched
     cache = stub_cache(model, B, T)
-    med, spread = decode_steps(model, cache, model.config.vocab_size, B, T, gen)
+    med, spread = decode_steps(model, cache, model.config.vocab_size, B, T, gen, profile)
     hit = batched.hit_rate()
     row = Row("shadowkv", T, B, B * 1e3 / med, med, spread,
               torch.cuda.max_memory_allocated() / GIB,
@@ -359,7 +438,7 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
           flush=True)
     largest = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
     for B in batch_sizes(args, largest):
-        row = shadow_run(model, session, B, T, args.gen, cfg, bw)
+        row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile)
         gc.collect()
         row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill)
         rows.append(row)
@@ -374,7 +453,7 @@ def dense_side(model, T: int, args) -> list[Row]:
     rows = []
     for B in batch_sizes(args, dense_max_batch(model, T, args.gpu_reserve_gib)):
         try:
-            row = dense_run(model, B, T, args.gen)
+            row = dense_run(model, B, T, args.gen, args.profile)
         except torch.OutOfMemoryError:
             print(f"dense B={B} T={T}: out of GPU memory")
             release()

@@ -171,3 +171,16 @@ def test_tiny_table_is_shared():
     import cases
     assert cases.HF_MODELS is HF_MODELS
     assert set(cases.EXPECTED_ROPE) == set(HF_MODELS)
+
+
+def test_bench_step_profile_groups_kernels_by_part():
+    """The e2e bench's --profile table: each part's time, their sum, and the top kernels
+    (run with CPU events here; on the GPU the same grouping reads kernel names)."""
+    from shadowpass.bench import step_profile
+    a = torch.randn(128, 128)
+
+    def step():
+        torch.topk(a @ a, 4, dim=-1)
+
+    table = step_profile(step, 2, device="cpu")
+    assert "top-k" in table and "sum of kernels" in table and "aten::topk" in table
