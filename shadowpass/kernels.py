@@ -74,7 +74,8 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
     chunk_size, budget_chunks, rope_style : as the reference.
     workspace : buffers from the previous step of this site; None allocates fresh ones and
         loads every selected chunk. With a workspace only chunks not held already are loaded.
-    overlap : fetch values on a side stream, overlapped with the key rebuild (eager CUDA only).
+    overlap : fetch values on a side stream, overlapped with the key rebuild (CUDA, eager or
+        under CUDA-graph capture; not inside an Inductor graph).
 
     Returns
     -------
@@ -126,8 +127,8 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
                           load_chunk, load_slot, n_load, C, rope_style)
         workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
         return slot_chunk
-    side = (overlap and q.is_cuda and not is_fake(q) and not torch.compiler.is_compiling()
-            and not torch.cuda.is_current_stream_capturing())
+    # A capture forks onto the side stream and joins back, so a replayed step overlaps too.
+    side = overlap and q.is_cuda and not is_fake(q) and not torch.compiler.is_compiling()
     if side:
         main = torch.cuda.current_stream(q.device)
         stream = _side_stream(q.device)
