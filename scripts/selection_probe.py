@@ -4,7 +4,7 @@ Runs the niah_single prompts at 8K that ShadowKV (budget 1024, rank 64) got wron
 (results/h100/eval_8k_grid: samples 3, 14, 25, 27 of niah_single) through dense, the oracle
 selection (exact attention mass) and ShadowKV at rank 64 and full rank 192 with chunks of 8
 tokens, then ShadowKV at full rank with chunks of 4 and 2 (the local window kept at 32 tokens),
-all at budget 1024, in fp32 on the CPU (~20 min on 2 cores). Prints each method's answers.
+all at budget 1024, in fp32 on the CPU (13 min on 2 cores). Prints each method's answers.
 
     SHADOWPASS_SMOLLM2_GGUF=... python scripts/selection_probe.py
 """
