@@ -26,6 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 GIB = 1 << 30
+WARMUP_STEPS = 3  # decode steps before timing (the first compiles)
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,7 +137,7 @@ def dense_run(model, B: int, T: int, gen: int, profile: int = 0) -> Row:
     H, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     torch.cuda.reset_peak_memory_stats()
     # room for the warm-up, timed and profiled steps (profile: twice, GPU and host)
-    cache = StaticCache(config=cfg, max_cache_len=T + 3 + gen + 2 * profile + 8)
+    cache = StaticCache(config=cfg, max_cache_len=T + WARMUP_STEPS + gen + 2 * profile + 8)
     probe = torch.zeros(B, H, 1, d, dtype=torch.bfloat16, device="cuda")
     for layer in cache.layers:  # a decode step reads every cached byte, whatever the values
         layer.lazy_initialization(probe, probe)
@@ -149,7 +150,7 @@ def dense_run(model, B: int, T: int, gen: int, profile: int = 0) -> Row:
 
 
 def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: int = 0):
-    """Median and p20-p80 milliseconds of `gen` greedy decode steps after 3 warm-up steps;
+    """Median and p20-p80 milliseconds of `gen` greedy decode steps after the warm-up steps;
     then, with ``profile``, the GPU time of that many more steps per part (``step_profile``)."""
     ids = torch.randint(0, vocab, (B, 1), device="cuda")
     pos = torch.full((B, 1), T, device="cuda")
@@ -163,10 +164,11 @@ def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: 
         pos.add_(1)
 
     t0 = time.perf_counter()
-    for _ in range(3):
+    for _ in range(WARMUP_STEPS):
         step()
     torch.cuda.synchronize()
-    print(f"B={B}: 3 warm-up steps (compiling) in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"B={B}: {WARMUP_STEPS} warm-up steps (compiling) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
     timed = summary(time_steps(step, gen))
     if profile:
         print(f"B={B} T={T}: GPU time per decode step, {profile} steps profiled\n"
