@@ -177,7 +177,7 @@ def bench_config(ctx, B, env):
     from shadowpass.templates.sparse_decode import sparse_decode
 
     from shadowpass import reference as ref
-    from shadowpass.kernels import DecodeWorkspace, decode_attention_cuda
+    from shadowpass.kernels import DecodeWorkspace, decode_attention_cuda, load_chunks
 
     timed, report, summary = env["timed"], env["report"], env["summary"]
     hbm, h2d, dev, pool, dense_pool, miss = (env[k] for k in ("hbm", "h2d", "dev", "pool",
@@ -255,6 +255,11 @@ def bench_config(ctx, B, env):
                     "of pinned H2D")
         if frac == 1.0:
             summary.setdefault("fetch", []).append((ctx, B, fr))
+        for overlap in (False, True):
+            t = timed(lambda n=n, o=overlap: load_chunks(sel_k, sel_v, st, cos, sin, lc, ls, n, C,
+                                                         "rotate_half", overlap=o), graph=True)
+            report(ctx, B, f"rebuild {'||' if overlap else '+'} fetch {frac:.0%} miss", t,
+                   note="fetch on a side stream" if overlap else "one stream")
 
     # 4. sparse attention against SDPA over a compact buffer of the same size
     P = OUTLIERS * C + K * C + LOCAL + GEN

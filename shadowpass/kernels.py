@@ -43,7 +43,7 @@ from .templates.sparse_decode import sparse_decode
 log = logging.getLogger(__name__)
 
 __all__ = ["DecodeWorkspace", "decode_attention_cuda", "decode_triton", "gather_step",
-           "register_cuda_kernel", "sparse_attention_triton"]
+           "load_chunks", "register_cuda_kernel", "sparse_attention_triton"]
 
 
 _SIDE_STREAMS = {}
@@ -127,24 +127,36 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
                           load_chunk, load_slot, n_load, C, rope_style)
         workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
         return slot_chunk
-    # A capture forks onto the side stream and joins back, so a replayed step overlaps too.
-    side = overlap and q.is_cuda and not is_fake(q) and not torch.compiler.is_compiling()
-    if side:
-        main = torch.cuda.current_stream(q.device)
-        stream = _side_stream(q.device)
-        stream.wait_stream(main)
-        with torch.cuda.stream(stream):
-            fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
-        rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
-                          load_chunk, load_slot, n_load, C, rope_style)
-        main.wait_stream(stream)
-        for t in (load_chunk, load_slot, n_load):
-            t.record_stream(stream)  # freed on main after use on the side stream
-    else:
-        rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
-                          load_chunk, load_slot, n_load, C, rope_style)
-        fetch_values_into(workspace.sel_v, state.values, load_chunk, load_slot, n_load)
+    load_chunks(workspace.sel_k, workspace.sel_v, state, cos, sin, load_chunk, load_slot, n_load,
+                C, rope_style, overlap)
     return slot_chunk
+
+
+def load_chunks(sel_k, sel_v, state: PrefillState, cos, sin, load_chunk, load_slot, n_load,
+                chunk_size: int, rope_style: str, overlap: bool = True):
+    """Rebuild the listed chunks' keys into sel_k and fetch their values into sel_v.
+
+    overlap : fetch on a side stream while the rebuild runs (CUDA, eager or under CUDA-graph
+        capture: a capture forks onto the side stream and joins back, so replays overlap too).
+    """
+    def rebuild():
+        rebuild_keys_into(sel_k, state.U, state.SV, cos, sin, load_chunk, load_slot, n_load,
+                          chunk_size, rope_style)
+
+    if not (overlap and sel_k.is_cuda and not is_fake(sel_k)
+            and not torch.compiler.is_compiling()):
+        rebuild()
+        fetch_values_into(sel_v, state.values, load_chunk, load_slot, n_load)
+        return
+    main = torch.cuda.current_stream(sel_k.device)
+    stream = _side_stream(sel_k.device)
+    stream.wait_stream(main)
+    with torch.cuda.stream(stream):
+        fetch_values_into(sel_v, state.values, load_chunk, load_slot, n_load)
+    rebuild()
+    main.wait_stream(stream)
+    for t in (load_chunk, load_slot, n_load):
+        t.record_stream(stream)  # freed on main after use on the side stream
 
 
 def _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C):

@@ -11,8 +11,11 @@ Sub notation:
     rank columns per GEMM step, ROPE (0 none, 1 rotate_half, 2 interleaved), K_PAD (power of
     two >= K), UPCAST (see templates.common).
 
-Parallelization: rebuild and fetch run on a grid (cdiv(K*C, BLOCK_ROWS), B*H); programs past
-n_load[b, h]*C issue only masked (no-op) memory traffic. The plan runs one program per (b, h).
+Parallelization: the rebuild runs on a grid (cdiv(K*C, BLOCK_ROWS), B*H); programs past
+n_load[b, h]*C issue only masked (no-op) memory traffic. The fetch is persistent: a fixed number
+of programs loop over the same tiles, so that it leaves SMs free for the rebuild it overlaps
+(a full grid fills every SM with programs that wait on PCIe, and the rebuild queues behind
+them). The plan runs one program per (b, h).
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ from ..hostmem import is_pinned
 from .common import INTERPRET, dot, is_fake, launch, next_pow2
 
 ROPE_CODES = {"none": 0, "rotate_half": 1, "interleaved": 2}
+# Persistent value-fetch programs. H100, 128K B8 (scripts/fetch_programs.py): 33 to 1M programs
+# all fetch at the same speed, and up to 66 the rebuild on a side stream hides behind the fetch
+# entirely (overlapped = fetch alone); from 132 it does not (+70 us).
+FETCH_PROGRAMS = 64
 
 
 @triton.jit
@@ -64,15 +71,15 @@ def _reuse_plan_kernel(
 
 
 @triton.jit
-def _load_rows(load_chunk_ptr, load_slot_ptr, nload_ptr, K, C, BLOCK_ROWS: tl.constexpr):
-    """This program's rows of the (b, h) load list: (bh, valid, chunk, slot, row in chunk)."""
-    bh = tl.program_id(1).to(tl.int64)
-    i = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+def _load_rows(bh, block, load_chunk_ptr, load_slot_ptr, nload_ptr, K, C,
+               BLOCK_ROWS: tl.constexpr):
+    """Row block `block` of the (b, h) load list: (valid, chunk, slot, row in chunk)."""
+    i = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     j = i // C
     ok = j < tl.load(nload_ptr + bh)
     chunk = tl.load(load_chunk_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
     slot = tl.load(load_slot_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
-    return bh, ok, chunk, slot, i % C
+    return ok, chunk, slot, i % C
 
 
 @triton.jit
@@ -82,8 +89,9 @@ def _rebuild_keys_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
     ROPE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    bh, ok, chunk, slot, c = _load_rows(load_chunk_ptr, load_slot_ptr, nload_ptr, K, C,
-                                        BLOCK_ROWS)
+    bh = tl.program_id(1).to(tl.int64)
+    ok, chunk, slot, c = _load_rows(bh, tl.program_id(0), load_chunk_ptr, load_slot_ptr,
+                                    nload_ptr, K, C, BLOCK_ROWS)
     b = bh // H
     pos = chunk * C + c  # the token's prompt position
     tok = b * N * C + pos  # its row of U
@@ -128,17 +136,19 @@ def _rebuild_keys_kernel(
 @triton.jit
 def _fetch_values_kernel(
     out_ptr, values_ptr, load_chunk_ptr, load_slot_ptr, nload_ptr,
-    N, K, C,
+    N, K, C, BLOCKS, TILES,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
-    bh, ok, chunk, slot, c = _load_rows(load_chunk_ptr, load_slot_ptr, nload_ptr, K, C,
-                                        BLOCK_ROWS)
     cols = tl.arange(0, D_PAD)
-    m = ok[:, None] & (cols < D)[None, :]
-    # one chunk of one head is C*d contiguous elements of the host store: long coalesced reads
-    x = tl.load(values_ptr + ((bh * N + chunk) * C + c)[:, None] * D + cols[None, :], mask=m)
-    tl.store(out_ptr + ((bh * K + slot) * C + c)[:, None] * D + cols[None, :],
-             x.to(out_ptr.dtype.element_ty), mask=m)
+    for t in range(tl.program_id(0), TILES, tl.num_programs(0)):  # tile = (bh, row block)
+        bh = (t // BLOCKS).to(tl.int64)
+        ok, chunk, slot, c = _load_rows(bh, t % BLOCKS, load_chunk_ptr, load_slot_ptr,
+                                        nload_ptr, K, C, BLOCK_ROWS)
+        m = ok[:, None] & (cols < D)[None, :]
+        # one chunk of one head is C*d contiguous elements of the host store: coalesced reads
+        x = tl.load(values_ptr + ((bh * N + chunk) * C + c)[:, None] * D + cols[None, :], mask=m)
+        tl.store(out_ptr + ((bh * K + slot) * C + c)[:, None] * D + cols[None, :],
+                 x.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def reuse_plan(idx: torch.Tensor, slot_chunk: torch.Tensor, chunk_slot: torch.Tensor):
@@ -227,7 +237,7 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
 
 def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch.Tensor,
                       load_slot: torch.Tensor, n_load: torch.Tensor,
-                      block_rows: int = 0) -> torch.Tensor:
+                      block_rows: int = 0, programs: int = 0) -> torch.Tensor:
     """Copy the listed chunks' values into their slots (``reference.fetch_values``).
 
     Parameters
@@ -236,6 +246,7 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
     values : [B, H, N, C, d] contiguous host store. On CUDA it must be pinned: the kernel reads
         it directly through unified virtual addressing (zero-copy, no staging copy).
     load_chunk, load_slot : [B, H, K] int32; n_load : [B, H] int32 (see ``reuse_plan``).
+    block_rows, programs : tile height and number of persistent programs (0: defaults).
 
     Returns
     -------
@@ -254,10 +265,11 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
     # small programs (16 rows = 4 KB at d=128, 8 warps, ~60 registers) so that many are
     # resident per SM: zero-copy reads over PCIe need many requests in flight
     BLOCK_ROWS = block_rows or 16
-    grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
+    blocks = triton.cdiv(KC, BLOCK_ROWS)
+    tiles = blocks * B * H
     # out goes first: Inductor takes a user kernel's device from its first tensor argument
-    launch(_fetch_values_kernel)[grid](
-        out, values, load_chunk, load_slot, n_load, N, K, C,
+    launch(_fetch_values_kernel)[(min(tiles, programs or FETCH_PROGRAMS),)](
+        out, values, load_chunk, load_slot, n_load, N, K, C, blocks, tiles,
         D=d, D_PAD=next_pow2(d, 16), BLOCK_ROWS=BLOCK_ROWS, num_warps=8)
     return out
 

@@ -236,12 +236,13 @@ def test_rebuild_keys_odd_chunk_and_rank():
 # ----------------------------------------------------------------------------- value fetch
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C,d", [(8, 64), (8, 128), (3, 64)])
-def test_fetch_values_equal_reference(dtype, C, d):
+@pytest.mark.parametrize("programs", [0, 3])  # 3: each persistent program loops over tiles
+def test_fetch_values_equal_reference(dtype, C, d, programs):
     B, H, N, K = 2, 2, 10, 4
     st = synthetic_state(B, H, N, C, d, 8, 0, 0, 0, "none", dtype)
     idx = distinct_chunks(B, H, N, K, seed=1).to(DEV)
     out = torch.full((B, H, K * C, d), float("nan"), device=DEV, dtype=dtype)
-    fetch_values_into(out, st.values, *full_load(idx), block_rows=16)
+    fetch_values_into(out, st.values, *full_load(idx), block_rows=16, programs=programs)
     assert torch.equal(out, ref.fetch_values(st.values, idx, DEV))  # a copy: bit-exact
 
 
