@@ -29,6 +29,9 @@ import triton.language as tl
 from .common import INTERPRET, as_bytes, dot, launch, next_pow2
 
 LOG2E = 1.4426950408889634
+# launch options of the split kernel (scripts/attention_configs.py sweeps them with BLOCK_N
+# and the split count); num_stages 3 is Triton's default on CUDA
+SPLIT_LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -240,7 +243,7 @@ def sparse_decode(q: torch.Tensor, scale: float,
         gen_k, gen_v, gen_len,
         po, pm, pl,
         float(scale) * LOG2E, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
-        D=d, D_PAD=D_PAD, M_PAD=M_PAD, BLOCK_N=BLOCK_N, UPCAST=INTERPRET, num_warps=4)
+        D=d, D_PAD=D_PAD, M_PAD=M_PAD, BLOCK_N=BLOCK_N, UPCAST=INTERPRET, **SPLIT_LAUNCH)
     launch(_sparse_decode_combine_kernel)[(B * H,)](
         out, po, pm, pl, G, T, S,
         D=d, D_PAD=D_PAD, M_PAD=M_PAD, S_PAD=next_pow2(S), num_warps=4)
