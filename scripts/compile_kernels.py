@@ -180,6 +180,7 @@ def main():
         for kernel, _grid, call_args, kwargs in Recorder.calls:
             kwargs = dict(kwargs)
             num_warps = kwargs.pop("num_warps", 4)
+            options = {"num_warps": num_warps, "num_stages": kwargs.pop("num_stages", 3)}
             free = [n for n in kernel.arg_names if n not in kwargs]
             sig = {n: mangle_type(a) for n, a in zip(free, call_args)}
             sig.update({n: "constexpr" for n in kwargs})
@@ -190,8 +191,7 @@ def main():
             name = kernel.__name__ + ("" if "ROPE" not in kwargs else f"[rope={kwargs['ROPE']}]")
             try:
                 regs, spill, shared = compile_for(
-                    ASTSource(fn=kernel, signature=sig, constexprs=kwargs), target,
-                    {"num_warps": num_warps})
+                    ASTSource(fn=kernel, signature=sig, constexprs=kwargs), target, options)
             except Exception as e:  # noqa: BLE001 (report every failing kernel, then fail)
                 failures += 1
                 print(f"{name:<32} {str(dtype)[6:]:<9} {d:>4}  FAILED: {type(e).__name__}: {e}")

@@ -9,6 +9,7 @@ returned with ``reason`` set and is left dense.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -487,15 +488,17 @@ def is_plain_projection(n: Node, depth: int = 8) -> bool:
 
 # ------------------------------------------------------------------------------------ driver
 
+_DYNAMO_ROOT = re.compile(r"^[LG]\[[^\]]*\](\[[^\]]*\])*\.?")
+
+
 def module_path(n: Node) -> Optional[str]:
     stack = n.meta.get("nn_module_stack")
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    return path or None
+    # drop Dynamo's source of the root module: L['self'], or L['args'][0] when the model
+    # reaches the traced function as an argument (HF generate, seen with transformers 5.24)
+    return _DYNAMO_ROOT.sub("", path) or None
 
 
 def analyze_site(cand: Node, index: int) -> Site:

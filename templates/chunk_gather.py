@@ -29,7 +29,7 @@ from .common import INTERPRET, dot, is_fake, launch, next_pow2
 ROPE_CODES = {"none": 0, "rotate_half": 1, "interleaved": 2}
 # Persistent value-fetch programs. H100, 128K B8 (scripts/fetch_programs.py): 33 to 1M programs
 # all fetch at the same speed, and up to 66 the rebuild on a side stream hides behind the fetch
-# entirely (overlapped = fetch alone); from 132 it does not (+70 us).
+# entirely (overlapped = fetch alone); from 132 it does not (+60-90 us).
 FETCH_PROGRAMS = 64
 
 
@@ -262,8 +262,8 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
         raise ValueError("fetch_values_into: the value store must be contiguous [B, H, N, C, d]")
     if B * H * KC == 0:
         return out
-    # small programs (16 rows = 4 KB at d=128, 8 warps, ~60 registers) so that many are
-    # resident per SM: zero-copy reads over PCIe need many requests in flight
+    # tiles of 16 rows (4 KB at d=128) per load; 64 programs of 8 warps keep enough zero-copy
+    # reads in flight to reach the pinned-copy bandwidth (scripts/fetch_programs.py)
     BLOCK_ROWS = block_rows or 16
     blocks = triton.cdiv(KC, BLOCK_ROWS)
     tiles = blocks * B * H
