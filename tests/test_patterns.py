@@ -130,3 +130,17 @@ def test_form_rewritten_and_exact(form, cache, gqa):
     assert shadowpass.runtime_of(twin).sites, "ShadowKV state was not built"
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("source,name", [
+    ("L['self'].model.layers.0.self_attn", "model.layers.0.self_attn"),
+    ("L['args'][0].model.layers.0.self_attn", "model.layers.0.self_attn"),  # transformers 5.24
+    ("L['self']", None),
+    ("model.layers.3.attn", "model.layers.3.attn"),
+])
+def test_site_names_drop_the_dynamo_root_source(source, name):
+    from shadowpass.detect import module_path
+    graph = torch.fx.Graph()
+    node = graph.placeholder("x")
+    node.meta["nn_module_stack"] = {"key": (source, nn.Module)}
+    assert module_path(node) == name
