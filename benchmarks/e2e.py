@@ -1,6 +1,6 @@
 """End-to-end decode throughput, ShadowKV vs dense, Llama-3.1-8B shape (see shadowpass.bench).
 
-    python benchmarks/e2e.py --contexts 61440 122880 --out results/   # same as `shadowpass bench`
+    python benchmarks/e2e.py --out results/          # 32K, 60K, 122K; same as `shadowpass bench`
     python benchmarks/e2e.py --check                                  # the benchmarked path is real
 """
 import sys
