@@ -10,6 +10,7 @@ reads in flight. Times in us (median, CUDA graph).
 import torch
 from triton.testing import do_bench_cudagraph
 
+from shadowpass.bench import measure_peaks
 from shadowpass.kernels import load_chunks
 from shadowpass.reference import PrefillState
 from shadowpass.templates import chunk_gather
@@ -30,10 +31,8 @@ idx = torch.stack([torch.randperm(N, device=dev)[:K] for _ in range(B * H)]).vie
 lc, ls, _ = full_load(idx)
 sel_k = torch.empty(B, H, K * C, D, device=dev, dtype=bf)
 sel_v = torch.empty_like(sel_k)
-h2d_src = values.view(-1)[:B * H * K * C * D]
-h2d_dst = torch.empty_like(h2d_src, device=dev)
-t = do_bench_cudagraph(lambda: h2d_dst.copy_(h2d_src, non_blocking=True), rep=100)
-print(f"{torch.cuda.get_device_name()}: pinned H2D copy {h2d_src.numel() * 2 / t / 1e6:.1f} GB/s")
+h2d = measure_peaks(lambda fn: do_bench_cudagraph(fn, rep=100), dev)[1]
+print(f"{torch.cuda.get_device_name()}: pinned H2D copy {h2d / 1e9:.1f} GB/s")
 print(f"{'programs':>9} {'miss':>5} {'fetch us':>9} {'GB/s':>6} {'rebuild us':>11} "
       f"{'serial us':>10} {'overlap us':>11}")
 for programs in (33, 66, 132, 264, 528, 1056, 1 << 20):
