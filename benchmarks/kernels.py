@@ -177,7 +177,12 @@ def bench_config(ctx, B, env):
     from shadowpass.templates.sparse_decode import sparse_decode
 
     from shadowpass import reference as ref
-    from shadowpass.kernels import DecodeWorkspace, decode_attention_cuda, load_chunks
+    from shadowpass.kernels import (
+        PIPELINE_PARTS,
+        DecodeWorkspace,
+        decode_attention_cuda,
+        load_chunks,
+    )
 
     timed, report, summary = env["timed"], env["report"], env["summary"]
     hbm, h2d, dev, pool, dense_pool, miss = (env[k] for k in ("hbm", "h2d", "dev", "pool",
@@ -285,11 +290,12 @@ def bench_config(ctx, B, env):
     ring = torch.empty_like(noise)  # 8 nearby queries, picked on the device (graph-safe)
     it = torch.zeros(1, dtype=torch.long, device=dev)
 
-    def shadow_step():
+    def shadow_step(parts=None):
         gen_len.fill_(GEN - 1)  # keep the generated length fixed across repetitions
         it.add_(1).remainder_(ring.shape[0])
         return decode_attention_cuda(ring.index_select(0, it)[0], k_new, v_new, scale, st,
-                                     cos, sin, gen_k, gen_v, gen_len, C, K, "rotate_half", workspace=ws)
+                                     cos, sin, gen_k, gen_v, gen_len, C, K, "rotate_half",
+                                     workspace=ws, parts=parts)
 
     def hit_rate_with(sigma):
         ring.copy_(q[None] + sigma * noise)
@@ -312,7 +318,11 @@ def bench_config(ctx, B, env):
     t_se = timed(shadow_step)
     report(ctx, B, "ShadowKV step, eager", t_se, err=err, note=f"hit rate {hit:.0%}")
     t_sg = timed(shadow_step, graph=True)
-    report(ctx, B, "ShadowKV step, CUDA graph", t_sg, note=f"hit rate {hit:.0%}")
+    report(ctx, B, "ShadowKV step, CUDA graph", t_sg,
+           note=f"hit rate {hit:.0%}, {min(B, PIPELINE_PARTS)} batch slices")
+    for parts in [p for p in (1, 2, 8) if B > 1 and p <= B]:  # the pipeline's other depths
+        t = timed(lambda p=parts: shadow_step(p), graph=True)
+        report(ctx, B, f"  the same, {parts} batch slice{'s' if parts > 1 else ''}", t)
     Ld = ctx + GEN
     dk = dense_pool[:B * H * Ld * D].view(B, H, Ld, D)
     dv = dense_pool[B * H * Ld * D:2 * B * H * Ld * D].view(B, H, Ld, D)

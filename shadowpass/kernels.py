@@ -58,7 +58,7 @@ def _side_stream(device: torch.device):
 def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v,
                           gen_len, chunk_size: int, budget_chunks: int, rope_style: str,
                           workspace: DecodeWorkspace | None = None,
-                          overlap: bool = True) -> torch.Tensor:
+                          overlap: bool = True, parts: int | None = None) -> torch.Tensor:
     """One decode step of a rewritten site on Triton kernels (``reference.decode_attention``).
 
     Parameters
@@ -76,6 +76,7 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
         loads every selected chunk. With a workspace only chunks not held already are loaded.
     overlap : fetch values on a side stream, overlapped with the key rebuild (CUDA, eager or
         under CUDA-graph capture; not inside an Inductor graph).
+    parts : batch slices of the pipeline (see ``gather_step``).
 
     Returns
     -------
@@ -87,32 +88,113 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
         reuse = False
     else:
         reuse = True
-    slot_chunk = gather_step(q, k, v, scale, state, cos, sin, gen_k, gen_v, gen_len,
-                             chunk_size, budget_chunks, rope_style, workspace, reuse=reuse,
-                             overlap=overlap)
-    return _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, chunk_size)
+
+    def attend(rows: slice, slot_chunk):
+        return _attend(_rows(q, rows), scale, _state_rows(state, rows),
+                       _workspace_rows(workspace, rows), slot_chunk, _rows(gen_k, rows),
+                       _rows(gen_v, rows), gen_len, chunk_size)
+
+    _, out = gather_step(q, k, v, scale, state, cos, sin, gen_k, gen_v, gen_len, chunk_size,
+                         budget_chunks, rope_style, workspace, reuse=reuse, overlap=overlap,
+                         parts=parts, attend=attend)
+    return out
+
+
+# Batch slices of a decode step on CUDA. Slice i's value fetch (PCIe-bound) runs beside slice
+# i+1's scoring, top-k and key rebuild and slice i-1's attention (HBM-bound), which would
+# otherwise wait for the whole batch's fetch or make it wait.
+PIPELINE_PARTS = 4
 
 
 def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v, gen_len,
                 chunk_size: int, budget_chunks: int, rope_style: str,
-                workspace: DecodeWorkspace, reuse: bool = True,
-                overlap: bool = True) -> torch.Tensor:
+                workspace: DecodeWorkspace, reuse: bool = True, overlap: bool = True,
+                parts: int | None = None, attend=None):
     """The part of ``decode_attention_cuda`` before the attention (``reference.decode_gather``):
     append the new tokens, select chunks and load the ones the workspace does not hold.
 
     reuse : the workspace holds the previous step's chunks (False: load every selected chunk
-        and leave the workspace's slot maps as they are). Returns the chunk of each slot
-        [B, Hkv, K] as the attention must read it (the workspace's slot_chunk when reusing).
+        and leave the workspace's slot maps as they are).
+    parts : the batch is processed in this many slices, pipelined as ``PIPELINE_PARTS`` says
+        (None: PIPELINE_PARTS where the fetch runs on a side stream, else 1; never more than B).
+    attend : attend(rows, slot_chunk) for the fused step: called on each batch slice (a slice
+        object over the batch) once its chunks are loaded; its results are concatenated.
+
+    Returns (slot_chunk, attended): the chunk of each slot [B, Hkv, K] as the attention must
+    read it (the workspace's slot_chunk when reusing), and attend's results ([B, ...]; None
+    without attend).
     """
     Hq, H = q.shape[1], k.shape[1]
-    C = chunk_size
     if Hq % H:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
     ref.append_generated(k, v, gen_k, gen_v, gen_len)
-
-    K = workspace.slot_chunk.shape[-1]
+    B, K = q.shape[0], workspace.slot_chunk.shape[-1]
     if K == 0:
-        return workspace.slot_chunk
+        return workspace.slot_chunk, attend(ALL_ROWS, workspace.slot_chunk) if attend else None
+    if q.is_cuda and _pageable(state.values):
+        slot_chunk = _gather_on_host(q, scale, state, cos, sin, chunk_size, budget_chunks,
+                                     rope_style, workspace, reuse)
+        return slot_chunk, attend(ALL_ROWS, slot_chunk) if attend else None
+
+    streams = overlap and _can_fork(q)
+    n = parts or (PIPELINE_PARTS if streams else 1)
+    if n > 1 and B > 1:
+        n = min(n, B)
+        slices = [slice(B * i // n, B * (i + 1) // n) for i in range(n)]
+    else:  # no slicing at all: traced calls keep a symbolic batch free of guards
+        slices = [ALL_ROWS]
+    slot_chunks, attended, loading = [], [], []  # loading: (rows, slot_chunk, fetch done event)
+
+    def attend_oldest():
+        rows, sc, done = loading.pop(0)
+        if done is not None:
+            torch.cuda.current_stream(q.device).wait_event(done)
+        if attend is not None:
+            attended.append(attend(rows, sc))
+
+    for rows in slices:
+        st, ws = _state_rows(state, rows), _workspace_rows(workspace, rows)
+        load_chunk, load_slot, n_load, slot_chunk = _plan(_rows(q, rows), scale, st, ws,
+                                                          budget_chunks, reuse)
+        slot_chunks.append(slot_chunk)
+        done = _fetch_async(ws.sel_v, st.values, load_chunk, load_slot, n_load, streams)
+        rebuild_keys_into(ws.sel_k, st.U, st.SV, _rows_of(cos, rows, B), _rows_of(sin, rows, B),
+                          load_chunk, load_slot, n_load, chunk_size, rope_style)
+        loading.append((rows, slot_chunk, done))
+        if len(loading) > 1:  # the previous slice's attention runs during this slice's fetch
+            attend_oldest()
+    while loading:
+        attend_oldest()
+    slot_chunk = slot_chunks[0] if len(slices) == 1 else (
+        workspace.slot_chunk if reuse else torch.cat(slot_chunks))
+    if attend is None:
+        return slot_chunk, None
+    return slot_chunk, attended[0] if len(attended) == 1 else torch.cat(attended)
+
+
+ALL_ROWS = slice(None)
+
+
+def _rows(t, rows: slice):
+    """t's batch rows, or t itself for the whole batch."""
+    return t if rows == ALL_ROWS else t[rows]
+
+
+def _rows_of(t: torch.Tensor, rows: slice, B: int) -> torch.Tensor:
+    """Like ``_rows``, but a table shared by the batch ([1, ...]) stays whole."""
+    return t if rows == ALL_ROWS or t.shape[0] != B else t[rows]
+
+
+def _state_rows(state: PrefillState, rows: slice) -> PrefillState:
+    return state if rows == ALL_ROWS else PrefillState(*(t[rows] for t in state))
+
+
+def _workspace_rows(ws: DecodeWorkspace, rows: slice) -> DecodeWorkspace:
+    return ws if rows == ALL_ROWS else DecodeWorkspace(*(t[rows] for t in ws.tensors()))
+
+
+def _plan(q, scale, state, workspace, budget_chunks, reuse):
+    """Select chunks and list the ones to load: (load_chunk, load_slot, n_load, slot_chunk)."""
     idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks)
     if reuse:
         load_chunk, load_slot, n_load = reuse_plan(idx, workspace.slot_chunk, workspace.chunk_slot)
@@ -121,14 +203,18 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
         load_chunk, load_slot, n_load = full_load(idx)
         slot_chunk = load_chunk
     workspace.n_load.copy_(n_load)
-    if q.is_cuda and _pageable(state.values):
-        # the GPU cannot read pageable host memory: gather on the host (syncs; slow)
-        rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
-                          load_chunk, load_slot, n_load, C, rope_style)
-        workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
-        return slot_chunk
-    load_chunks(workspace.sel_k, workspace.sel_v, state, cos, sin, load_chunk, load_slot, n_load,
-                C, rope_style, overlap)
+    return load_chunk, load_slot, n_load, slot_chunk
+
+
+def _gather_on_host(q, scale, state, cos, sin, chunk_size, budget_chunks, rope_style, workspace,
+                    reuse):
+    """Selection and loads for a pageable value store: the GPU cannot read it, so values are
+    gathered on the host (syncs; slow)."""
+    load_chunk, load_slot, n_load, slot_chunk = _plan(q, scale, state, workspace, budget_chunks,
+                                                      reuse)
+    rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
+                      load_chunk, load_slot, n_load, chunk_size, rope_style)
+    workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
     return slot_chunk
 
 
@@ -136,27 +222,37 @@ def load_chunks(sel_k, sel_v, state: PrefillState, cos, sin, load_chunk, load_sl
                 chunk_size: int, rope_style: str, overlap: bool = True):
     """Rebuild the listed chunks' keys into sel_k and fetch their values into sel_v.
 
-    overlap : fetch on a side stream while the rebuild runs (CUDA, eager or under CUDA-graph
-        capture: a capture forks onto the side stream and joins back, so replays overlap too).
+    overlap : fetch on a side stream while the rebuild runs (``_fetch_async``).
     """
-    def rebuild():
-        rebuild_keys_into(sel_k, state.U, state.SV, cos, sin, load_chunk, load_slot, n_load,
-                          chunk_size, rope_style)
+    done = _fetch_async(sel_v, state.values, load_chunk, load_slot, n_load,
+                        overlap and _can_fork(sel_k))
+    rebuild_keys_into(sel_k, state.U, state.SV, cos, sin, load_chunk, load_slot, n_load,
+                      chunk_size, rope_style)
+    if done is not None:
+        torch.cuda.current_stream(sel_k.device).wait_event(done)
 
-    if not (overlap and sel_k.is_cuda and not is_fake(sel_k)
-            and not torch.compiler.is_compiling()):
-        rebuild()
-        fetch_values_into(sel_v, state.values, load_chunk, load_slot, n_load)
-        return
-    main = torch.cuda.current_stream(sel_k.device)
-    stream = _side_stream(sel_k.device)
-    stream.wait_stream(main)
-    with torch.cuda.stream(stream):
-        fetch_values_into(sel_v, state.values, load_chunk, load_slot, n_load)
-    rebuild()
-    main.wait_stream(stream)
+
+def _can_fork(t: torch.Tensor) -> bool:
+    """Whether work on t may go to a side stream: CUDA, eager or under CUDA-graph capture (a
+    capture forks onto the side stream and joins back, so replays overlap too), not while
+    Inductor traces."""
+    return t.is_cuda and not is_fake(t) and not torch.compiler.is_compiling()
+
+
+def _fetch_async(sel_v, values, load_chunk, load_slot, n_load, fork: bool):
+    """Fetch the listed chunks' values: with fork, on the side stream after the work queued so
+    far on the current one, returning the event that marks it done; else now (None)."""
+    if not fork:
+        fetch_values_into(sel_v, values, load_chunk, load_slot, n_load)
+        return None
+    side = _side_stream(sel_v.device)
+    side.wait_stream(torch.cuda.current_stream(sel_v.device))
+    with torch.cuda.stream(side):
+        fetch_values_into(sel_v, values, load_chunk, load_slot, n_load)
+        done = side.record_event()
     for t in (load_chunk, load_slot, n_load):
-        t.record_stream(stream)  # freed on main after use on the side stream
+        t.record_stream(side)  # freed on the current stream after use on the side stream
+    return done
 
 
 def _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C):

@@ -421,6 +421,31 @@ def test_decode_step_matches_reference(dtype, G, d, style, rd_frac, budget, C, N
         q_prev = q
 
 
+@pytest.mark.parametrize("parts", [2, 3, 8])
+def test_decode_step_in_batch_slices_matches_reference(parts):
+    """The pipelined step (each batch slice selected, loaded and attended in turn, uneven slices,
+    more parts than rows) equals the reference, with reuse across steps and without a
+    workspace."""
+    B, H, G, N, C, d = 3, 2, 2, 12, 4, 32
+    st = synthetic_state(B, H, N, C, d, 12, d, 1, 2 * C + 3, "rotate_half", torch.float32, pad=5)
+    ws = DecodeWorkspace.allocate(st, 4, C)
+    gk, gv = (torch.zeros(B, H, 4, d, device=DEV) for _ in range(2))
+    gl = torch.zeros(1, dtype=torch.long, device=DEV)
+    rk, rv, rl = gk.clone(), gv.clone(), gl.clone()
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        q = torch.randn(B, H * G, 1, d, generator=g).to(DEV)
+        k, v = (torch.randn(B, H, 1, d, generator=g).to(DEV) for _ in range(2))
+        workspace = None if step == 2 else ws
+        got = decode_attention_cuda(q, k, v, 0.2, *split(st), gk, gv, gl, C, 4, "rotate_half",
+                                    workspace=workspace, parts=parts)
+        want = ref.decode_attention(q, k, v, 0.2, *split(st), rk, rv, rl, C, 4, "rotate_half")
+        close(got, want, torch.float32, f"step {step}")
+        assert torch.equal(gk, rk) and torch.equal(gl, rl)
+        held = ws.slot_chunk.long()  # every slice's slots hold their chunks
+        assert torch.equal(ws.sel_v.cpu(), ref.fetch_values(st.values, held.cpu(), "cpu"))
+
+
 def test_decode_step_with_no_sparse_chunks():
     """A prompt no longer than the local window: nothing to select, attention over the rest.
     (reference.rebuild_keys cannot reshape an empty selection, so the check is the direct
