@@ -100,9 +100,8 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
     return out
 
 
-# Batch slices of a decode step on CUDA. Slice i's value fetch (PCIe-bound) runs beside slice
-# i+1's scoring, top-k and key rebuild and slice i-1's attention (HBM-bound), which would
-# otherwise wait for the whole batch's fetch or make it wait.
+# Batch slices of a decode step's value fetch on CUDA: slice i's attention (HBM-bound) runs
+# while slice i+1's values cross PCIe, instead of waiting for the whole batch's fetch.
 PIPELINE_PARTS = 4
 
 
@@ -115,10 +114,10 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
 
     reuse : the workspace holds the previous step's chunks (False: load every selected chunk
         and leave the workspace's slot maps as they are).
-    parts : the batch is processed in this many slices, pipelined as ``PIPELINE_PARTS`` says
-        (None: PIPELINE_PARTS where the fetch runs on a side stream, else 1; never more than B).
+    parts : the fetch runs in this many batch slices, as ``PIPELINE_PARTS`` says (None:
+        PIPELINE_PARTS where the fetch runs on a side stream, else 1; never more than B).
     attend : attend(rows, slot_chunk) for the fused step: called on each batch slice (a slice
-        object over the batch) once its chunks are loaded; its results are concatenated.
+        object over the batch) once its values are in; its results are concatenated.
 
     Returns (slot_chunk, attended): the chunk of each slot [B, Hkv, K] as the attention must
     read it (the workspace's slot_chunk when reusing), and attend's results ([B, ...]; None
@@ -131,9 +130,11 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
     B, K = q.shape[0], workspace.slot_chunk.shape[-1]
     if K == 0:
         return workspace.slot_chunk, attend(ALL_ROWS, workspace.slot_chunk) if attend else None
+    # one selection for the whole batch: top-k's cost hardly depends on its row count
+    idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks)
     if q.is_cuda and _pageable(state.values):
-        slot_chunk = _gather_on_host(q, scale, state, cos, sin, chunk_size, budget_chunks,
-                                     rope_style, workspace, reuse)
+        slot_chunk = _gather_on_host(idx, state, cos, sin, chunk_size, rope_style, workspace,
+                                     reuse)
         return slot_chunk, attend(ALL_ROWS, slot_chunk) if attend else None
 
     streams = overlap and _can_fork(q)
@@ -143,30 +144,19 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
         slices = [slice(B * i // n, B * (i + 1) // n) for i in range(n)]
     else:  # no slicing at all: traced calls keep a symbolic batch free of guards
         slices = [ALL_ROWS]
-    slot_chunks, attended, loading = [], [], []  # loading: (rows, slot_chunk, fetch done event)
-
-    def attend_oldest():
-        rows, sc, done = loading.pop(0)
-        if done is not None:
-            torch.cuda.current_stream(q.device).wait_event(done)
+    load_chunk, load_slot, n_load, slot_chunk = _plan(idx, workspace, reuse)
+    # the slices' fetches queue on the side stream; each slice's attention waits for its own
+    done = [_fetch_async(_rows(workspace.sel_v, rows), _rows(state.values, rows),
+                         _rows(load_chunk, rows), _rows(load_slot, rows), _rows(n_load, rows),
+                         streams) for rows in slices]
+    rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin, load_chunk, load_slot, n_load,
+                      chunk_size, rope_style)
+    attended = []
+    for rows, fetched in zip(slices, done):
+        if fetched is not None:
+            torch.cuda.current_stream(q.device).wait_event(fetched)
         if attend is not None:
-            attended.append(attend(rows, sc))
-
-    for rows in slices:
-        st, ws = _state_rows(state, rows), _workspace_rows(workspace, rows)
-        load_chunk, load_slot, n_load, slot_chunk = _plan(_rows(q, rows), scale, st, ws,
-                                                          budget_chunks, reuse)
-        slot_chunks.append(slot_chunk)
-        done = _fetch_async(ws.sel_v, st.values, load_chunk, load_slot, n_load, streams)
-        rebuild_keys_into(ws.sel_k, st.U, st.SV, _rows_of(cos, rows, B), _rows_of(sin, rows, B),
-                          load_chunk, load_slot, n_load, chunk_size, rope_style)
-        loading.append((rows, slot_chunk, done))
-        if len(loading) > 1:  # the previous slice's attention runs during this slice's fetch
-            attend_oldest()
-    while loading:
-        attend_oldest()
-    slot_chunk = slot_chunks[0] if len(slices) == 1 else (
-        workspace.slot_chunk if reuse else torch.cat(slot_chunks))
+            attended.append(attend(rows, _rows(slot_chunk, rows)))
     if attend is None:
         return slot_chunk, None
     return slot_chunk, attended[0] if len(attended) == 1 else torch.cat(attended)
@@ -180,11 +170,6 @@ def _rows(t, rows: slice):
     return t if rows == ALL_ROWS else t[rows]
 
 
-def _rows_of(t: torch.Tensor, rows: slice, B: int) -> torch.Tensor:
-    """Like ``_rows``, but a table shared by the batch ([1, ...]) stays whole."""
-    return t if rows == ALL_ROWS or t.shape[0] != B else t[rows]
-
-
 def _state_rows(state: PrefillState, rows: slice) -> PrefillState:
     return state if rows == ALL_ROWS else PrefillState(*(t[rows] for t in state))
 
@@ -193,9 +178,8 @@ def _workspace_rows(ws: DecodeWorkspace, rows: slice) -> DecodeWorkspace:
     return ws if rows == ALL_ROWS else DecodeWorkspace(*(t[rows] for t in ws.tensors()))
 
 
-def _plan(q, scale, state, workspace, budget_chunks, reuse):
-    """Select chunks and list the ones to load: (load_chunk, load_slot, n_load, slot_chunk)."""
-    idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks)
+def _plan(idx, workspace, reuse):
+    """The selected chunks idx [B, Hkv, K] to load: (load_chunk, load_slot, n_load, slot_chunk)."""
     if reuse:
         load_chunk, load_slot, n_load = reuse_plan(idx, workspace.slot_chunk, workspace.chunk_slot)
         slot_chunk = workspace.slot_chunk
@@ -206,15 +190,13 @@ def _plan(q, scale, state, workspace, budget_chunks, reuse):
     return load_chunk, load_slot, n_load, slot_chunk
 
 
-def _gather_on_host(q, scale, state, cos, sin, chunk_size, budget_chunks, rope_style, workspace,
-                    reuse):
-    """Selection and loads for a pageable value store: the GPU cannot read it, so values are
-    gathered on the host (syncs; slow)."""
-    load_chunk, load_slot, n_load, slot_chunk = _plan(q, scale, state, workspace, budget_chunks,
-                                                      reuse)
+def _gather_on_host(idx, state, cos, sin, chunk_size, rope_style, workspace, reuse):
+    """Loads for a pageable value store: the GPU cannot read it, so values are gathered on the
+    host (syncs; slow)."""
+    load_chunk, load_slot, n_load, slot_chunk = _plan(idx, workspace, reuse)
     rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
                       load_chunk, load_slot, n_load, chunk_size, rope_style)
-    workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), q.device))
+    workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), idx.device))
     return slot_chunk
 
 

@@ -423,7 +423,7 @@ def test_decode_step_matches_reference(dtype, G, d, style, rd_frac, budget, C, N
 
 @pytest.mark.parametrize("parts", [2, 3, 8])
 def test_decode_step_in_batch_slices_matches_reference(parts):
-    """The pipelined step (each batch slice selected, loaded and attended in turn, uneven slices,
+    """The pipelined step (each batch slice's values fetched and attended in turn, uneven slices,
     more parts than rows) equals the reference, with reuse across steps and without a
     workspace."""
     B, H, G, N, C, d = 3, 2, 2, 12, 4, 32
