@@ -31,7 +31,10 @@ class ShadowKVConfig:
     local_chunks: trailing chunks of the prompt kept exactly (plus the incomplete tail).
     min_sparse_len: prompts shorter than this stay dense. None means
         budget + (outlier_chunks + local_chunks) * chunk_size; 0 forces ShadowKV everywhere.
-    policy: how decode picks chunks: "shadowkv" (landmarks, the method), or a baseline on the
+    policy: how decode picks chunks: "shadowkv" (landmarks, the method), "shadowkv_hybrid"
+        (landmarks, with Quest bounds on the KV heads that landmarks serve badly, picked at
+        prefill from the prompt's last queries; CUDA runs its decode on the reference), or a
+        baseline on the
         same machinery for accuracy comparisons: "quest", "streaming", "oracle"
         (see shadowpass/policies.py).
     decode_route: how a decode step enters the compiled graph: "fused" (one opaque

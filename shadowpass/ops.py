@@ -24,17 +24,20 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 def prefill_state(k_pre: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor,
                   mask: Optional[torch.Tensor], mask_kind: str, rank: int, chunk_size: int,
                   outlier_chunks: int, local_chunks: int, sites_left: int,
-                  policy: str = "shadowkv", mask_ok: Optional[torch.Tensor] = None
+                  policy: str = "shadowkv", mask_ok: Optional[torch.Tensor] = None,
+                  q: Optional[torch.Tensor] = None, scale: float = 1.0, budget_chunks: int = 0
                   ) -> List[torch.Tensor]:
-    """Build a site's state from the prompt; returns the fields of reference.PrefillState."""
+    """Build a site's state from the prompt; returns the fields of reference.PrefillState.
+    q, scale, budget_chunks: only for policies that calibrate at prefill (shadowkv_hybrid)."""
     state = ref.prefill_state(k_pre, k_post, v, mask, mask_kind, rank, chunk_size,
-                              outlier_chunks, local_chunks, sites_left, policy, mask_ok)
+                              outlier_chunks, local_chunks, sites_left, policy, mask_ok,
+                              q, scale, budget_chunks)
     return [_fresh(t) for t in state]
 
 
 @prefill_state.register_fake
 def _(k_pre, k_post, v, mask, mask_kind, rank, chunk_size, outlier_chunks, local_chunks,
-      sites_left, policy="shadowkv", mask_ok=None):
+      sites_left, policy="shadowkv", mask_ok=None, q=None, scale=1.0, budget_chunks=0):
     B, H, T, d = k_post.shape
     torch._check(k_pre.shape == k_post.shape, lambda: "k_pre and k_post must have equal shapes")
     torch._check(v.shape[:3] == k_post.shape[:3], lambda: "v must be [B, Hkv, T, dv]")

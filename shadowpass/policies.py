@@ -11,8 +11,14 @@ non-negative, so ``reference.select_chunks`` can push unselectable chunks below 
 A policy that needs more than ShadowKV's state reads one auxiliary tensor built at prefill
 (``prefill_aux``); for ``shadowkv`` it is empty, so ShadowKV's memory is unchanged.
 
+``shadowkv_hybrid`` is ShadowKV with a per-head fallback decided at prefill: the prompt's last
+queries (the local window) measure, per KV head, how much more exact attention mass the landmark
+top-k misses than the oracle top-k; heads that lose more than ``HYBRID_GAP`` score chunks by
+Quest's min/max bound instead of landmarks (landmarks dilute a single key that a head attends to
+in the chunk mean; the bound does not). See results/cpu/perhead_fallback.txt.
+
 Sub notation: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, T query positions,
-d head dim, C chunk size, N sparse chunks.
+d head dim, C chunk size, N sparse chunks, W calibration queries.
 
 Imports nothing beyond torch (reference.py imports this module).
 """
@@ -23,8 +29,13 @@ from typing import Tuple
 
 import torch
 
-POLICIES = ("shadowkv", "quest", "streaming", "oracle")
+POLICIES = ("shadowkv", "shadowkv_hybrid", "quest", "streaming", "oracle")
 SINK_TOKENS = 4  # StreamingLLM keeps the first 4 tokens
+# shadowkv_hybrid: a KV head whose landmark top-k misses more than this share of the prompt's
+# last queries' attention mass beyond what the oracle top-k misses scores by Quest bounds.
+# On SmolLM2-135M at 8K the gaps split into < 0.09 (layers 0-2, 11-29) and > 0.13 (3-10).
+HYBRID_GAP = 0.1
+CALIBRATION = ("shadowkv_hybrid",)  # policies whose prefill needs queries, scale and budget
 
 
 def aux_shape(policy: str, B, H, N, C, d) -> Tuple:
@@ -33,17 +44,33 @@ def aux_shape(policy: str, B, H, N, C, d) -> Tuple:
         return (B, H, N, 2, d)      # per-chunk min and max of post-RoPE keys
     if policy == "oracle":
         return (B, H, N * C, d)     # exact post-RoPE keys of the sparse region
+    if policy == "shadowkv_hybrid":
+        return (B, H, N + 1, 2, d)  # quest bounds; row N [0, 0]: 1 for a fallback head
     return (B, H, 0, d)             # shadowkv, streaming: nothing
 
 
-def prefill_aux(policy: str, k_post: torch.Tensor, valid: torch.Tensor, C: int) -> torch.Tensor:
+def prefill_aux(policy: str, k_post: torch.Tensor, valid: torch.Tensor, C: int,
+                calibration=None) -> torch.Tensor:
     """The auxiliary tensor a policy keeps from prefill.
 
     k_post: [B, Hkv, N*C, d] post-RoPE keys of the sparse region; valid: [B, N*C] bool
-    (False for padding). Returns a fresh tensor of ``aux_shape(policy, ...)``, k_post's dtype.
+    (False for padding). calibration: for ``CALIBRATION`` policies, the tuple
+    (q, k_all, key_valid, landmarks, selectable, scale, budget_chunks) of
+    ``landmark_gap``.
+    Returns a fresh tensor of ``aux_shape(policy, ...)``, k_post's dtype.
     """
     B, H, S, d = k_post.shape
     N = S // C
+    if policy == "shadowkv_hybrid":
+        if calibration is None:
+            raise ValueError("shadowkv_hybrid: prefill needs the prompt's queries to pick the "
+                             "fallback heads (pass q, scale and budget_chunks to prefill_state)")
+        bounds = prefill_aux("quest", k_post, valid, C)
+        fallback = landmark_gap(*calibration, C=C) > HYBRID_GAP  # [B, H]
+        bounds = bounds * fallback[:, :, None, None, None].to(bounds.dtype)  # only those used
+        flag = torch.zeros(B, H, 1, 2, d, dtype=bounds.dtype, device=bounds.device)
+        flag[:, :, 0, 0, 0] = fallback.to(bounds.dtype)
+        return torch.cat([bounds, flag], 2)
     if policy == "quest":
         k = k_post.reshape(B, H, N, C, d)
         pad = ~valid.view(B, 1, N, C, 1)
@@ -54,6 +81,59 @@ def prefill_aux(policy: str, k_post: torch.Tensor, valid: torch.Tensor, C: int) 
     if policy == "oracle":
         return k_post.clone()
     return k_post.new_empty(aux_shape(policy, B, H, N, C, d))
+
+
+def landmark_gap(q: torch.Tensor, k_all: torch.Tensor, key_valid: torch.Tensor,
+                 landmarks: torch.Tensor, selectable: torch.Tensor, scale: float,
+                 budget_chunks: int, C: int) -> torch.Tensor:
+    """Per KV head, how much more attention mass the landmark top-k misses than the oracle
+    top-k, for the prompt's queries after the sparse region (the local window).
+
+    q: [B, Hq, T, d] post-RoPE prompt queries; k_all: [B, Hkv, T, d] post-RoPE prompt keys;
+    key_valid: [B, T] bool (False for padding); landmarks: [B, Hkv, N, d]; selectable:
+    [B, Hkv, N]. Each of the W = T - N*C queries selects its own top-k (k = min(budget_chunks,
+    N)) as a decode step would; its missed mass is its causal softmax mass (over all its real
+    keys) on selectable chunks it did not select. Returns [B, Hkv] fp32: mean over the W
+    queries of the worst query head's (landmark - oracle) missed mass; zero if W or k is 0.
+    """
+    B, Hq, T, d = q.shape
+    H, N = landmarks.shape[1], landmarks.shape[2]
+    S, G = N * C, Hq // H
+    W, K = T - S, min(budget_chunks, N)
+    if W == 0 or K == 0:
+        return q.new_zeros(B, H, dtype=torch.float32)
+    qg = q[:, :, S:].float().view(B, H, G, W, d)
+    logits = torch.einsum("bhgwd,bhsd->bhgws", qg, k_all.float()) * scale  # [B, H, G, W, T]
+    pos = torch.arange(T, device=q.device)
+    ok = (pos[None, :] <= pos[S:, None])[None] & key_valid[:, None, :]  # [B, W, T]
+    p = torch.softmax(logits.masked_fill(~ok[:, None, None], -math.inf), -1).nan_to_num(0.0)
+    mass = p[..., :S].reshape(B, H, G, W, N, C).sum(-1)  # [B, H, G, W, N] exact chunk mass
+    mass = mass * selectable[:, :, None, None].float()
+    lm = torch.einsum("bhgwd,bhnd->bhgwn", qg, landmarks.float()) * scale
+    lm = torch.softmax(lm.masked_fill(~selectable[:, :, None, None], -math.inf), -1)
+    lm = lm.nan_to_num(0.0).amax(2).masked_fill(~selectable[:, :, None], -1.0)
+    missed = []
+    for ranking in (lm, mass.amax(2)):  # landmark, oracle (mass is 0 off selectable)
+        idx = ranking.topk(K, -1).indices[:, :, None].expand(B, H, G, W, K)
+        missed.append(mass.sum(-1) - mass.gather(-1, idx).sum(-1))  # [B, H, G, W]
+    return (missed[0] - missed[1]).amax(2).mean(-1)
+
+
+def hybrid_scores(q: torch.Tensor, landmarks: torch.Tensor, aux: torch.Tensor,
+                  selectable: torch.Tensor, scale: float) -> torch.Tensor:
+    """shadowkv_hybrid: landmark scores (ShadowKV's), Quest-bound scores on the fallback heads.
+
+    q: [B, Hq, T, d]; landmarks: [B, Hkv, N, d]; aux: [B, Hkv, N + 1, 2, d] from
+    ``prefill_aux``; selectable: [B, Hkv, N]. Returns [B, Hkv, N] fp32.
+    """
+    B, Hq, T, d = q.shape
+    H, N = landmarks.shape[1], landmarks.shape[2]
+    qg = q.float().view(B, H, Hq // H, T, d)
+    s = torch.einsum("bhgtd,bhnd->bhgtn", qg, landmarks.float()) * scale
+    lm = _group_softmax(s.reshape(B, Hq, T, N), selectable, H)
+    fallback = aux[:, :, N, 0, 0] > 0.5  # [B, H]
+    bound = quest_scores(q, aux[:, :, :N], selectable, scale)
+    return torch.where(fallback[..., None], bound, lm)
 
 
 def _group_softmax(logits: torch.Tensor, selectable: torch.Tensor, H: int) -> torch.Tensor:
@@ -127,4 +207,6 @@ def chunk_scores(policy: str, q: torch.Tensor, state, scale: float, C: int) -> t
         return streaming_scores(state.selectable, state.sparse_valid, C)
     if policy == "oracle":
         return oracle_scores(q, state.aux, state.selectable, state.sparse_valid, scale, C)
+    if policy == "shadowkv_hybrid":
+        return hybrid_scores(q, state.landmarks, state.aux, state.selectable, scale)
     raise ValueError(f"unknown selection policy {policy!r}; choose one of {POLICIES}")

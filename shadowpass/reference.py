@@ -228,7 +228,9 @@ def gather_chunks(x: torch.Tensor, idx: torch.Tensor, C: int) -> torch.Tensor:
 
 def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size: int,
                   outlier_chunks: int, local_chunks: int, sites_left: int = 1,
-                  policy: str = "shadowkv", mask_ok: Optional[torch.Tensor] = None) -> PrefillState:
+                  policy: str = "shadowkv", mask_ok: Optional[torch.Tensor] = None,
+                  q: Optional[torch.Tensor] = None, scale: float = 1.0,
+                  budget_chunks: int = 0) -> PrefillState:
     """Build a site's ShadowKV state from the prompt.
 
     k_pre, k_post, v: [B, Hkv, T, d] (pre-RoPE keys, post-RoPE keys, values);
@@ -236,6 +238,8 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
     (kind "valid": the [B, T] validity from mask_validity, whose check result is mask_ok);
     sites_left: this site and the ones after it in the graph, for the host-memory check;
     policy: chunk-selection policy (shadowpass/policies.py); decides only the ``aux`` field.
+    q, scale, budget_chunks: the prompt's post-RoPE queries [B, Hq, T, d], the attention scale
+    and the decode budget in chunks; read only by policies in ``policies.CALIBRATION``.
     """
     B, H, T, d = k_post.shape
     C = chunk_size
@@ -266,7 +270,10 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
         outlier_valid=gather_chunks(token_valid, outliers, C)[..., 0],
         local_k=k_post[:, :, S:].clone(), local_v=v[:, :, S:].clone(),
         local_valid=valid[:, S:].clone(), values=host,
-        aux=policies.prefill_aux(policy, k_post[:, :, :S], sparse_valid, C))
+        aux=policies.prefill_aux(
+            policy, k_post[:, :, :S], sparse_valid, C,
+            calibration=(q, k_post, valid, landmarks, selectable, scale, budget_chunks)
+            if policy in policies.CALIBRATION and q is not None else None))
 
 
 @dataclass

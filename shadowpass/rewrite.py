@@ -23,6 +23,7 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (registers torch.ops.shadowkv)
 from .config import ShadowKVConfig
 from .detect import Site, concrete, example, find_sites, shape
+from .policies import CALIBRATION
 from .reference import PrefillState, mask_validity
 
 log = logging.getLogger(__name__)
@@ -207,9 +208,11 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
                 k_post = replay(graph, site.k.chain, site.k.new)
                 v = replay(graph, site.v.chain, site.v.new)
                 valid, mask_ok = prefill_mask(graph, site, masks)
+                calib = ((site.q, float(site.scale), cfg.budget_chunks)
+                         if cfg.policy in CALIBRATION else ())  # others: the op's defaults
                 st = call(graph, torch.ops.shadowkv.prefill_state.default, k_pre, k_post, v,
                           valid, "valid", rank, cfg.chunk_size, cfg.outlier_chunks,
-                          cfg.local_chunks, len(ok) - index, cfg.policy, mask_ok)
+                          cfg.local_chunks, len(ok) - index, cfg.policy, mask_ok, *calib)
                 state_outputs += [call(graph, operator.getitem, st, i)
                                   for i in range(len(STATE_FIELDS))]
                 key = table_key(site)

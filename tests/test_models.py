@@ -278,3 +278,25 @@ def test_prefill_never_builds_the_square_mask():
     assert shadowpass.runtime_of(model).sites, "the prefill did not build ShadowKV state"
     assert not [c for c in code if "300, 300)" in c], "a T x T buffer is allocated"
     torch.testing.assert_close(out.logits[:, -1], want, **ATTENTION_TOL["fp32"])
+
+
+def test_hybrid_policy_gets_the_prompt_queries_and_stays_exact():
+    """policy="shadowkv_hybrid": the rewrite hands each prefill site its queries (the op
+    refuses to build the state without them), the state carries the per-head fallback flags,
+    and at full rank and budget the output is dense's."""
+    model = hf_model("llama")
+    ids, mask = prompt(2, 300)
+    dense = greedy(model, ids, mask, n=8)
+    model.compile(backend="shadowkv", options=dict(EXACT, policy="shadowkv_hybrid"))
+    out = greedy(model, ids, mask, n=8)
+    assert torch.equal(out.sequences, dense.sequences)
+    cfg = model.config
+    H, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    sites = shadowpass.runtime_of(model).sites
+    assert len(sites) == cfg.num_hidden_layers
+    for s in sites.values():
+        st = s.prefill
+        N = st.landmarks.shape[2]
+        assert st.aux.shape == (2, H, N + 1, 2, d)
+        flags = st.aux[:, :, N, 0, 0]
+        assert ((flags == 0) | (flags == 1)).all()

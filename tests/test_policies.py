@@ -118,7 +118,8 @@ def test_ops_with_policy(policy):
     cos, sin = emb.cos().contiguous(), emb.sin().contiguous()
     kpost = ref.apply_rope(kpre, cos[:, None], sin[:, None], "rotate_half")
     v = torch.randn(1, 2, Tp, 8)
-    args = (kpre, kpost, v, None, "none", 16, 4, 1, 1, 1, policy)
+    q_prompt = torch.randn(1, 4, Tp, 8)
+    args = (kpre, kpost, v, None, "none", 16, 4, 1, 1, 1, policy, None, q_prompt, 0.3, 3)
     torch.library.opcheck(ops.prefill_state, args)
     st = ops.prefill_state(*args)
     tables = ops.rope_tables(cos, sin, 4, 1, "rotate_half")
@@ -141,7 +142,8 @@ def test_full_budget_every_policy_is_exact(policy):
     cos, sin = emb.cos(), emb.sin()
     k_all = ref.apply_rope(kpre, cos[:, None, :Tp], sin[:, None, :Tp], "rotate_half")
     v = torch.randn(1, Hkv, Tp + 1, 8)
-    st = ref.prefill_state(kpre, k_all, v[:, :, :Tp], None, "none", 16, 4, 1, 1, 1, policy)
+    st = ref.prefill_state(kpre, k_all, v[:, :, :Tp], None, "none", 16, 4, 1, 1, 1, policy,
+                           q=torch.randn(1, 4, Tp, 8), scale=0.35, budget_chunks=100)
     tables = ref.rope_tables(cos[:, :Tp], sin[:, :Tp], 4, 1, "rotate_half")
     q, knew = torch.randn(1, 4, 1, 8), torch.randn(1, Hkv, 1, 8)
     out = ref.decode_attention(q, knew, v[:, :, Tp:], 0.35, st, *tables, torch.zeros(1, Hkv, 4, 8),
@@ -150,3 +152,103 @@ def test_full_budget_every_policy_is_exact(policy):
     keys = torch.cat([k_all, knew], 2).repeat_interleave(2, 1)
     expected = torch.softmax(q @ keys.transpose(-1, -2) * 0.35, -1) @ v.repeat_interleave(2, 1)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def needle_prompt():
+    """Keys and queries where landmarks fail on KV head 0 and are exact on KV head 1.
+
+    Head 0: every chunk's keys point along e0 except chunk NEEDLE, whose first key is a strong
+    e0 "needle" and whose other keys cancel it in the mean, so its landmark scores lowest while
+    it holds nearly all the attention mass. Head 1: the keys of a chunk are all equal, so each
+    landmark is its chunk's key and the landmark ranking is the exact one. The local window's
+    queries (and the decode query) point along e0.
+    """
+    torch.manual_seed(4)
+    Bn, Hqn, Hn, Nn, Cn, dn, Ln = 1, 4, 2, 6, 4, 8, 4  # Ln: local tokens (one chunk)
+    S = Nn * Cn
+    e0 = torch.zeros(dn)
+    e0[0] = 1.0
+    k = torch.zeros(Bn, Hn, S + Ln, dn)
+    k[0, 0, :S] = e0 + 0.01 * torch.randn(S, dn)
+    k[0, 0, NEEDLE * Cn] = 12 * e0
+    k[0, 0, NEEDLE * Cn + 1:(NEEDLE + 1) * Cn] = -4 * e0
+    k[0, 1, :S] = torch.randn(Nn, dn).repeat_interleave(Cn, 0)
+    q = torch.randn(Bn, Hqn, S + Ln, dn)
+    q[:, :2] = 2 * e0  # the query heads of KV head 0
+    return q, k, Cn
+
+
+NEEDLE = 2
+
+
+def gap_by_loops(q, k_all, key_valid, landmarks, selectable, scale, K, C):
+    """landmark_gap written out per sequence, KV head, query and query head."""
+    B, Hq, T, d = q.shape
+    H, N = landmarks.shape[1], landmarks.shape[2]
+    S, G = N * C, Hq // H
+    out = torch.zeros(B, H)
+    for b in range(B):
+        for h in range(H):
+            for t in range(S, T):
+                mass, lm = [], []
+                for g in range(G):
+                    qv = q[b, h * G + g, t]
+                    logits = (k_all[b, h, :t + 1] @ qv * scale)
+                    p = torch.softmax(logits.masked_fill(~key_valid[b, :t + 1], -math.inf), 0)
+                    m = p[:S].view(N, C).sum(-1) * selectable[b, h]
+                    mass.append(m)
+                    lg = (landmarks[b, h] @ qv * scale).masked_fill(~selectable[b, h], -math.inf)
+                    lm.append(torch.softmax(lg, 0))
+                lm_top = torch.stack(lm).amax(0).masked_fill(~selectable[b, h], -1).topk(K).indices
+                or_top = torch.stack(mass).amax(0).topk(K).indices
+                out[b, h] += max((m[or_top].sum() - m[lm_top].sum()).item() for m in mass)
+            out[b, h] /= T - S
+    return out
+
+
+def test_landmark_gap_flags_the_head_landmarks_fail(monkeypatch):
+    q, k, C_ = needle_prompt()
+    S = k.shape[2] - 4
+    valid = torch.ones(1, S, dtype=torch.bool)
+    landmarks, _ = ref.chunk_landmarks(k[:, :, :S], valid, C_)
+    selectable = torch.ones(1, 2, S // C_, dtype=torch.bool)
+    selectable[0, 1, 0] = False  # an outlier chunk on head 1
+    key_valid = torch.ones(1, k.shape[2], dtype=torch.bool)
+    gap = policies.landmark_gap(q, k, key_valid, landmarks, selectable, 0.5, 1, C_)
+    torch.testing.assert_close(gap, gap_by_loops(q, k, key_valid, landmarks, selectable, 0.5, 1,
+                                                 C_), atol=FP32_OP, rtol=FP32_OP)
+    # a padding key takes no mass: hiding the needle removes head 0's gap
+    key_valid[0, NEEDLE * C_] = False
+    no_needle = policies.landmark_gap(q, k, key_valid, landmarks, selectable, 0.5, 1, C_)
+    torch.testing.assert_close(no_needle, gap_by_loops(q, k, key_valid, landmarks, selectable,
+                                                       0.5, 1, C_), atol=FP32_OP, rtol=FP32_OP)
+    assert no_needle[0, 0] < 0.05
+    key_valid[0, NEEDLE * C_] = True
+    assert gap[0, 0] > 0.5 and gap[0, 1].abs() < 1e-6  # head 0 fails, head 1 is exact
+
+    aux = policies.prefill_aux("shadowkv_hybrid", k[:, :, :S], valid, C_,
+                               calibration=(q, k, key_valid, landmarks, selectable, 0.5, 1))
+    assert aux.shape == policies.aux_shape("shadowkv_hybrid", 1, 2, S // C_, C_, k.shape[-1])
+    assert aux[0, :, -1, 0, 0].tolist() == [1.0, 0.0]  # head 0 falls back to Quest bounds
+    monkeypatch.setattr(policies, "HYBRID_GAP", gap[0, 0].item() + 1e-3)  # above both heads
+    calm = policies.prefill_aux("shadowkv_hybrid", k[:, :, :S], valid, C_,
+                                calibration=(q, k, key_valid, landmarks, selectable, 0.5, 1))
+    assert not calm.any()  # no fallback head: no bounds, no flag
+    monkeypatch.undo()
+    quest = policies.prefill_aux("quest", k[:, :, :S], valid, C_)
+    assert torch.equal(aux[:, 0, :-1], quest[:, 0]) and not aux[:, 1, :-1].any()
+
+    # decode: the fallback head ranks the needle chunk first (landmarks rank it last); the
+    # other head keeps ShadowKV's landmark scores exactly
+    qd = q[:, :, -1:]
+    got = policies.hybrid_scores(qd, landmarks, aux, selectable, 0.5)
+    lm = ref.score_chunks(qd, landmarks, selectable, 0.5)
+    assert got[0, 0].argmax() == NEEDLE and lm[0, 0].argmin() == NEEDLE
+    torch.testing.assert_close(got[:, 0], policies.quest_scores(qd, quest, selectable, 0.5)[:, 0])
+    torch.testing.assert_close(got[:, 1], lm[:, 1])
+
+
+def test_hybrid_prefill_needs_queries():
+    k = torch.randn(B, H, N * C + C, d)
+    with pytest.raises(ValueError, match="shadowkv_hybrid: prefill needs the prompt's queries"):
+        ref.prefill_state(k, k, k, None, "none", 16, C, 1, 1, 1, "shadowkv_hybrid")

@@ -15,6 +15,8 @@ name                  policy   rank          outlier chunks what it shows
 dense                 -        -             -              the plain model
 shadowkv              shadowkv ``--ranks``   scaled budget  the method
 shadowkv_no_outliers  shadowkv ``--ranks``   0              the outlier ablation
+shadowkv_hybrid       shadowkv ``--ranks``   scaled budget  + Quest bounds on heads that
+                      _hybrid                               landmarks serve badly (prefill)
 quest                 quest    H_kv*d (full) 0              Quest's bound, exact keys
 streaming             streaming H_kv*d       0              sinks + recent window
 oracle                oracle   H_kv*d        0              exact top-k attention mass
@@ -41,9 +43,11 @@ from .tasks import Sample
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dense", "shadowkv", "shadowkv_no_outliers", "quest", "streaming", "oracle")
-_POLICY = {"shadowkv": "shadowkv", "shadowkv_no_outliers": "shadowkv", "quest": "quest",
-           "streaming": "streaming", "oracle": "oracle"}
+METHODS = ("dense", "shadowkv", "shadowkv_no_outliers", "shadowkv_hybrid", "quest", "streaming",
+           "oracle")
+_POLICY = {"shadowkv": "shadowkv", "shadowkv_no_outliers": "shadowkv",
+           "shadowkv_hybrid": "shadowkv_hybrid", "quest": "quest", "streaming": "streaming",
+           "oracle": "oracle"}
 
 
 def default_rank(kv_width: int) -> int:
