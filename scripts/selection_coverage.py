@@ -11,30 +11,15 @@ mass and the layers where landmarks miss most beyond the oracle.
     SHADOWPASS_SMOLLM2_GGUF=... python scripts/selection_coverage.py
 """
 import torch
-import transformers.models.llama.modeling_llama as llama
 
 from shadowpass import policies
 from shadowpass import reference as ref
-from shadowpass.eval import tasks
 from shadowpass.eval.harness import default_outlier_chunks
-from shadowpass.eval.smollm2 import load_smollm2
+
+from niah_probe import every, model, recorded, scale, tok  # loads SmolLM2 (scripts/niah_probe.py)
 
 BUDGET, C, LOCAL_CHUNKS = 1024, 8, 4
-model, tok = load_smollm2("cpu", torch.float32)
-cfg = model.config
-scale = (cfg.hidden_size // cfg.num_attention_heads) ** -0.5
-every = tasks.make_samples(tok, "niah_single", [8000], 50, 0, depths=[i / 10 for i in range(11)])
-recorded = []
-plain_rope = llama.apply_rotary_pos_emb
 
-
-def recording_rope(q, k, cos, sin, *args, **kwargs):
-    q2, k2 = plain_rope(q, k, cos, sin, *args, **kwargs)
-    recorded.append((q2.detach(), k.detach(), k2.detach()))
-    return q2, k2
-
-
-llama.apply_rotary_pos_emb = recording_rope
 for i in (3, 14, 25, 27):
     s = every[i]
     answer = tok(" " + s.answers[0], add_special_tokens=False).input_ids
