@@ -28,8 +28,9 @@ def greedy(model, ids, mask, n=32):
                               output_logits=True, return_dict_in_generate=True)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("name", list(HF_MODELS))
+# every architecture at batch 2 with left padding; batch 1 (no padding: HF's shared mask code
+# then passes no mask or a plain causal one) on llama only, to keep the suite short
+@pytest.mark.parametrize("name,batch", [(n, 2) for n in HF_MODELS] + [("llama", 1)])
 def test_exactness_anchor(name, batch):
     """Full rank and budget: 32 greedy tokens after a 300-token prompt equal eager dense."""
     model = hf_model(name)
