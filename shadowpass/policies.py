@@ -126,14 +126,21 @@ def hybrid_scores(q: torch.Tensor, landmarks: torch.Tensor, aux: torch.Tensor,
     q: [B, Hq, T, d]; landmarks: [B, Hkv, N, d]; aux: [B, Hkv, N + 1, 2, d] from
     ``prefill_aux``; selectable: [B, Hkv, N]. Returns [B, Hkv, N] fp32.
     """
-    B, Hq, T, d = q.shape
-    H, N = landmarks.shape[1], landmarks.shape[2]
-    qg = q.float().view(B, H, Hq // H, T, d)
-    s = torch.einsum("bhgtd,bhnd->bhgtn", qg, landmarks.float()) * scale
-    lm = _group_softmax(s.reshape(B, Hq, T, N), selectable, H)
+    N = landmarks.shape[2]
     fallback = aux[:, :, N, 0, 0] > 0.5  # [B, H]
     bound = quest_scores(q, aux[:, :, :N], selectable, scale)
-    return torch.where(fallback[..., None], bound, lm)
+    return torch.where(fallback[..., None], bound, landmark_scores(q, landmarks, selectable, scale))
+
+
+def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """ShadowKV's chunk scores [B, Hkv, N]: softmax over chunks of q . landmark * scale, max
+    over the GQA group, summed over query positions. q: [B, Hq, T, d]; landmarks:
+    [B, Hkv, N, d]; selectable: [B, Hkv, N]."""
+    B, Hq, T, d = q.shape
+    H = landmarks.shape[1]
+    s = torch.einsum("bhgtd,bhnd->bhgtn", q.float().view(B, H, Hq // H, T, d), landmarks.float())
+    return _group_softmax(s.reshape(B, Hq, T, -1) * scale, selectable, H)
 
 
 def _group_softmax(logits: torch.Tensor, selectable: torch.Tensor, H: int) -> torch.Tensor:

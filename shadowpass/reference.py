@@ -392,13 +392,7 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
                  scale: float) -> torch.Tensor:
     """Chunk scores [B, Hkv, N]: softmax over chunks of q . landmark * scale, max over the GQA
     group, summed over query positions. q: [B, Hq, T, d]."""
-    B, Hq, T, d = q.shape
-    H = landmarks.shape[1]
-    qg = q.float().view(B, H, Hq // H, T, d)
-    s = torch.einsum("bhgtd,bhnd->bhgtn", qg, landmarks.float()) * scale
-    s = s.masked_fill(~selectable[:, :, None, None, :], -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return p.amax(2).sum(2)
+    return policies.landmark_scores(q, landmarks, selectable, scale)
 
 
 def select_chunks(scores: torch.Tensor, selectable: torch.Tensor, budget_chunks: int):

@@ -12,8 +12,9 @@ if not torch.cuda.is_available():
 
 # Under pytest-xdist (the README's test command), workers share the cores instead of each
 # running torch's intra-op pool on all of them.
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if workers:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
