@@ -176,7 +176,7 @@ def bench_config(ctx, B, env):
     from shadowpass.templates.landmark_scores import landmark_scores
     from shadowpass.templates.sparse_decode import sparse_decode
 
-    from shadowpass import reference as ref
+    from shadowpass import policies, reference as ref
     from shadowpass.kernels import (
         PIPELINE_PARTS,
         DecodeWorkspace,
@@ -225,6 +225,14 @@ def bench_config(ctx, B, env):
     nb = (B * H * N * (D * EB + 1 + 4) + B * H * G * N * 4 * 2 + q.numel() * EB) / 1e6
     summary.setdefault("scores", []).append(
         (ctx, B, report(ctx, B, "landmark scores", t, nb, hbm, err)))
+    # the same with a radius (Quest's bound: quest, shadowkv_hybrid's fallback heads)
+    radius = rnd(B, H, N, D).abs()
+    t = timed(lambda: landmark_scores(q, st.landmarks, st.selectable, scale, fill=-1.0,
+                                      radius=radius), graph=True)
+    got = landmark_scores(q, st.landmarks, st.selectable, scale, fill=-1.0, radius=radius)
+    want_b = policies.landmark_scores(q, st.landmarks, st.selectable, scale, radius)
+    err = (got.masked_fill(~st.selectable, 0) - want_b).abs().max().item()
+    report(ctx, B, "bound scores (landmarks + radius)", t, nb + B * H * N * D * EB / 1e6, hbm, err)
     t = timed(lambda: scores.topk(K, dim=-1, sorted=False), graph=True)
     idx = scores.topk(K, dim=-1, sorted=False).indices
     want_idx = ref.select_chunks(want, st.selectable, K)[0]

@@ -87,7 +87,7 @@ for i in samples:
         N = st.landmarks.shape[2]
         S = N * C
         K = min(BUDGET // C, N)
-        bounds = policies.prefill_aux("quest", k_post[:, :, :S], st.sparse_valid, C)
+        bounds = policies.chunk_ranges(k_post[:, :, :S], st.sparse_valid, C)  # (mid, radius)
         # prefill calibration on the local-window queries (all their keys are known)
         qc = q[:, :, S:T]
         pc = torch.arange(S, T)
@@ -110,7 +110,7 @@ for i in samples:
             qp = q[:, :, p:p + 1]
             pp = torch.tensor([p])
             sc_lm = ref.score_chunks(qp, st.landmarks, st.selectable, scale)
-            sc_q = policies.quest_scores(qp, bounds, st.selectable, scale)
+            sc_q = policies.landmark_scores(qp, bounds[0], st.selectable, scale, bounds[1])
             sc_o = policies.oracle_scores(qp, k_post[:, :, :st.landmarks.shape[2] * C],
                                           st.selectable, st.sparse_valid, scale, C)
             sels = {"landmark": top(sc_lm, st, K), "oracle": top(sc_o, st, K),

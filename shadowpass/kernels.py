@@ -29,6 +29,7 @@ import torch
 
 from . import reference as ref
 from .hostmem import is_pinned
+from .policies import BOUNDED
 from .reference import DecodeWorkspace, PrefillState
 from .templates.chunk_gather import (
     fetch_values_into,
@@ -58,7 +59,8 @@ def _side_stream(device: torch.device):
 def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v,
                           gen_len, chunk_size: int, budget_chunks: int, rope_style: str,
                           workspace: DecodeWorkspace | None = None,
-                          overlap: bool = True, parts: int | None = None) -> torch.Tensor:
+                          overlap: bool = True, parts: int | None = None,
+                          policy: str = "shadowkv") -> torch.Tensor:
     """One decode step of a rewritten site on Triton kernels (``reference.decode_attention``).
 
     Parameters
@@ -77,6 +79,7 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
     overlap : fetch values on a side stream, overlapped with the key rebuild (CUDA, eager or
         under CUDA-graph capture; not inside an Inductor graph).
     parts : batch slices of the pipeline (see ``gather_step``).
+    policy : one of ``KERNEL_POLICIES`` (the scorer reads state.aux for Quest-bound heads).
 
     Returns
     -------
@@ -96,7 +99,7 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
 
     _, out = gather_step(q, k, v, scale, state, cos, sin, gen_k, gen_v, gen_len, chunk_size,
                          budget_chunks, rope_style, workspace, reuse=reuse, overlap=overlap,
-                         parts=parts, attend=attend)
+                         parts=parts, attend=attend, policy=policy)
     return out
 
 
@@ -108,7 +111,7 @@ PIPELINE_PARTS = 4
 def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v, gen_len,
                 chunk_size: int, budget_chunks: int, rope_style: str,
                 workspace: DecodeWorkspace, reuse: bool = True, overlap: bool = True,
-                parts: int | None = None, attend=None):
+                parts: int | None = None, attend=None, policy: str = "shadowkv"):
     """The part of ``decode_attention_cuda`` before the attention (``reference.decode_gather``):
     append the new tokens, select chunks and load the ones the workspace does not hold.
 
@@ -118,6 +121,7 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
         PIPELINE_PARTS where the fetch runs on a side stream, else 1; never more than B).
     attend : attend(rows, slot_chunk) for the fused step: called on each batch slice (a slice
         object over the batch) once its values are in; its results are concatenated.
+    policy : one of ``KERNEL_POLICIES``.
 
     Returns (slot_chunk, attended): the chunk of each slot [B, Hkv, K] as the attention must
     read it (the workspace's slot_chunk when reusing), and attend's results ([B, ...]; None
@@ -131,7 +135,8 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
     if K == 0:
         return workspace.slot_chunk, attend(ALL_ROWS, workspace.slot_chunk) if attend else None
     # one selection for the whole batch: top-k's cost hardly depends on its row count
-    idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks)
+    radius = state.aux if policy in BOUNDED else None
+    idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks, radius)
     if q.is_cuda and _pageable(state.values):
         slot_chunk = _gather_on_host(idx, state, cos, sin, chunk_size, rope_style, workspace,
                                      reuse)
@@ -260,35 +265,38 @@ def _pageable(values: torch.Tensor) -> bool:
 
 
 _ROUTE = {"registered": False, "enabled": True}
+# policies the kernels run; the others (accuracy baselines) run the reference on CUDA
+KERNEL_POLICIES = ("shadowkv", *BOUNDED)
 
 
 def _decode_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk,
                     chunk_slot, n_load, scale, chunk_size, budget_chunks, rope_style,
                     policy="shadowkv"):
     """``shadowkv::decode`` on CUDA: the kernels, with the workspace carried between steps.
-    Baseline policies (accuracy comparisons only) run the reference."""
+    Policies outside ``KERNEL_POLICIES`` (accuracy baselines) run the reference."""
     st = PrefillState(*state)
-    if not _ROUTE["enabled"] or policy != "shadowkv":
+    if not _ROUTE["enabled"] or policy not in KERNEL_POLICIES:
         return ref.decode_attention(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len,
                                     chunk_size, budget_chunks, rope_style, policy)
     ws = DecodeWorkspace(sel_k, sel_v, slot_chunk, chunk_slot, n_load)
 
     def step(q, k, v):
         return decode_attention_cuda(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len,
-                                     chunk_size, budget_chunks, rope_style, workspace=ws)
+                                     chunk_size, budget_chunks, rope_style, workspace=ws,
+                                     policy=policy)
 
     return _replayed(step, q, k, v, st, gen_len, [cos, sin, gen_k, gen_v, *ws.tensors()],
-                     ("decode", scale, chunk_size, budget_chunks, rope_style))
+                     ("decode", scale, chunk_size, budget_chunks, rope_style, policy))
 
 
 def _decode_gather_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v,
                            slot_chunk, chunk_slot, n_load, scale, chunk_size, budget_chunks,
                            rope_style, policy="shadowkv"):
     """``shadowkv::decode_gather`` on CUDA: ``gather_step`` with reuse, replayed as a CUDA graph
-    like ``shadowkv::decode`` (the attention that follows is Inductor's). Baseline policies
-    run the reference."""
+    like ``shadowkv::decode`` (the attention that follows is Inductor's). Policies outside
+    ``KERNEL_POLICIES`` run the reference."""
     st = PrefillState(*state)
-    if not _ROUTE["enabled"] or policy != "shadowkv":
+    if not _ROUTE["enabled"] or policy not in KERNEL_POLICIES:
         return ref.decode_gather(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len, sel_k,
                                  sel_v, slot_chunk, chunk_slot, n_load, chunk_size,
                                  budget_chunks, rope_style, policy)
@@ -296,10 +304,10 @@ def _decode_gather_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_
 
     def step(q, k, v):
         gather_step(q, k, v, scale, st, cos, sin, gen_k, gen_v, gen_len, chunk_size,
-                    budget_chunks, rope_style, ws)
+                    budget_chunks, rope_style, ws, policy=policy)
 
     _replayed(step, q, k, v, st, gen_len, [cos, sin, gen_k, gen_v, *ws.tensors()],
-              ("gather", scale, chunk_size, budget_chunks, rope_style))
+              ("gather", scale, chunk_size, budget_chunks, rope_style, policy))
 
 
 def _replayed(step, q, k, v, st: PrefillState, gen_len, buffers, config: tuple):

@@ -9,7 +9,9 @@ where the original methods differ.
 Each policy is one small function returning chunk scores ``[B, Hkv, N]`` (higher = keep,
 non-negative, so ``reference.select_chunks`` can push unselectable chunks below all of them).
 A policy that needs more than ShadowKV's state reads one auxiliary tensor built at prefill
-(``prefill_aux``); for ``shadowkv`` it is empty, so ShadowKV's memory is unchanged.
+(``prefill_selection``); for ``shadowkv`` it is empty, so ShadowKV's memory is unchanged.
+Quest and the hybrid keep the same landmark tensor (holding mid-range keys where they score by
+the bound) plus a radius, so one scorer and one kernel serve shadowkv, quest and the hybrid.
 
 ``shadowkv_hybrid`` is ShadowKV with a per-head fallback decided at prefill: the prompt's last
 queries (the local window) measure, per KV head, how much more exact attention mass the landmark
@@ -25,7 +27,7 @@ Imports nothing beyond torch (reference.py imports this module).
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -36,51 +38,57 @@ SINK_TOKENS = 4  # StreamingLLM keeps the first 4 tokens
 # On SmolLM2-135M at 8K the gaps split into < 0.09 (layers 0-2, 11-29) and > 0.13 (3-10).
 HYBRID_GAP = 0.1
 CALIBRATION = ("shadowkv_hybrid",)  # policies whose prefill needs queries, scale and budget
+BOUNDED = ("quest", "shadowkv_hybrid")  # policies that score (some heads) by Quest's bound
 
 
 def aux_shape(policy: str, B, H, N, C, d) -> Tuple:
     """Shape of the policy's auxiliary prefill tensor (works on SymInts)."""
-    if policy == "quest":
-        return (B, H, N, 2, d)      # per-chunk min and max of post-RoPE keys
+    if policy in BOUNDED:
+        return (B, H, N, d)         # chunk radius: half the per-dim key range (0: landmark head)
     if policy == "oracle":
         return (B, H, N * C, d)     # exact post-RoPE keys of the sparse region
-    if policy == "shadowkv_hybrid":
-        return (B, H, N + 1, 2, d)  # quest bounds; row N [0, 0]: 1 for a fallback head
     return (B, H, 0, d)             # shadowkv, streaming: nothing
 
 
-def prefill_aux(policy: str, k_post: torch.Tensor, valid: torch.Tensor, C: int,
-                calibration=None) -> torch.Tensor:
-    """The auxiliary tensor a policy keeps from prefill.
+def prefill_selection(policy: str, k_post: torch.Tensor, valid: torch.Tensor,
+                      landmarks: torch.Tensor, C: int, calibration=None):
+    """What a policy keeps from prefill to score chunks: (centers, aux).
 
     k_post: [B, Hkv, N*C, d] post-RoPE keys of the sparse region; valid: [B, N*C] bool
-    (False for padding). calibration: for ``CALIBRATION`` policies, the tuple
-    (q, k_all, key_valid, landmarks, selectable, scale, budget_chunks) of
-    ``landmark_gap``.
-    Returns a fresh tensor of ``aux_shape(policy, ...)``, k_post's dtype.
+    (False for padding); landmarks: [B, Hkv, N, d] chunk means. calibration: for
+    ``CALIBRATION`` policies, the tuple (q, k_all, key_valid, landmarks, selectable, scale,
+    budget_chunks) of ``landmark_gap``.
+    centers replace the landmarks in the state: the chunk means, or for a head scored by Quest's
+    bound the middle of each chunk's per-dim key range; aux is a fresh tensor of
+    ``aux_shape(policy, ...)``, k_post's dtype.
     """
     B, H, S, d = k_post.shape
-    N = S // C
-    if policy == "shadowkv_hybrid":
+    if policy in BOUNDED:
+        mid, radius = chunk_ranges(k_post, valid, C)
+        if policy == "quest":
+            return mid, radius
         if calibration is None:
             raise ValueError("shadowkv_hybrid: prefill needs the prompt's queries to pick the "
                              "fallback heads (pass q, scale and budget_chunks to prefill_state)")
-        bounds = prefill_aux("quest", k_post, valid, C)
-        fallback = landmark_gap(*calibration, C=C) > HYBRID_GAP  # [B, H]
-        bounds = bounds * fallback[:, :, None, None, None].to(bounds.dtype)  # only those used
-        flag = torch.zeros(B, H, 1, 2, d, dtype=bounds.dtype, device=bounds.device)
-        flag[:, :, 0, 0, 0] = fallback.to(bounds.dtype)
-        return torch.cat([bounds, flag], 2)
-    if policy == "quest":
-        k = k_post.reshape(B, H, N, C, d)
-        pad = ~valid.view(B, 1, N, C, 1)
-        lo = k.masked_fill(pad, math.inf).amin(3)
-        hi = k.masked_fill(pad, -math.inf).amax(3)
-        bounds = torch.stack([lo, hi], dim=3)  # [B, H, N, 2, d]
-        return bounds.masked_fill(~torch.isfinite(bounds), 0.0)  # all-padding chunks
+        fallback = (landmark_gap(*calibration, C=C) > HYBRID_GAP)[:, :, None, None]  # [B, H]
+        return torch.where(fallback, mid, landmarks), radius * fallback
     if policy == "oracle":
-        return k_post.clone()
-    return k_post.new_empty(aux_shape(policy, B, H, N, C, d))
+        return landmarks, k_post.clone()
+    return landmarks, k_post.new_empty(aux_shape(policy, B, H, S // C, C, d))
+
+
+def chunk_ranges(k_post: torch.Tensor, valid: torch.Tensor, C: int):
+    """Per chunk and dim, the middle and half-width of the real keys' range: (mid, radius),
+    [B, H, N, d] each (zeros for an all-padding chunk). Quest's bound of q . k over a chunk,
+    sum_d max(q_d * min_d, q_d * max_d), is q . mid + |q| . radius."""
+    B, H, S, d = k_post.shape
+    k = k_post.reshape(B, H, S // C, C, d)
+    pad = ~valid.view(B, 1, S // C, C, 1)
+    lo = k.masked_fill(pad, math.inf).amin(3)
+    hi = k.masked_fill(pad, -math.inf).amax(3)
+    real = torch.isfinite(lo)
+    mid = torch.where(real, (lo + hi) / 2, 0.0)
+    return mid, torch.where(real, (hi - lo) / 2, 0.0)
 
 
 def landmark_gap(q: torch.Tensor, k_all: torch.Tensor, key_valid: torch.Tensor,
@@ -119,27 +127,22 @@ def landmark_gap(q: torch.Tensor, k_all: torch.Tensor, key_valid: torch.Tensor,
     return (missed[0] - missed[1]).amax(2).mean(-1)
 
 
-def hybrid_scores(q: torch.Tensor, landmarks: torch.Tensor, aux: torch.Tensor,
-                  selectable: torch.Tensor, scale: float) -> torch.Tensor:
-    """shadowkv_hybrid: landmark scores (ShadowKV's), Quest-bound scores on the fallback heads.
-
-    q: [B, Hq, T, d]; landmarks: [B, Hkv, N, d]; aux: [B, Hkv, N + 1, 2, d] from
-    ``prefill_aux``; selectable: [B, Hkv, N]. Returns [B, Hkv, N] fp32.
-    """
-    N = landmarks.shape[2]
-    fallback = aux[:, :, N, 0, 0] > 0.5  # [B, H]
-    bound = quest_scores(q, aux[:, :, :N], selectable, scale)
-    return torch.where(fallback[..., None], bound, landmark_scores(q, landmarks, selectable, scale))
-
-
 def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, radius: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ShadowKV's chunk scores [B, Hkv, N]: softmax over chunks of q . landmark * scale, max
     over the GQA group, summed over query positions. q: [B, Hq, T, d]; landmarks:
-    [B, Hkv, N, d]; selectable: [B, Hkv, N]."""
+    [B, Hkv, N, d]; selectable: [B, Hkv, N].
+
+    radius [B, Hkv, N, d] (``chunk_ranges``; quest, shadowkv_hybrid): the logit is
+    q . landmark + |q| . radius, which with the chunks' mid-range keys as landmarks is Quest's
+    upper bound of q . k over the chunk (Tang et al., 2024, arXiv 2406.10774); heads with zero
+    radius keep ShadowKV's estimate. Only this estimate differs between the policies."""
     B, Hq, T, d = q.shape
     H = landmarks.shape[1]
-    s = torch.einsum("bhgtd,bhnd->bhgtn", q.float().view(B, H, Hq // H, T, d), landmarks.float())
+    qg = q.float().view(B, H, Hq // H, T, d)
+    s = torch.einsum("bhgtd,bhnd->bhgtn", qg, landmarks.float())
+    if radius is not None:
+        s = s + torch.einsum("bhgtd,bhnd->bhgtn", qg.abs(), radius.float())
     return _group_softmax(s.reshape(B, Hq, T, -1) * scale, selectable, H)
 
 
@@ -149,24 +152,6 @@ def _group_softmax(logits: torch.Tensor, selectable: torch.Tensor, H: int) -> to
     B, Hq, T, N = logits.shape
     s = logits.view(B, H, Hq // H, T, N).masked_fill(~selectable[:, :, None, None, :], -math.inf)
     return torch.softmax(s, dim=-1).nan_to_num(0.0).amax(2).sum(2)
-
-
-def quest_scores(q: torch.Tensor, bounds: torch.Tensor, selectable: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """Quest (Tang et al., 2024, arXiv 2406.10774): an upper bound of q . k over each chunk,
-    sum_d max(q_d * min_d, q_d * max_d), from per-chunk min/max keys.
-
-    q: [B, Hq, T, d]; bounds: [B, Hkv, N, 2, d]; selectable: [B, Hkv, N]. The bounds go through
-    the same softmax / GQA-max / sum-over-T reduction as ShadowKV's landmark scores, so only
-    the estimate of q . k differs. Returns [B, Hkv, N] fp32.
-    """
-    B, Hq, T, d = q.shape
-    H = bounds.shape[1]
-    qg = q.float().view(B, H, Hq // H, T, 1, d)
-    lo = bounds[:, :, None, None, :, 0].float()  # [B, H, 1, 1, N, d]
-    hi = bounds[:, :, None, None, :, 1].float()
-    ub = torch.maximum(qg * lo, qg * hi).sum(-1)  # [B, H, G, T, N]
-    return _group_softmax(ub.reshape(B, Hq, T, -1) * scale, selectable, H)
 
 
 def streaming_scores(selectable: torch.Tensor, sparse_valid: torch.Tensor, C: int,
@@ -208,12 +193,10 @@ def oracle_scores(q: torch.Tensor, keys: torch.Tensor, selectable: torch.Tensor,
 
 def chunk_scores(policy: str, q: torch.Tensor, state, scale: float, C: int) -> torch.Tensor:
     """Scores [B, Hkv, N] of a non-ShadowKV policy; ``state`` is a reference.PrefillState."""
-    if policy == "quest":
-        return quest_scores(q, state.aux, state.selectable, scale)
+    if policy in BOUNDED:
+        return landmark_scores(q, state.landmarks, state.selectable, scale, state.aux)
     if policy == "streaming":
         return streaming_scores(state.selectable, state.sparse_valid, C)
     if policy == "oracle":
         return oracle_scores(q, state.aux, state.selectable, state.sparse_valid, scale, C)
-    if policy == "shadowkv_hybrid":
-        return hybrid_scores(q, state.landmarks, state.aux, state.selectable, scale)
     raise ValueError(f"unknown selection policy {policy!r}; choose one of {POLICIES}")

@@ -35,7 +35,7 @@ class PrefillState(NamedTuple):
 
     U: torch.Tensor             # [B, N*C, r] pre-RoPE keys in the rank-r basis (K_pre @ V_r)
     SV: torch.Tensor            # [B, Hkv, r, d] the basis per KV head (V_r^T): K_pre ~= U @ SV
-    landmarks: torch.Tensor     # [B, Hkv, N, d] chunk means of post-RoPE keys
+    landmarks: torch.Tensor     # [B, Hkv, N, d] chunk means of post-RoPE keys (policies.py)
     selectable: torch.Tensor    # [B, Hkv, N] bool: valid chunk and not an outlier
     sparse_valid: torch.Tensor  # [B, N*C] bool: token is not padding
     outlier_k: torch.Tensor     # [B, Hkv, O*C, d] exact post-RoPE keys of outlier chunks
@@ -237,7 +237,8 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
     mask: the model's attention mask (or None for plain causal), interpreted by mask_kind
     (kind "valid": the [B, T] validity from mask_validity, whose check result is mask_ok);
     sites_left: this site and the ones after it in the graph, for the host-memory check;
-    policy: chunk-selection policy (shadowpass/policies.py); decides only the ``aux`` field.
+    policy: chunk-selection policy (shadowpass/policies.py); decides the ``aux`` field and,
+        for Quest-bound heads, what ``landmarks`` holds.
     q, scale, budget_chunks: the prompt's post-RoPE queries [B, Hq, T, d], the attention scale
     and the decode budget in chunks; read only by policies in ``policies.CALIBRATION``.
     """
@@ -262,18 +263,18 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
     check_host_memory(values.numel() * values.element_size(), sites_left, v.is_cuda, B, T)
     host = (pinned_empty if v.is_cuda else torch.empty)(values.shape, dtype=v.dtype)
     host.copy_(values)
+    centers, aux = policies.prefill_selection(
+        policy, k_post[:, :, :S], sparse_valid, landmarks, C,
+        calibration=(q, k_post, valid, landmarks, selectable, scale, budget_chunks)
+        if policy in policies.CALIBRATION and q is not None else None)
     return PrefillState(
-        U=U.to(k_post.dtype), SV=SV.to(k_post.dtype), landmarks=landmarks.to(k_post.dtype),
+        U=U.to(k_post.dtype), SV=SV.to(k_post.dtype), landmarks=centers.to(k_post.dtype),
         selectable=selectable, sparse_valid=sparse_valid.clone(),
         outlier_k=gather_chunks(k_post[:, :, :S], outliers, C),
         outlier_v=gather_chunks(v[:, :, :S], outliers, C),
         outlier_valid=gather_chunks(token_valid, outliers, C)[..., 0],
         local_k=k_post[:, :, S:].clone(), local_v=v[:, :, S:].clone(),
-        local_valid=valid[:, S:].clone(), values=host,
-        aux=policies.prefill_aux(
-            policy, k_post[:, :, :S], sparse_valid, C,
-            calibration=(q, k_post, valid, landmarks, selectable, scale, budget_chunks)
-            if policy in policies.CALIBRATION and q is not None else None))
+        local_valid=valid[:, S:].clone(), values=host, aux=aux.to(k_post.dtype))
 
 
 @dataclass

@@ -27,10 +27,10 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _landmark_logits_kernel(
-    lm_ptr, q_ptr, sel_ptr, logit_ptr, bmax_ptr, bsum_ptr,
+    lm_ptr, rad_ptr, q_ptr, sel_ptr, logit_ptr, bmax_ptr, bsum_ptr,
     qk_scale, H, G, T, N, NB,
     D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_RADIUS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # b * H + h; int64 offsets for large caches
@@ -46,8 +46,13 @@ def _landmark_logits_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     lm = tl.load(lm_ptr + (bh * N + n)[:, None] * D + cols[None, :],
                  mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    s = dot(q.to(lm.dtype), tl.trans(lm), UPCAST)
+    if HAS_RADIUS:  # Quest's bound: q . mid + |q| . radius (policies.landmark_scores)
+        rad = tl.load(rad_ptr + (bh * N + n)[:, None] * D + cols[None, :],
+                      mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s += dot(tl.abs(q).to(rad.dtype), tl.trans(rad), UPCAST)
     # .to: Inductor may pass the float scale as fp64, which would make s fp64
-    s = (dot(q.to(lm.dtype), tl.trans(lm), UPCAST) * qk_scale).to(tl.float32)  # log2 units
+    s = (s * qk_scale).to(tl.float32)  # log2 units
     sel = tl.load(sel_ptr + bh * N + n, mask=n_ok, other=0) != 0
     s = tl.where(sel[None, :], s, float("-inf"))
     tl.store(logit_ptr + (bh * M + rows)[:, None] * N + n[None, :], s,
@@ -102,8 +107,9 @@ def _landmark_softmax_kernel(
 
 
 def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
-                    scale: float, fill: float = 0.0, block_n: int = 0) -> torch.Tensor:
-    """Chunk scores of ``reference.score_chunks``.
+                    scale: float, fill: float = 0.0, block_n: int = 0,
+                    radius: torch.Tensor | None = None) -> torch.Tensor:
+    """Chunk scores of ``policies.landmark_scores``.
 
     Parameters
     ----------
@@ -113,6 +119,8 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     scale : the model's attention scale.
     fill : score written for unselectable chunks (0.0 as the reference; -1.0 ranks them last).
     block_n : chunks per program (0 = default).
+    radius : [B, H, N, d] like landmarks, or None: adds |q| . radius to each logit (Quest's
+        bound for the heads of quest / shadowkv_hybrid that keep mid-range keys as landmarks).
 
     Returns
     -------
@@ -134,13 +142,14 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     bmax = torch.empty(B, H, M, NB, dtype=torch.float32, device=landmarks.device)
     bsum = torch.empty_like(bmax)
     lm = landmarks.contiguous()
+    rad = lm if radius is None else radius.to(lm.dtype).contiguous()  # unread without radius
     sel = as_bytes(selectable.contiguous())
     grid = (NB, B * H)
     launch(_landmark_logits_kernel)[grid](
-        lm, q.contiguous(), sel, logits, bmax, bsum,
+        lm, rad, q.contiguous(), sel, logits, bmax, bsum,
         float(scale) * LOG2E, H, G, T, N, NB,
-        D=d, D_PAD=next_pow2(d, 16), M_PAD=next_pow2(M, 16), BLOCK_N=BLOCK_N, UPCAST=INTERPRET,
-        num_warps=4)
+        D=d, D_PAD=next_pow2(d, 16), M_PAD=next_pow2(M, 16), BLOCK_N=BLOCK_N,
+        HAS_RADIUS=radius is not None, UPCAST=INTERPRET, num_warps=4)
     launch(_landmark_softmax_kernel)[grid](
         logits, bmax, bsum, sel, scores,
         float(fill), G, T, N, NB,
@@ -150,8 +159,8 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
 
 
 def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
-                      scale: float, budget_chunks: int):
-    """Top-k chunk ids as ``reference.select_chunks(reference.score_chunks(...))``.
+                      scale: float, budget_chunks: int, radius: torch.Tensor | None = None):
+    """Top-k chunk ids as ``reference.select_chunks`` of ``policies.landmark_scores``.
 
     Returns
     -------
@@ -159,7 +168,7 @@ def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torc
         attention does not depend on it; unsorted top-k skips a sort).
     scores : [B, H, N] float32, unselectable chunks at -1 (below every softmax probability).
     """
-    scores = landmark_scores(q, landmarks, selectable, scale, fill=-1.0)
+    scores = landmark_scores(q, landmarks, selectable, scale, fill=-1.0, radius=radius)
     k = min(budget_chunks, scores.shape[-1])
     return scores.topk(k, dim=-1, sorted=False).indices, scores
 

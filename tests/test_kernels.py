@@ -40,10 +40,11 @@ from shadowpass.templates.landmark_scores import landmark_scores, select_top_chu
 from shadowpass.templates.sparse_decode import sparse_decode
 from tolerances import KERNEL_BF16, KERNEL_FP16, KERNEL_FP32, SCORES
 
-from shadowpass import ops
+from shadowpass import ops, policies
 from shadowpass.hostmem import is_pinned
 from shadowpass import reference as ref
 from shadowpass.kernels import (
+    KERNEL_POLICIES,
     DecodeWorkspace,
     decode_attention_cuda,
     register_cuda_kernel,
@@ -161,6 +162,25 @@ def test_landmark_scores_match_reference(dtype, G, d):
     want = ref.score_chunks(q, lm, sel, scale)
     torch.testing.assert_close(got, want, atol=SCORES[0], rtol=SCORES[1])
     assert (got[1, 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_bound_scores_match_reference(dtype, d):
+    """With a radius (quest, shadowkv_hybrid) each logit adds |q| . radius; a head with zero
+    radius keeps the landmark scores."""
+    B, H, G, N = 2, 2, 2, 37
+    q = torch.randn(B, H * G, 1, d, device=DEV, dtype=dtype)
+    lm = torch.randn(B, H, N, d, device=DEV, dtype=dtype)
+    radius = torch.rand(B, H, N, d, device=DEV, dtype=dtype)
+    radius[:, 1] = 0  # a landmark head beside a Quest-bound head
+    sel = torch.rand(B, H, N, device=DEV) > 0.2
+    scale = 1 / math.sqrt(d)
+    got = landmark_scores(q, lm, sel, scale, block_n=16, radius=radius)
+    torch.testing.assert_close(got, policies.landmark_scores(q, lm, sel, scale, radius),
+                               atol=SCORES[0], rtol=SCORES[1])
+    torch.testing.assert_close(got[:, 1], ref.score_chunks(q, lm, sel, scale)[:, 1],
+                               atol=SCORES[0], rtol=SCORES[1])
 
 
 @pytest.mark.parametrize("T", [2, 3])
@@ -462,8 +482,10 @@ def test_decode_step_with_no_sparse_chunks():
     close(got, want, torch.float32)
 
 
-def test_decode_without_workspace_and_real_prefill_state():
-    """A state built by the real prefill op (prompt length not a multiple of C, padding)."""
+@pytest.mark.parametrize("policy", KERNEL_POLICIES)
+def test_decode_without_workspace_and_real_prefill_state(policy):
+    """A state built by the real prefill op (prompt length not a multiple of C, padding), for
+    every policy the kernels run."""
     B, H, G, T, d, C = 2, 2, 2, 203, 64, 8
     kpre = torch.randn(B, H, T, d, device=DEV)
     cos, sin = rope_tables(B, T, d, "rotate_half")
@@ -471,16 +493,20 @@ def test_decode_without_workspace_and_real_prefill_state():
     v = torch.randn(B, H, T, d, device=DEV)
     keep = torch.ones(B, T, T, dtype=torch.bool, device=DEV).tril()
     keep[0, :, :13] = False
+    q_prompt = torch.randn(B, H * G, T, d, device=DEV)
     st = KernelState(*ops.prefill_state(kpre, kpost, v, keep[:, None], "bool_keep", 32, C, 2, 3,
-                                        1), *ops.rope_tables(cos, sin, C, 3, "rotate_half"))
+                                        1, policy, None, q_prompt, 0.125, 5),
+                     *ops.rope_tables(cos, sin, C, 3, "rotate_half"))
     gk, gv = (torch.zeros(B, H, 4, d, device=DEV) for _ in range(2))
     gl = torch.zeros(1, dtype=torch.long, device=DEV)
     rk, rv, rl = gk.clone(), gv.clone(), gl.clone()
     for _ in range(2):
         q = torch.randn(B, H * G, 1, d, device=DEV)
         k, vn = torch.randn(B, H, 1, d, device=DEV), torch.randn(B, H, 1, d, device=DEV)
-        got = decode_attention_cuda(q, k, vn, 0.125, *split(st), gk, gv, gl, C, 5, "rotate_half")
-        want = ref.decode_attention(q, k, vn, 0.125, *split(st), rk, rv, rl, C, 5, "rotate_half")
+        got = decode_attention_cuda(q, k, vn, 0.125, *split(st), gk, gv, gl, C, 5, "rotate_half",
+                                    policy=policy)
+        want = ref.decode_attention(q, k, vn, 0.125, *split(st), rk, rv, rl, C, 5, "rotate_half",
+                                    policy)
         close(got, want, torch.float32)
 
 

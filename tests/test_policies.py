@@ -26,11 +26,17 @@ def test_quest_bounds_and_scores_match_formula():
     k = torch.randn(B, H, N * C, d)
     valid = torch.ones(B, N * C, dtype=torch.bool)
     valid[0, :3] = False  # left padding inside chunk 0 of sequence 0
-    bounds = policies.prefill_aux("quest", k, valid, C)
-    assert bounds.shape == policies.aux_shape("quest", B, H, N, C, d)
+    valid[1, :C] = False  # an all-padding chunk
+    landmarks = torch.randn(B, H, N, d)
+    mid, radius = policies.prefill_selection("quest", k, valid, landmarks, C)
+    assert radius.shape == policies.aux_shape("quest", B, H, N, C, d)
     # min/max over the real tokens of each chunk only
-    torch.testing.assert_close(bounds[0, :, 0, 0], k[0, :, 3:4].amin(1))
-    torch.testing.assert_close(bounds[1, :, 2, 1], k[1, :, 2 * C:3 * C].amax(1))
+    lo, hi = mid - radius, mid + radius
+    torch.testing.assert_close(lo[0, :, 0], k[0, :, 3:4].amin(1))
+    torch.testing.assert_close(hi[0, :, 0], k[0, :, 3:4].amax(1))
+    torch.testing.assert_close(lo[1, :, 2], k[1, :, 2 * C:3 * C].amin(1))
+    torch.testing.assert_close(hi[1, :, 2], k[1, :, 2 * C:3 * C].amax(1))
+    assert not mid[1, :, 0].any() and not radius[1, :, 0].any()
 
     q = torch.randn(B, Hq, T, d)
     selectable = torch.ones(B, H, N, dtype=torch.bool)
@@ -39,17 +45,17 @@ def test_quest_bounds_and_scores_match_formula():
     ub = torch.zeros(B, Hq, T, N)
     for b in range(B):
         for hq in range(Hq):
+            h = hq // (Hq // H)
             for n in range(N):
-                lo, hi = bounds[b, hq // (Hq // H), n]
-                ub[b, hq, 0, n] = sum(max(q[b, hq, 0, i] * lo[i], q[b, hq, 0, i] * hi[i])
-                                      for i in range(d))
+                ub[b, hq, 0, n] = sum(max(q[b, hq, 0, i] * lo[b, h, n, i],
+                                          q[b, hq, 0, i] * hi[b, h, n, i]) for i in range(d))
     # the bound is an upper bound of every real token's q . k in the chunk
     qk = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(Hq // H, 1))
-    assert (qk.view(B, Hq, T, N, C)[1] <= ub[1, ..., None] + 1e-5).all()
+    assert (qk.view(B, Hq, T, N, C)[1, :, :, 1:] <= ub[1, :, :, 1:, None] + 1e-5).all()
     sel = selectable.repeat_interleave(Hq // H, 1)[:, :, None]
     p = torch.softmax((ub * scale).masked_fill(~sel, -math.inf), -1)
     expected = group_reduce(p)
-    got = policies.quest_scores(q, bounds, selectable, scale)
+    got = policies.landmark_scores(q, mid, selectable, scale, radius)
     torch.testing.assert_close(got, expected, atol=FP32_OP, rtol=FP32_OP)
     assert got[1, 0, 4] == 0
 
@@ -73,7 +79,9 @@ def test_oracle_is_exact_attention_mass_per_chunk():
     k = torch.randn(B, H, N * C, d)
     valid = torch.ones(B, N * C, dtype=torch.bool)
     valid[1, :5] = False
-    keys = policies.prefill_aux("oracle", k, valid, C)
+    landmarks = torch.randn(B, H, N, d)
+    same, keys = policies.prefill_selection("oracle", k, valid, landmarks, C)
+    assert same is landmarks
     assert torch.equal(keys, k) and keys.data_ptr() != k.data_ptr()
     q = torch.randn(B, Hq, T, d)
     selectable = valid.view(B, N, C).any(-1)[:, None].expand(B, H, N).clone()
@@ -95,8 +103,10 @@ def test_oracle_is_exact_attention_mass_per_chunk():
 
 def test_shadowkv_policy_has_empty_aux():
     k = torch.randn(B, H, N * C, d)
-    aux = policies.prefill_aux("shadowkv", k, torch.ones(B, N * C, dtype=torch.bool), C)
-    assert aux.shape == (B, H, 0, d) and aux.numel() == 0
+    landmarks = torch.randn(B, H, N, d)
+    same, aux = policies.prefill_selection("shadowkv", k, torch.ones(B, N * C, dtype=torch.bool),
+                                           landmarks, C)
+    assert same is landmarks and aux.shape == (B, H, 0, d) and aux.numel() == 0
 
 
 def test_policy_config_field():
@@ -226,25 +236,29 @@ def test_landmark_gap_flags_the_head_landmarks_fail(monkeypatch):
     key_valid[0, NEEDLE * C_] = True
     assert gap[0, 0] > 0.5 and gap[0, 1].abs() < 1e-6  # head 0 fails, head 1 is exact
 
-    aux = policies.prefill_aux("shadowkv_hybrid", k[:, :, :S], valid, C_,
-                               calibration=(q, k, key_valid, landmarks, selectable, 0.5, 1))
-    assert aux.shape == policies.aux_shape("shadowkv_hybrid", 1, 2, S // C_, C_, k.shape[-1])
-    assert aux[0, :, -1, 0, 0].tolist() == [1.0, 0.0]  # head 0 falls back to Quest bounds
+    calibration = (q, k, key_valid, landmarks, selectable, 0.5, 1)
+    centers, radius = policies.prefill_selection("shadowkv_hybrid", k[:, :, :S], valid,
+                                                 landmarks, C_, calibration)
+    assert radius.shape == policies.aux_shape("shadowkv_hybrid", 1, 2, S // C_, C_, k.shape[-1])
+    mid, quest_radius = policies.prefill_selection("quest", k[:, :, :S], valid, landmarks, C_)
+    # head 0 falls back to Quest's bound (mid-range keys and their radius); head 1 keeps its
+    # landmarks and no radius
+    assert torch.equal(centers[:, 0], mid[:, 0]) and torch.equal(radius[:, 0], quest_radius[:, 0])
+    assert torch.equal(centers[:, 1], landmarks[:, 1]) and not radius[:, 1].any()
     monkeypatch.setattr(policies, "HYBRID_GAP", gap[0, 0].item() + 1e-3)  # above both heads
-    calm = policies.prefill_aux("shadowkv_hybrid", k[:, :, :S], valid, C_,
-                                calibration=(q, k, key_valid, landmarks, selectable, 0.5, 1))
-    assert not calm.any()  # no fallback head: no bounds, no flag
+    calm = policies.prefill_selection("shadowkv_hybrid", k[:, :, :S], valid, landmarks, C_,
+                                      calibration)
+    assert torch.equal(calm[0], landmarks) and not calm[1].any()  # no fallback head
     monkeypatch.undo()
-    quest = policies.prefill_aux("quest", k[:, :, :S], valid, C_)
-    assert torch.equal(aux[:, 0, :-1], quest[:, 0]) and not aux[:, 1, :-1].any()
 
     # decode: the fallback head ranks the needle chunk first (landmarks rank it last); the
     # other head keeps ShadowKV's landmark scores exactly
     qd = q[:, :, -1:]
-    got = policies.hybrid_scores(qd, landmarks, aux, selectable, 0.5)
+    got = policies.landmark_scores(qd, centers, selectable, 0.5, radius)
     lm = ref.score_chunks(qd, landmarks, selectable, 0.5)
     assert got[0, 0].argmax() == NEEDLE and lm[0, 0].argmin() == NEEDLE
-    torch.testing.assert_close(got[:, 0], policies.quest_scores(qd, quest, selectable, 0.5)[:, 0])
+    torch.testing.assert_close(
+        got[:, 0], policies.landmark_scores(qd, mid, selectable, 0.5, quest_radius)[:, 0])
     torch.testing.assert_close(got[:, 1], lm[:, 1])
 
 
