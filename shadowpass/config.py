@@ -33,10 +33,9 @@ class ShadowKVConfig:
         budget + (outlier_chunks + local_chunks) * chunk_size; 0 forces ShadowKV everywhere.
     policy: how decode picks chunks: "shadowkv" (landmarks, the method), "shadowkv_hybrid"
         (landmarks, with Quest bounds on the KV heads that landmarks serve badly, picked at
-        prefill from the prompt's last queries; CUDA runs its decode on the reference), or a
-        baseline on the
-        same machinery for accuracy comparisons: "quest", "streaming", "oracle"
-        (see shadowpass/policies.py).
+        prefill from the prompt's last queries: more accurate, README "Accuracy"), or a
+        baseline on the same machinery for accuracy comparisons: "quest", "streaming",
+        "oracle" (see shadowpass/policies.py). CUDA runs the kernels for all but the last two.
     decode_route: how a decode step enters the compiled graph: "fused" (one opaque
         shadowkv::decode op per site; on CUDA its Triton kernels replay as one CUDA graph per
         site) or "split" (shadowkv::decode_gather, still opaque, then shadowkv::sparse_attention,
