@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -10,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import ShadowKVConfig
 from .report import Report
@@ -20,11 +22,40 @@ log = logging.getLogger("shadowpass")
 _graph_ids = itertools.count()
 
 
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """A hash of the package's sources: shadowpass, shadowpass.lowering, shadowpass.templates
+    (installed from separate folders, so each is read where it was imported from)."""
+    from . import lowering, templates
+    h = hashlib.sha256()
+    for pkg in (Path(__file__).parent, Path(lowering.__file__).parent,
+                Path(templates.__file__).parent):
+        for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".jinja")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+class SourceKey(CustomGraphPass):
+    """Changes no graph. Inductor's FX graph cache keys a compiled graph by its code and
+    Inductor's config, not by our ops' fake shapes, lowerings or templates; with this pass in the
+    config its uuid (``source_hash``) joins the key, so a graph compiled by another version of
+    shadowpass is never reused (it would assert the old shapes)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return source_hash()
+
+
 def mode_patches(mode: Optional[str]) -> dict:
-    """Inductor config for torch.compile's mode= (HF's CompileConfig defaults to reduce-overhead)."""
-    if mode in (None, "default"):
-        return {}
-    return dict(torch._inductor.list_mode_options(mode))
+    """Inductor config for torch.compile's mode= (HF's CompileConfig defaults to reduce-overhead),
+    plus ``SourceKey`` where the user set no post-grad pass of their own."""
+    patches = {} if mode in (None, "default") else dict(torch._inductor.list_mode_options(mode))
+    if torch._inductor.config.post_grad_custom_post_pass is None:
+        patches["post_grad_custom_post_pass"] = SourceKey()
+    return patches
 
 
 def dump(dump_dir: str, index: int, before, after, report: Report):

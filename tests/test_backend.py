@@ -48,6 +48,29 @@ def test_options_and_mode_reach_the_backend():
     torch.testing.assert_close(model(x), model._orig_mod(x))
 
 
+def test_inductor_cache_keys_on_our_sources(monkeypatch):
+    """Inductor's FX graph cache reuses a graph compiled by the same shadowpass sources, never
+    one compiled by other sources (their ops may have other shapes)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    from shadowpass import backend
+
+    def f(x):
+        return torch.sin(x) * 2 + 1
+
+    x = torch.randn(4, 4)
+    hits = []
+    with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True):
+        for version in ("sources A", "sources A", "sources B"):
+            monkeypatch.setattr(backend, "source_hash", lambda v=version: v)
+            torch._dynamo.reset()
+            counters.clear()
+            torch.testing.assert_close(torch.compile(f, backend="shadowkv")(x), f(x))
+            hits.append(counters["inductor"]["fxgraph_cache_hit"])
+    assert hits == [0, 1, 0]
+
+
 # ---------------------------------------------------------------------------------- fallback
 
 def test_graph_without_attention_compiles_as_inductor():
