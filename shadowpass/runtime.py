@@ -142,16 +142,19 @@ class Runtime:
             t._shadowkv_session = session
         self._session, self._weak = None, weakref.ref(session)
 
-    def decode_inputs(self, names: List[str], new_tokens: int) -> Optional[List[torch.Tensor]]:
-        if not self.sites:
+    def decode_inputs(self, names: List[str], new_tokens: int,
+                      session: Optional[Session] = None) -> Optional[List[torch.Tensor]]:
+        """The decode graph's state inputs from ``session`` (default: the latest one)."""
+        sites = session.sites if session is not None else self.sites
+        if not sites:
             return None
-        missing = [n for n in names if n not in self.sites]
+        missing = [n for n in names if n not in sites]
         if missing:
             raise RuntimeError(f"shadowkv: no prefill state for sites {missing}; the prefill and "
                                "decode graphs found different attention sites (see explain())")
         flat = []
         for n in names:
-            site = self.sites[n]
+            site = sites[n]
             site.reserve(new_tokens)
             site.used += new_tokens
             flat += site.tensors()
@@ -285,7 +288,10 @@ class ShadowGraph:
             session = rt.store(self.rw, self.names, list(outs[n:]), self.cfg)
             outs = outs[:n] if isinstance(outs, tuple) else type(outs)(outs[:n])
         else:
-            state = rt.decode_inputs(self.names, T)
+            # the cache's stubs name their session: sequences decoded in turn (several caches,
+            # micro-batches) each read their own state, not the latest prefill's
+            session = self.session_of(args) or rt.session
+            state = rt.decode_inputs(self.names, T, session)
             if state is None:
                 self.check_no_stub(args)
                 if self._dense is None:
@@ -295,10 +301,17 @@ class ShadowGraph:
                              "model.compile(backend='shadowkv') instead), or it was shorter than "
                              "min_sparse_len")
                 return self.dense(*args)
-            session = rt.session
             outs = self.sparse(*args, *state)
         rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
         return outs
+
+    def session_of(self, args) -> Optional[Session]:
+        """The session that the cache stubs among this step's inputs belong to, if any."""
+        for i in self.past_inputs:
+            session = getattr(args[i], "_shadowkv_session", None)
+            if session is not None:
+                return session
+        return None
 
     def split(self):
         """subbatch.Split of this prefill graph, or why it cannot be split (a str)."""
