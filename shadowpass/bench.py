@@ -52,6 +52,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")
     p.add_argument("--out", default=None, help="write results JSON (and a PNG plot) here")
+    p.add_argument("--micro-batches", type=int, default=1, metavar="M",
+                   help="shadowpass decodes its batch as M micro-batches, each with its own "
+                        "state and cache on its own CUDA stream, so one's value fetch (PCIe) "
+                        "overlaps another's weight GEMMs, scores and attention")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing each run, profile this many decode steps and print GPU "
                         "time per part of the step (kernels grouped by name) and the GPU's idle "
@@ -145,28 +149,40 @@ def dense_run(model, B: int, T: int, gen: int, profile: int = 0) -> Row:
         layer.values.normal_()
         layer.cumulative_length.fill_(T)
     forward = torch.compile(model.forward, mode="reduce-overhead")
-    med, spread = decode_steps(forward, cache, model.config.vocab_size, B, T, gen, profile)
+    med, spread = decode_steps(forward, [cache], model.config.vocab_size, [B], T, gen, profile)
     return Row("dense", T, B, B * 1e3 / med, med, spread, torch.cuda.max_memory_allocated() / GIB)
 
 
-def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: int = 0):
+def decode_steps(forward, caches, vocab: int, sizes: list[int], T: int, gen: int,
+                 profile: int = 0):
     """Median and p20-p80 milliseconds of `gen` greedy decode steps after the warm-up steps;
-    then, with ``profile``, the GPU time of that many more steps per part (``step_profile``)."""
-    ids = torch.randint(0, vocab, (B, 1), device="cuda")
-    pos = torch.full((B, 1), T, device="cuda")
+    then, with ``profile``, the GPU time of that many more steps per part (``step_profile``).
+
+    caches, sizes: one cache and its batch size per micro-batch. A step runs one forward per
+    micro-batch, each on its own CUDA stream (one micro-batch: the current stream), and ends
+    when all are done.
+    """
+    main = torch.cuda.current_stream()
+    streams = [main] if len(caches) == 1 else [torch.cuda.Stream() for _ in caches]
+    ids = [torch.randint(0, vocab, (b, 1), device="cuda") for b in sizes]
+    pos = [torch.full((b, 1), T, device="cuda") for b in sizes]
 
     def step():
-        nonlocal ids
-        with torch.no_grad():
-            out = forward(input_ids=ids, position_ids=pos, past_key_values=cache,
-                          use_cache=True, logits_to_keep=1)
-        ids = out.logits[:, -1:].argmax(-1)
-        pos.add_(1)
+        for m, (stream, cache) in enumerate(zip(streams, caches)):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream), torch.no_grad():
+                out = forward(input_ids=ids[m], position_ids=pos[m], past_key_values=cache,
+                              use_cache=True, logits_to_keep=1)
+                ids[m] = out.logits[:, -1:].argmax(-1)
+                pos[m].add_(1)
+        for stream in streams:
+            main.wait_stream(stream)
 
     t0 = time.perf_counter()
     for _ in range(WARMUP_STEPS):
         step()
     torch.cuda.synchronize()
+    B = sum(sizes)
     print(f"B={B}: {WARMUP_STEPS} warm-up steps (compiling) in {time.perf_counter() - t0:.1f} s",
           flush=True)
     timed = summary(time_steps(step, gen))
@@ -348,23 +364,30 @@ def shadow_roofline(model, B: int, T: int, cfg, hit: float, bw: dict[str, float]
     return max(hbm, pcie)
 
 
-def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw, profile: int = 0) -> Row:
+def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw, profile: int = 0,
+               micro_batches: int = 1) -> Row:
     import shadowpass
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    batched = tile_session(session, B)
-    print(f"T={T} B={B}: state copied to {B} rows in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    M = max(1, min(micro_batches, B))
+    sizes = [B * (i + 1) // M - B * i // M for i in range(M)]
+    sessions = [tile_session(session, b) for b in sizes]
+    print(f"T={T} B={B}: state copied to {B} rows in {time.perf_counter() - t0:.1f} s"
+          + (f" ({M} micro-batches of {sizes})" if M > 1 else ""), flush=True)
     rt = shadowpass.runtime_of(model)
     rt.clear()
-    rt._session = batched
-    cache = stub_cache(model, B, T)
-    med, spread = decode_steps(model, cache, model.config.vocab_size, B, T, gen, profile)
-    hit = batched.hit_rate()
+    caches = [stub_cache(model, b, T) for b in sizes]
+    for s, cache in zip(sessions, caches):  # each cache's stubs name its session
+        rt.attach(s, [t for layer in cache.layers for t in (layer.keys, layer.values)])
+    med, spread = decode_steps(model, caches, model.config.vocab_size, sizes, T, gen, profile)
+    hits = [h for h in (s.hit_rate() for s in sessions) if h is not None]
+    hit = sum(hits) / len(hits) if hits else None
     row = Row("shadowkv", T, B, B * 1e3 / med, med, spread,
               torch.cuda.max_memory_allocated() / GIB,
-              pinned_gib=batched.nbytes("host") / GIB, hit_rate=hit)
+              pinned_gib=sum(s.nbytes("host") for s in sessions) / GIB, hit_rate=hit)
     row.roofline_ms = shadow_roofline(model, B, T, cfg, hit or 0.0, bw)
+    if M > 1:
+        row.extra["micro_batches"] = M
     rt.clear()
     return row
 
@@ -442,7 +465,8 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
           f"(with SVD, landmarks, outliers and the value offload)", flush=True)
     largest = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
     for B in batch_sizes(args, largest):
-        row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile)
+        row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile,
+                         args.micro_batches)
         gc.collect()
         row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill)
         rows.append(row)

@@ -51,9 +51,13 @@ _SIDE_STREAMS = {}
 
 
 def _side_stream(device: torch.device):
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+    """The fetch stream beside the current one: one per stream, so steps that run on separate
+    streams (several sessions, micro-batches) never queue their fetches behind each other's."""
+    main = torch.cuda.current_stream(device)
+    key = (device, main.stream_id)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
 
 
 def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v,
@@ -354,7 +358,9 @@ class StepGraphs:
     def __init__(self):
         self.graphs = {}  # site (id of its gen_len) -> (key, graph, static inputs, output)
         self.seen = {}    # site -> key of its last eager step
-        self.pool = None  # one memory pool: sites replay one after another
+        # memory pool per stream: the sites of one stream replay one after another and may
+        # share one; graphs replayed on other streams at the same time must not
+        self.pools = {}
 
     def drop(self, site: int):
         self.graphs.pop(site, None)
@@ -362,6 +368,8 @@ class StepGraphs:
 
     def run(self, gen_len: torch.Tensor, key, step, inputs):
         site = id(gen_len)
+        stream = torch.cuda.current_stream(gen_len.device).stream_id
+        key = (key, stream)  # a site that moves to another stream captures again, in its pool
         if site not in self.seen:  # the graph goes when the site's state goes
             weakref.finalize(gen_len, self.drop, site)
         entry = self.graphs.get(site)
@@ -376,11 +384,11 @@ class StepGraphs:
             self.seen[site] = key
             return step(*inputs)
         static = [t.clone() for t in inputs]
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        if stream not in self.pools:
+            self.pools[stream] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pools[stream]):
                 out = step(*static)
         except RuntimeError as e:  # capture records only, so the state is untouched: run eager
             log.warning("shadowkv: decode step not capturable in a CUDA graph (%s); eager", e)
@@ -391,7 +399,7 @@ class StepGraphs:
         return None if out is None else out.clone()
 
     def clear(self):
-        self.graphs, self.seen, self.pool = {}, {}, None
+        self.graphs, self.seen, self.pools = {}, {}, {}
 
 
 _STEP_GRAPHS = StepGraphs()
