@@ -151,10 +151,10 @@ def test_sequences_decoded_in_turn_each_read_their_own_state():
     not the latest prefill's: two prompts prefilled one after the other and then decoded in
     turn give the tokens each gives alone."""
     model = hf_model("llama")
-    model.compile(backend="shadowkv", options=dict(EXACT, budget=16, rank=8))
+    model.compile(backend="shadowkv", options=dict(EXACT, budget=16, rank=8))  # sparse, low rank
     prompts = [torch.randint(0, 256, (1, 300)), torch.randint(0, 256, (1, 300))]
 
-    def decode(order, steps=4):
+    def decode(order, steps=3):
         caches = {i: DynamicCache(config=model.config) for i in set(order)}
         tokens = {i: [prompts[i]] for i in caches}
         with torch.no_grad():
