@@ -274,7 +274,7 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
         outlier_v=gather_chunks(v[:, :, :S], outliers, C),
         outlier_valid=gather_chunks(token_valid, outliers, C)[..., 0],
         local_k=k_post[:, :, S:].clone(), local_v=v[:, :, S:].clone(),
-        local_valid=valid[:, S:].clone(), values=host, aux=aux.to(k_post.dtype))
+        local_valid=valid[:, S:].clone(), values=host, aux=aux)
 
 
 @dataclass

@@ -142,10 +142,11 @@ class Runtime:
             t._shadowkv_session = session
         self._session, self._weak = None, weakref.ref(session)
 
-    def decode_inputs(self, names: List[str], new_tokens: int,
-                      session: Optional[Session] = None) -> Optional[List[torch.Tensor]]:
-        """The decode graph's state inputs from ``session`` (default: the latest one)."""
-        sites = session.sites if session is not None else self.sites
+    @staticmethod
+    def decode_inputs(names: List[str], new_tokens: int,
+                      session: Optional[Session]) -> Optional[List[torch.Tensor]]:
+        """The decode graph's state inputs from ``session`` (None without one)."""
+        sites = session.sites if session is not None else {}
         if not sites:
             return None
         missing = [n for n in names if n not in sites]
