@@ -249,3 +249,34 @@ def test_pinned_pool_reuses_buffers_of_the_same_size():
     c = hostmem.pinned_empty((2, 1 << 22), torch.float32)  # another size: pool unlocked first
     assert not hostmem._pool and ours() == [2 * (1 << 22) * 4]
     assert hostmem.is_pinned(c) and not hostmem.is_pinned(torch.empty(10))
+
+
+def test_micro_batches_decode_the_tokens_of_one_batch():
+    """bench --micro-batches: a batch decoded as 2 micro-batches (own sessions and stub caches,
+    one CUDA stream each) gives the tokens of the same batch decoded at once. fp32: random
+    weights give near-tied logits that bf16 rounding at another batch size can flip."""
+    from transformers import DynamicCache
+
+    from shadowpass.bench import greedy_step, micro_batch
+    torch.manual_seed(0)
+    T, B = 4096, 5
+    model = llama8b(2, vocab=1024, dtype=torch.float32)
+    model.compile(backend="shadowkv", options={"rank": 64, "budget": 256, "min_sparse_len": 0})
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(0, 1024, (1, T), device="cuda"), past_key_values=cache,
+              logits_to_keep=1)
+    session = shadowpass.runtime_of(model).session
+    first = torch.randint(0, 1024, (B, 1), device="cuda")
+    tokens = {}
+    for M in (1, 2):
+        sizes, sessions, caches = micro_batch(model, session, B, T, M)
+        step, last = greedy_step(model, caches, first, sizes, T)
+        steps = []
+        for _ in range(6):
+            step()
+            steps.append(last())
+        tokens[M] = torch.cat(steps, 1)
+        assert all(s.hit_rate() is not None for s in sessions)  # the sparse path ran
+    print(tokens[1].tolist())
+    assert torch.equal(tokens[1], tokens[2])
