@@ -52,11 +52,6 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")
     p.add_argument("--out", default=None, help="write results JSON (and a PNG plot) here")
-    p.add_argument("--micro-batches", type=int, nargs="+", default=[1], metavar="M",
-                   help="shadowpass decodes its batch as M micro-batches, each with its own "
-                        "state and cache on its own CUDA stream, so one's value fetch (PCIe) "
-                        "overlaps another's weight GEMMs, scores and attention; several values "
-                        "run each batch once per value, side by side")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing each run, profile this many decode steps and print GPU "
                         "time per part of the step (kernels grouped by name) and the GPU's idle "
@@ -150,48 +145,28 @@ def dense_run(model, B: int, T: int, gen: int, profile: int = 0) -> Row:
         layer.values.normal_()
         layer.cumulative_length.fill_(T)
     forward = torch.compile(model.forward, mode="reduce-overhead")
-    med, spread = decode_steps(forward, [cache], model.config.vocab_size, [B], T, gen, profile)
+    med, spread = decode_steps(forward, cache, model.config.vocab_size, B, T, gen, profile)
     return Row("dense", T, B, B * 1e3 / med, med, spread, torch.cuda.max_memory_allocated() / GIB)
 
 
-def greedy_step(forward, caches, first_ids, sizes: list[int], T: int):
-    """(step, ids): step() decodes one greedy token for every row; ids() is the batch's
-    latest tokens, [sum(sizes), 1].
-
-    caches, sizes: one cache and its batch size per micro-batch. A step runs one forward per
-    micro-batch, each on its own CUDA stream (one micro-batch: the current stream), and ends
-    when all are done.
-    """
-    main = torch.cuda.current_stream()
-    streams = [main] if len(caches) == 1 else [torch.cuda.Stream() for _ in caches]
-    ids = list(first_ids.split(sizes))
-    pos = [torch.full((b, 1), T, device="cuda") for b in sizes]
-
-    def step():
-        for m, (stream, cache) in enumerate(zip(streams, caches)):
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream), torch.no_grad():
-                out = forward(input_ids=ids[m], position_ids=pos[m], past_key_values=cache,
-                              use_cache=True, logits_to_keep=1)
-                ids[m] = out.logits[:, -1:].argmax(-1)
-                pos[m].add_(1)
-        for stream in streams:
-            main.wait_stream(stream)
-
-    return step, lambda: torch.cat(ids)
-
-
-def decode_steps(forward, caches, vocab: int, sizes: list[int], T: int, gen: int,
-                 profile: int = 0):
+def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: int = 0):
     """Median and p20-p80 milliseconds of `gen` greedy decode steps after the warm-up steps;
     then, with ``profile``, the GPU time of that many more steps per part (``step_profile``)."""
-    first = torch.randint(0, vocab, (sum(sizes), 1), device="cuda")
-    step, _ = greedy_step(forward, caches, first, sizes, T)
+    ids = torch.randint(0, vocab, (B, 1), device="cuda")
+    pos = torch.full((B, 1), T, device="cuda")
+
+    def step():
+        nonlocal ids
+        with torch.no_grad():
+            out = forward(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                          logits_to_keep=1)
+        ids = out.logits[:, -1:].argmax(-1)
+        pos.add_(1)
+
     t0 = time.perf_counter()
     for _ in range(WARMUP_STEPS):
         step()
     torch.cuda.synchronize()
-    B = sum(sizes)
     print(f"B={B}: {WARMUP_STEPS} warm-up steps (compiling) in {time.perf_counter() - t0:.1f} s",
           flush=True)
     timed = summary(time_steps(step, gen))
@@ -355,21 +330,6 @@ def stub_cache(model, B: int, T: int):
     return cache
 
 
-def micro_batch(model, session, B: int, T: int, M: int):
-    """(sizes, sessions, caches): the batch-1 session tiled to B rows as M micro-batches, each
-    with its own session and stub cache, attached to the model's runtime (which forgets the
-    sessions it held before)."""
-    import shadowpass
-    sizes = [B * (i + 1) // M - B * i // M for i in range(M)]
-    sessions = [tile_session(session, b) for b in sizes]
-    caches = [stub_cache(model, b, T) for b in sizes]
-    rt = shadowpass.runtime_of(model)
-    rt.clear()
-    for s, cache in zip(sessions, caches):  # each cache's stubs name its session
-        rt.attach(s, [t for layer in cache.layers for t in (layer.keys, layer.values)])
-    return sizes, sessions, caches
-
-
 def shadow_roofline(model, B: int, T: int, cfg, hit: float, bw: dict[str, float]) -> float:
     """Milliseconds for the bytes a ShadowKV step must move: HBM and PCIe, overlapped."""
     m = model.config
@@ -388,25 +348,22 @@ def shadow_roofline(model, B: int, T: int, cfg, hit: float, bw: dict[str, float]
     return max(hbm, pcie)
 
 
-def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw, profile: int = 0,
-               micro_batches: int = 1) -> Row:
+def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw, profile: int = 0) -> Row:
     import shadowpass
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    M = max(1, min(micro_batches, B))
-    sizes, sessions, caches = micro_batch(model, session, B, T, M)
-    print(f"T={T} B={B}: state copied to {B} rows in {time.perf_counter() - t0:.1f} s"
-          + (f" ({M} micro-batches of {sizes})" if M > 1 else ""), flush=True)
+    tiled = tile_session(session, B)
+    print(f"T={T} B={B}: state copied to {B} rows in {time.perf_counter() - t0:.1f} s", flush=True)
     rt = shadowpass.runtime_of(model)
-    med, spread = decode_steps(model, caches, model.config.vocab_size, sizes, T, gen, profile)
-    hits = [h for h in (s.hit_rate() for s in sessions) if h is not None]
-    hit = sum(hits) / len(hits) if hits else None
+    rt.clear()
+    cache = stub_cache(model, B, T)
+    rt.attach(tiled, [t for layer in cache.layers for t in (layer.keys, layer.values)])
+    med, spread = decode_steps(model, cache, model.config.vocab_size, B, T, gen, profile)
+    hit = tiled.hit_rate()
     row = Row("shadowkv", T, B, B * 1e3 / med, med, spread,
-              torch.cuda.max_memory_allocated() / GIB,
-              pinned_gib=sum(s.nbytes("host") for s in sessions) / GIB, hit_rate=hit)
+              torch.cuda.max_memory_allocated() / GIB, pinned_gib=tiled.nbytes("host") / GIB,
+              hit_rate=hit)
     row.roofline_ms = shadow_roofline(model, B, T, cfg, hit or 0.0, bw)
-    if M > 1:
-        row.extra["micro_batches"] = M
     rt.clear()
     return row
 
@@ -455,12 +412,9 @@ def plot(rows: list[Row], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    def line(r):
-        return r.method, r.context, r.extra.get("micro_batches", 1)
-    for (method, T, micro) in sorted({line(r) for r in rows}):
-        pts = sorted((r.batch, r.tokens_per_s) for r in rows if line(r) == (method, T, micro))
-        label = f"{method} {T // 1024}K" + (f", {micro:.0f} micro-batches" if micro > 1 else "")
-        ax.plot(*zip(*pts), marker="o", label=label)
+    for (method, T) in sorted({(r.method, r.context) for r in rows}):
+        pts = sorted((r.batch, r.tokens_per_s) for r in rows if (r.method, r.context) == (method, T))
+        ax.plot(*zip(*pts), marker="o", label=f"{method} {T // 1024}K")
     ax.set_xlabel("batch")
     ax.set_ylabel("decode tokens/s")
     ax.legend()
@@ -487,12 +441,11 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
           f"(with SVD, landmarks, outliers and the value offload)", flush=True)
     largest = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
     for B in batch_sizes(args, largest):
-        for M in sorted({min(m, B) for m in args.micro_batches}):
-            row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile, M)
-            gc.collect()
-            row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill)
-            rows.append(row)
-            print(json.dumps(asdict(row)), flush=True)
+        row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile)
+        gc.collect()
+        row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill)
+        rows.append(row)
+        print(json.dumps(asdict(row)), flush=True)
     del session, cache
     release()
     return rows
@@ -560,9 +513,7 @@ def print_table(rows: list[Row]):
         bound = f"{r.roofline_ms:.2f}" if r.roofline_ms else "-"
         frac = f"{r.step_ms / r.roofline_ms:.2f}x" if r.roofline_ms else "-"
         hit = f"{r.hit_rate:.0%}" if r.hit_rate is not None else "-"
-        micro = r.extra.get("micro_batches")
-        batch = f"{r.batch} ({micro:.0f} micro-batches)" if micro else f"{r.batch}"
-        print(f"| {r.context} | {r.method} | {batch} | {r.tokens_per_s:.1f} | {r.step_ms:.2f} "
+        print(f"| {r.context} | {r.method} | {r.batch} | {r.tokens_per_s:.1f} | {r.step_ms:.2f} "
               f"({r.step_ms_spread[0]:.2f}-{r.step_ms_spread[1]:.2f}) | {r.peak_gpu_gib:.1f} | "
               f"{r.pinned_gib:.1f} | {hit} | {bound} | {frac} |")
     for T in sorted({r.context for r in rows}):

@@ -29,7 +29,7 @@ import torch
 
 from . import reference as ref
 from .hostmem import is_pinned
-from .policies import BOUNDED
+from .policies import BOUNDED, KERNEL_POLICIES
 from .reference import DecodeWorkspace, PrefillState
 from .templates.chunk_gather import (
     fetch_values_into,
@@ -269,8 +269,6 @@ def _pageable(values: torch.Tensor) -> bool:
 
 
 _ROUTE = {"registered": False, "enabled": True}
-# policies the kernels run; the others (accuracy baselines) run the reference on CUDA
-KERNEL_POLICIES = ("shadowkv", *BOUNDED)
 
 
 def _decode_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk,

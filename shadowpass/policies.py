@@ -39,6 +39,8 @@ SINK_TOKENS = 4  # StreamingLLM keeps the first 4 tokens
 HYBRID_GAP = 0.1
 CALIBRATION = ("shadowkv_hybrid",)  # policies whose prefill needs queries, scale and budget
 BOUNDED = ("quest", "shadowkv_hybrid")  # policies that score (some heads) by Quest's bound
+# policies the CUDA kernels run; the others (accuracy baselines) run the reference on CUDA
+KERNEL_POLICIES = ("shadowkv", *BOUNDED)
 
 
 def aux_shape(policy: str, B, H, N, C, d) -> Tuple:

@@ -19,8 +19,10 @@ import torch.fx as fx
 from . import ops, subbatch
 from .config import ShadowKVConfig
 from .detect import shape
+from .policies import KERNEL_POLICIES
 from .reference import PrefillState
 from .rewrite import STATE_FIELDS, Rewritten
+from .stepgraph import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +237,12 @@ class ShadowGraph:
                 self.batch = symbolic_reader(original, shape(rw.sites[0].q)[0])
             except (ValueError, TypeError) as e:  # then an out-of-memory prefill is not split
                 log.debug("shadowpass: cannot read the batch size of this graph (%s)", e)
+        # decode: the whole step as one CUDA graph per session (kernel policies only: the
+        # reference path of the accuracy baselines reads the host value store from the host)
+        self.step_graphs = None
+        if rw.phase == "decode" and cfg.policy in KERNEL_POLICIES:
+            self.step_graphs = DecodeGraphs(self.sparse, rw.gm, rw.past_names, rw.stub_outputs,
+                                            self.param_idx)
         self._split = None  # subbatch.Split, or why this graph cannot be split (once needed)
         self.fits: Dict[tuple, int] = {}  # (batch, prompt length) -> sub-batch size that fit
 
@@ -302,7 +310,8 @@ class ShadowGraph:
                              "model.compile(backend='shadowkv') instead), or it was shorter than "
                              "min_sparse_len")
                 return self.dense(*args)
-            outs = self.sparse(*args, *state)
+            outs = (self.step_graphs(session, args, state) if self.step_graphs is not None
+                    else self.sparse(*args, *state))
         rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
         return outs
 

@@ -251,32 +251,37 @@ def test_pinned_pool_reuses_buffers_of_the_same_size():
     assert hostmem.is_pinned(c) and not hostmem.is_pinned(torch.empty(10))
 
 
-def test_micro_batches_decode_the_tokens_of_one_batch():
-    """bench --micro-batches: a batch decoded as 2 micro-batches (own sessions and stub caches,
-    one CUDA stream each) gives the tokens of the same batch decoded at once. fp32: random
-    weights give near-tied logits that bf16 rounding at another batch size can flip."""
-    from transformers import DynamicCache
+def test_decode_step_replays_as_one_cuda_graph(monkeypatch):
+    """From the third token on, a decode step replays as one CUDA graph (the model's kernels and
+    every site's ShadowKV step): the logits equal those of the same steps run without it, at a
+    budget that keeps the selection sparse; the graph is captured once, not per token."""
+    from shadowpass import runtime, stepgraph
+    made = []
 
-    from shadowpass.bench import greedy_step, micro_batch
+    class Recording(runtime.DecodeGraphs):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(runtime, "DecodeGraphs", Recording)
     torch.manual_seed(0)
-    T, B = 4096, 5
     model = llama8b(2, vocab=1024, dtype=torch.float32)
+    ids = torch.randint(0, 1024, (3, 4096), device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+              return_dict_in_generate=True, output_logits=True)
     model.compile(backend="shadowkv", options={"rank": 64, "budget": 256, "min_sparse_len": 0})
-    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.randint(0, 1024, (1, T), device="cuda"), past_key_values=cache,
-              logits_to_keep=1)
-    session = shadowpass.runtime_of(model).session
-    first = torch.randint(0, 1024, (B, 1), device="cuda")
-    tokens = {}
-    for M in (1, 2):
-        sizes, sessions, caches = micro_batch(model, session, B, T, M)
-        step, last = greedy_step(model, caches, first, sizes, T)
-        steps = []
-        for _ in range(6):
-            step()
-            steps.append(last())
-        tokens[M] = torch.cat(steps, 1)
-        assert all(s.hit_rate() is not None for s in sessions)  # the sparse path ran
-    print(tokens[1].tolist())
-    assert torch.equal(tokens[1], tokens[2])
+        whole = model.generate(ids, **kw)
+        g = made[-1]
+        assert g.why_not is None and len(g.captured) == 1, (g.why_not, g.captured)
+        captures = []
+        monkeypatch.setattr(Recording, "capture",
+                            lambda self, *a: captures.append(1) or stepgraph.DecodeGraphs.capture(self, *a))
+        again = model.generate(ids, **kw)
+        assert len(captures) == 1, "captured more than once for one prompt"
+        monkeypatch.setattr(stepgraph, "EAGER_CALLS", 1 << 30)  # every step eager
+        per_site = model.generate(ids, **kw)
+    for a, b, c in zip(whole.logits, again.logits, per_site.logits):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=0, atol=1e-5)
+    assert torch.equal(whole.sequences, per_site.sequences)

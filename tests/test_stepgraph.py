@@ -1,0 +1,108 @@
+"""The whole-step CUDA graph's checks, on the CPU: which decode graphs may be captured once and
+replayed at every later cache length, which inputs must be read in place, and the stub shapes
+rebuilt at replay. (The capture and replay themselves: tests/test_gpu.py.)"""
+import torch
+
+import shadowpass
+from shadowpass import runtime
+from shadowpass.stepgraph import length_free, stub_rule, written_inputs
+from cases import hf_model
+
+
+def dynamo_graph(fn, *args):
+    """The FX graph Dynamo captures for fn (dynamic shapes), with its example values."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=record, dynamic=True)(*args)
+    torch._dynamo.reset()
+    return graphs[0]
+
+
+def placeholders(gm):
+    return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def stub_input(gm):
+    """The placeholder of the 4-D cache input (Dynamo names it after the argument)."""
+    return [n for n in placeholders(gm) if "past" in n]
+
+
+def test_only_stub_outputs_may_depend_on_the_cache_length():
+    past = torch.zeros(2, 3, 40, 8)
+
+    def free(x, past):  # the logits need only x; the cache output grows
+        return x * 2, torch.cat([past, x[:, :, None].expand(2, 3, 1, 8)], dim=2)
+
+    def length(x, past):  # position from the cache length: a capture would replay a stale one
+        return x * past.shape[2], torch.cat([past, x[:, :, None].expand(2, 3, 1, 8)], dim=2)
+
+    def data(x, past):  # reads the cache's values
+        return x + past.sum(2), torch.cat([past, x[:, :, None].expand(2, 3, 1, 8)], dim=2)
+
+    x = torch.ones(2, 3, 8)
+    for fn, ok in ((free, True), (length, False), (data, False)):
+        gm = dynamo_graph(fn, x, past)
+        why = length_free(gm, stub_input(gm), stub_outputs=[1])
+        assert (why is None) == ok, (fn.__name__, why)
+        if not ok:
+            assert "outputs [0]" in why
+        # the stub output itself is allowed to grow with the length
+        assert length_free(gm, stub_input(gm), stub_outputs=[0, 1]) is None
+
+
+def test_written_inputs_are_found_through_views():
+    def step(x, buf, counter):
+        buf[0].add_(x)          # through a view
+        counter.add_(1)         # directly
+        return x * 2
+
+    gm = dynamo_graph(step, torch.ones(4), torch.zeros(3, 4), torch.zeros(1))
+    written = written_inputs(gm)
+    names = placeholders(gm)
+    assert {n for n in names if "buf" in n or "counter" in n} == written
+    assert not [n for n in names if "_x" in n.lower() and n in written]
+
+
+def test_stub_rule_finds_the_grown_dim():
+    past = torch.zeros(2, 3, 40, 8)
+    args = [torch.ones(2, 1), past]
+    assert stub_rule(torch.zeros(2, 3, 41, 8), args, [1]) == (1, 2, 1)
+    assert stub_rule(torch.zeros(2, 3, 40, 8), args, [1]) == (1, 0, 0)
+    assert stub_rule(torch.zeros(2, 4, 41, 8), args, [1]) is None  # two dims differ
+    assert stub_rule(torch.zeros(2, 3, 39, 8), args, [1]) is None  # shrank
+
+
+def test_hf_decode_graph_is_length_free(monkeypatch):
+    """A real decode graph (HF Llama, DynamicCache): capturable, its cache stubs and their length
+    symbols left out of the key, nothing written but the ShadowKV state."""
+    made = []
+
+    class Recording(runtime.DecodeGraphs):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.names = placeholders(a[1])
+            made.append(self)
+
+    monkeypatch.setattr(runtime, "DecodeGraphs", Recording)
+    model = hf_model("llama")
+    model.compile(backend="shadowkv", options={"min_sparse_len": 0})
+    ids = torch.randint(0, 256, (1, 300))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                             do_sample=False, return_dict_in_generate=True)  # keeps the state
+    assert shadowpass.runtime_of(model).sites
+    del out
+    assert made, "no decode graph was built"
+    g = made[-1]
+    assert g.why_not is None
+    layers = model.config.num_hidden_layers
+    assert len(g.past) == 2 * layers and set(g.past) <= g.skipped
+    assert len(g.skipped) > len(g.past), "the cache lengths (SymInt inputs) stay in the key"
+    written = {g.names[i] for i in g.in_place - g.params}
+    assert written and all(n.startswith("shadowkv_site") for n in written), \
+        "a model input other than the ShadowKV state is written in place"
