@@ -152,9 +152,9 @@ class DecodeGraphs:
                 continue
             if i in self.params:
                 parts.append(a.data_ptr())
-            elif isinstance(a, torch.Tensor):
-                parts.append((tuple(a.shape), a.stride(), a.dtype, a.device,
-                              a.data_ptr() if self.reads_in_place(i, a) else None))
+            elif isinstance(a, torch.Tensor):  # a copied input's values are all that count
+                parts.append((tuple(a.shape), a.dtype, a.device) if not self.reads_in_place(i, a)
+                             else (tuple(a.shape), a.stride(), a.dtype, a.data_ptr()))
             else:
                 parts.append(a)
         parts += [t.data_ptr() for t in state]
@@ -162,9 +162,9 @@ class DecodeGraphs:
 
     def reads_in_place(self, i: int, a: torch.Tensor) -> bool:
         """Whether the graph reads input i where it is (its address in the key), not a copy:
-        parameters, inputs it writes, large or non-contiguous ones (a copy would change the
-        strides Dynamo's guards check)."""
-        return i in self.in_place or a.nbytes > COPY_LIMIT or not a.is_contiguous()
+        parameters, inputs it writes, large ones, and views whose elements overlap."""
+        return (i in self.in_place or a.nbytes > COPY_LIMIT
+                or torch._debug_has_internal_overlap(a) != 0)
 
     def __call__(self, session, args, state):
         if (self.why_not is not None or not state or not state[0].is_cuda
@@ -189,7 +189,10 @@ class DecodeGraphs:
         if any(t.device.type == "cpu" and not is_pinned(t) for t in state):
             self.why_not = "a host value store is not pinned (the step gathers it on the host)"
             return self.fn(*args, *state)
-        static = {i: a.clone() for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+        # the buffers keep the inputs' strides (Dynamo's guards check them), e.g. HF's input
+        # ids, a column of the whole sequence whose stride grows every token
+        static = {i: torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+                  .copy_(a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)
                   and i not in self.skipped and not self.reads_in_place(i, a)}
         inputs = [static.get(i, a) for i, a in enumerate(args)]
         stream = torch.cuda.current_stream()
