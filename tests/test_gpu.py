@@ -261,7 +261,18 @@ def test_decode_step_replays_as_one_cuda_graph(monkeypatch):
     class Recording(runtime.DecodeGraphs):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
+            self.names = [n.name for n in a[1].graph.nodes if n.op == "placeholder"]
+            self.keys = []
             made.append(self)
+
+        def __call__(self, session, args, state):
+            self.keys.append(self.key(args, state))
+            return super().__call__(session, args, state)
+
+        def changes(self):
+            """Per call, the key parts that differ from the call before."""
+            return [[i for i, (x, y) in enumerate(zip(a, b)) if x != y] or len(a) - len(b)
+                    for a, b in zip(self.keys, self.keys[1:])]
 
     monkeypatch.setattr(runtime, "DecodeGraphs", Recording)
     torch.manual_seed(0)
@@ -273,7 +284,9 @@ def test_decode_step_replays_as_one_cuda_graph(monkeypatch):
     with torch.no_grad():
         whole = model.generate(ids, **kw)
         g = made[-1]
-        assert g.why_not is None and len(g.captured) == 1, (g.why_not, g.captured)
+        assert g.why_not is None and len(g.captured) == 1, (
+            g.why_not, [(len(m.keys), m.changes()) for m in made], g.keys[-1][:12],
+            [n for i, n in enumerate(g.names) if i not in g.skipped and i not in g.params])
         captures = []
         monkeypatch.setattr(Recording, "capture",
                             lambda self, *a: captures.append(1) or stepgraph.DecodeGraphs.capture(self, *a))
