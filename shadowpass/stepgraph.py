@@ -2,10 +2,11 @@
 
 Without it each site's step replays its own CUDA graph while the model's Inductor kernels and
 the 32 replays launch from Python: on an H100 the GPU idled 6-10% of an 8B model's decode step
-at batch 10-23 and 35-55% at batch 1. A decode graph's GPU work does not depend on the cache
-length (only the shapes of the cache stubs it hands back do; ``length_free`` checks it on the
-graph), so one capture serves every later token of a session until its state moves (a new
-prompt, a grown generated-token buffer) or an input's shape changes.
+at batch 10-23 and 35-55% at batch 1. What a decode step computes, apart from the cache stubs
+it hands back, reads none of the cache stubs nor their lengths (after the rewrite nothing reads
+them; HF's growing attention mask of ones is often dropped the same way), so one capture serves
+every later token of a session, until its state moves (a new prompt, a grown generated-token
+buffer) or an input the step reads changes shape.
 """
 from __future__ import annotations
 
@@ -27,37 +28,21 @@ COPY_LIMIT = 1 << 20  # inputs up to this size are copied into the graph's own b
                       # ones (model buffers) are read in place and their address is in the key
 
 
-def symbols_of(value) -> set:
-    if isinstance(value, torch.SymInt):
-        return set(value.node.expr.free_symbols)
-    if isinstance(value, torch.Tensor):
-        return set().union(*[symbols_of(s) for s in value.shape]) if value.dim() else set()
-    return set()
-
-
-def length_symbols(gm: fx.GraphModule, past_names: List[str]) -> set:
-    """The symbols only the cache stubs' shapes have (their lengths, not a dynamic batch)."""
-    past, other = set(), set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor):
-            (past if n.name in past_names else other).update(symbols_of(n.meta["example_value"]))
-    return past - other
-
-
-def length_free(gm: fx.GraphModule, past_names: List[str], stub_outputs: List[int]) -> Optional[str]:
-    """None if only the stub outputs depend on the cache stubs (their data or their lengths),
-    else why a capture would replay wrong work at the next length."""
-    syms = length_symbols(gm, past_names)
-    tainted = set()
-    for n in gm.graph.nodes:
-        if n.op == "output":
-            outs = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
-            bad = [i for i, o in enumerate(outs) if o in tainted and i not in stub_outputs]
-            return f"outputs {bad} depend on the cache length" if bad else None
-        if (n.name in past_names or symbols_of(n.meta.get("example_value")) & syms
-                or any(a in tainted for a in n.all_input_nodes)):
-            tainted.add(n)
-    return None
+def unread_inputs(gm: fx.GraphModule, stub_outputs: List[int]) -> set:
+    """Names of the placeholders that neither the outputs other than the cache stubs nor any
+    in-place node depend on: a step's result is the same whatever they hold or their shapes."""
+    from .rewrite import impure
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    stack = [o for i, o in enumerate(outs) if i not in stub_outputs and isinstance(o, fx.Node)]
+    stack += [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and impure(n)]
+    read = set()
+    while stack:
+        n = stack.pop()
+        if n not in read:
+            read.add(n)
+            stack += n.all_input_nodes
+    return {n.name for n in gm.graph.nodes if n.op == "placeholder" and n not in read}
 
 
 VIEWS = {"view", "reshape", "transpose", "permute", "getitem", "select", "narrow", "expand",
@@ -113,52 +98,54 @@ class DecodeGraphs:
     """Replays ``fn(*args, *state)`` (a compiled decode graph) as one CUDA graph per session.
 
     args: the graph's inputs as Dynamo passes them; state: the session's ShadowKV tensors,
-    which live at fixed addresses (their addresses are part of the key). Inputs that are cache
-    stubs, or ints that are their lengths, are left out of the key; other small tensors are
-    copied into the graph's buffers before each replay; parameters and large tensors are read
-    in place. Stub outputs are views of one zero at the current length (the stub input's,
+    which live at fixed addresses (their addresses are part of the key). Inputs the step does
+    not read (``unread_inputs``: the cache stubs and their lengths) are left out of the key;
+    other small tensors are copied into the graph's buffers before each replay; parameters and
+    large tensors are read in place. Stub outputs are views of one zero at the current length (the stub input's,
     grown by the new tokens); the other outputs are cloned (the next replay overwrites them).
     """
 
     def __init__(self, fn: Callable, gm: fx.GraphModule, past_names: List[str],
                  stub_outputs: List[int], param_idx: List[int]):
         self.fn, self.stub_outputs = fn, stub_outputs
-        self.why_not = length_free(gm, past_names, stub_outputs)
-        syms = length_symbols(gm, past_names)
+        self.why_not: Optional[str] = None  # set when this graph must stay uncaptured
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.names = [n.name for n in placeholders]
         self.past = [i for i, n in enumerate(placeholders) if n.name in past_names]
-        self.skipped = {i for i, n in enumerate(placeholders) if n.name in past_names or (
-            isinstance(n.meta.get("example_value"), torch.SymInt)
-            and symbols_of(n.meta["example_value"]) <= syms)}
+        unread = unread_inputs(gm, stub_outputs)
+        self.skipped = {i for i, n in enumerate(placeholders) if n.name in unread}
         written = written_inputs(gm)
         # read in place, their addresses in the key: parameters, and inputs the graph writes
         self.params = set(param_idx)
         self.in_place = self.params | {i for i, n in enumerate(placeholders)
                                           if n.name in written}
         self.captured = {}  # id(session) -> _Captured
-        self.seen = {}      # id(session) -> (key, eager calls with it)
+        self.seen = {}      # id(session) -> (key, eager calls with it, key changes in a row)
         self.pools = {}     # stream -> memory pool shared by this graph's captures
+        self.key_inputs: Optional[List[int]] = None  # the args in the key, in order
+        self.told = False   # logged why steps are not captured
 
     def drop(self, sid: int):
         self.captured.pop(sid, None)
         self.seen.pop(sid, None)
 
     def key(self, args, state):
-        """What a capture depends on besides the cache length (host cost matters: ~1000
-        inputs at 32 layers, every token)."""
-        parts = [torch.cuda.current_stream().stream_id]
-        for i, a in enumerate(args):
-            if i in self.skipped:
-                continue
-            if i in self.params:
-                parts.append(a.data_ptr())
-            elif isinstance(a, torch.Tensor):  # a copied input's values are all that count
-                parts.append((tuple(a.shape), a.dtype, a.device) if not self.reads_in_place(i, a)
-                             else (tuple(a.shape), a.stride(), a.dtype, a.data_ptr()))
-            else:
-                parts.append(a)
-        parts += [t.data_ptr() for t in state]
-        return tuple(parts)
+        """What a capture depends on besides the inputs it does not read (host cost matters:
+        ~1000 inputs at 32 layers, every token)."""
+        if self.key_inputs is None:
+            self.key_inputs = [i for i in range(len(args)) if i not in self.skipped]
+        return (torch.cuda.current_stream().stream_id,
+                *[self.part(i, args[i]) for i in self.key_inputs],
+                *[t.data_ptr() for t in state])
+
+    def part(self, i: int, a):
+        if i in self.params:
+            return a.data_ptr()
+        if not isinstance(a, torch.Tensor):
+            return a
+        if self.reads_in_place(i, a):
+            return tuple(a.shape), a.stride(), a.dtype, a.data_ptr()
+        return tuple(a.shape), a.dtype, a.device  # a copied input: only its values count
 
     def reads_in_place(self, i: int, a: torch.Tensor) -> bool:
         """Whether the graph reads input i where it is (its address in the key), not a copy:
@@ -175,11 +162,18 @@ class DecodeGraphs:
         entry = self.captured.get(sid)
         if entry is not None and entry.key == key:
             return self.replay(entry, args)
-        seen_key, calls = self.seen.get(sid, (None, 0))
+        seen_key, calls, changes = self.seen.get(sid, (None, 0, 0))
         if sid not in self.seen:  # the captures go when the session goes
             weakref.finalize(session, self.drop, sid)
+        changes = changes + 1 if seen_key not in (None, key) else 0
         calls = calls + 1 if seen_key == key else 1
-        self.seen[sid] = (key, calls)
+        self.seen[sid] = (key, calls, changes)
+        if changes == EAGER_CALLS and not self.told:
+            self.told = True
+            changed = [self.names[i] for j, i in enumerate(self.key_inputs)
+                       if key[j + 1] != seen_key[j + 1]]
+            log.info("shadowpass: decode steps are not captured as one CUDA graph while %s "
+                     "change from one token to the next", changed or "the ShadowKV state's buffers")
         if calls <= EAGER_CALLS:
             return self.fn(*args, *state)
         self.captured.pop(sid, None)

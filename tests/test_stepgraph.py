@@ -1,11 +1,13 @@
 """The whole-step CUDA graph's checks, on the CPU: which decode graphs may be captured once and
 replayed at every later cache length, which inputs must be read in place, and the stub shapes
 rebuilt at replay. (The capture and replay themselves: tests/test_gpu.py.)"""
+from types import SimpleNamespace
+
 import torch
 
 import shadowpass
 from shadowpass import runtime
-from shadowpass.stepgraph import length_free, stub_rule, written_inputs
+from shadowpass.stepgraph import stub_rule, unread_inputs, written_inputs
 from cases import hf_model
 
 
@@ -32,27 +34,42 @@ def stub_input(gm):
     return [n for n in placeholders(gm) if "past" in n]
 
 
-def test_only_stub_outputs_may_depend_on_the_cache_length():
+def test_unread_inputs_are_those_only_the_stub_outputs_need():
     past = torch.zeros(2, 3, 40, 8)
-
-    def free(x, past):  # the logits need only x; the cache output grows
-        return x * 2, torch.cat([past, x[:, :, None].expand(2, 3, 1, 8)], dim=2)
-
-    def length(x, past):  # position from the cache length: a capture would replay a stale one
-        return x * past.shape[2], torch.cat([past, x[:, :, None].expand(2, 3, 1, 8)], dim=2)
-
-    def data(x, past):  # reads the cache's values
-        return x + past.sum(2), torch.cat([past, x[:, :, None].expand(2, 3, 1, 8)], dim=2)
-
+    mask = torch.ones(2, 41)
     x = torch.ones(2, 3, 8)
-    for fn, ok in ((free, True), (length, False), (data, False)):
-        gm = dynamo_graph(fn, x, past)
-        why = length_free(gm, stub_input(gm), stub_outputs=[1])
-        assert (why is None) == ok, (fn.__name__, why)
-        if not ok:
-            assert "outputs [0]" in why
-        # the stub output itself is allowed to grow with the length
-        assert length_free(gm, stub_input(gm), stub_outputs=[0, 1]) is None
+
+    def grown(x, past):
+        return torch.cat([past, x[:, :, None].expand(2, 3, 1, 8)], dim=2)
+
+    def free(x, past, mask):  # the logits need only x; the cache output grows
+        return x * 2, grown(x, past)
+
+    def length(x, past, mask):  # position from the cache length: a capture would replay it
+        return x * past.shape[2], grown(x, past)
+
+    def data(x, past, mask):  # reads the cache's values
+        return x + past.sum(2), grown(x, past)
+
+    def masked(x, past, mask):  # reads the mask
+        return x * mask[:, -1:, None], grown(x, past)
+
+    def side_effect(x, past, mask):  # writes the mask from x: both are read
+        mask.add_(x.sum())
+        return x * 2, grown(x, past)
+
+    for fn, read in ((free, {"x"}), (length, {"x"}), (data, {"x", "past"}),
+                     (masked, {"x", "mask"}), (side_effect, {"x", "mask"})):
+        gm = dynamo_graph(fn, x, past, mask)
+        unread = unread_inputs(gm, stub_outputs=[1])
+        tensors = {n: next(a for a in ("x", "past", "mask") if a in n.lower())
+                   for n in placeholders(gm) if not n.startswith("s")}
+        assert {a for n, a in tensors.items() if n not in unread} == read, (fn.__name__, unread)
+        symbols = {n for n in placeholders(gm) if n.startswith("s")}
+        if fn is length:  # read as a SymInt input
+            assert symbols - unread
+        if fn is free:
+            assert symbols <= unread
 
 
 def test_written_inputs_are_found_through_views():
@@ -78,28 +95,33 @@ def test_stub_rule_finds_the_grown_dim():
 
 
 def test_hf_decode_graph_is_length_free(monkeypatch):
-    """A real decode graph (HF Llama, DynamicCache): capturable, its cache stubs and their length
-    symbols left out of the key, nothing written but the ShadowKV state."""
+    """A real decode graph (HF Llama, DynamicCache): its cache stubs and their lengths left out
+    of the key, nothing written but the ShadowKV state, and the key the same at every token."""
     made = []
 
     class Recording(runtime.DecodeGraphs):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            self.names = placeholders(a[1])
+            self.keys = []
             made.append(self)
 
+        def __call__(self, session, args, state):  # on the CPU it runs the graph as is
+            self.keys.append(self.key(args, state))
+            return super().__call__(session, args, state)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: SimpleNamespace(stream_id=0))
     monkeypatch.setattr(runtime, "DecodeGraphs", Recording)
     model = hf_model("llama")
     model.compile(backend="shadowkv", options={"min_sparse_len": 0})
     ids = torch.randint(0, 256, (1, 300))
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                              do_sample=False, return_dict_in_generate=True)  # keeps the state
     assert shadowpass.runtime_of(model).sites
     del out
     assert made, "no decode graph was built"
     g = made[-1]
-    assert g.why_not is None
+    assert len(g.keys) >= 4 and len(set(g.keys)) == 1
     layers = model.config.num_hidden_layers
     assert len(g.past) == 2 * layers and set(g.past) <= g.skipped
     assert len(g.skipped) > len(g.past), "the cache lengths (SymInt inputs) stay in the key"
