@@ -120,10 +120,18 @@ def cache_stubs(graph: fx.Graph, site: Site):
     return stubs
 
 
+# the operator module's in-place functions (its and_, or_, xor_ are not in place)
+INPLACE_OPERATORS = {"iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul",
+                     "ior", "ipow", "irshift", "isub", "itruediv", "ixor", "setitem", "delitem"}
+
+
 def impure(n: fx.Node) -> bool:
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    if n.op == "call_function" and getattr(n.target, "__module__", None) in ("_operator",
+                                                                             "operator"):
+        return name in INPLACE_OPERATORS
     mutating_op = isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-    return n.is_impure() or mutating_op or name.endswith("_") or name == "setitem"
+    return n.is_impure() or mutating_op or name.endswith("_")
 
 
 def attention_op(device: torch.device):

@@ -94,9 +94,9 @@ def test_stub_rule_finds_the_grown_dim():
     assert stub_rule(torch.zeros(2, 3, 39, 8), args, [1]) is None  # shrank
 
 
-def test_hf_decode_graph_is_length_free(monkeypatch):
-    """A real decode graph (HF Llama, DynamicCache): its cache stubs and their lengths left out
-    of the key, nothing written but the ShadowKV state, and the key the same at every token."""
+def decode_graphs(monkeypatch):
+    """Record every DecodeGraphs built, and the key of each call (on the CPU the graph runs as
+    is)."""
     made = []
 
     class Recording(runtime.DecodeGraphs):
@@ -105,12 +105,31 @@ def test_hf_decode_graph_is_length_free(monkeypatch):
             self.keys = []
             made.append(self)
 
-        def __call__(self, session, args, state):  # on the CPU it runs the graph as is
+        def __call__(self, session, args, state):
             self.keys.append(self.key(args, state))
             return super().__call__(session, args, state)
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: SimpleNamespace(stream_id=0))
     monkeypatch.setattr(runtime, "DecodeGraphs", Recording)
+    return made
+
+
+def check_capturable(made, model):
+    assert made, "no decode graph was built"
+    g = made[-1]
+    assert len(g.keys) >= 4 and len(set(g.keys)) == 1, "the key changes from token to token"
+    layers = model.config.num_hidden_layers
+    assert len(g.past) == 2 * layers and set(g.past) <= g.skipped
+    written = {g.names[i] for i in g.in_place - g.params}
+    assert written and all(n.startswith("shadowkv_site") for n in written), \
+        "a model input other than the ShadowKV state is written in place"
+    return g
+
+
+def test_hf_generate_decode_graph_has_one_key(monkeypatch):
+    """generate() on HF Llama (DynamicCache): the cache stubs and their lengths are left out of
+    the key, nothing but the ShadowKV state is written, the key is the same at every token."""
+    made = decode_graphs(monkeypatch)
     model = hf_model("llama")
     model.compile(backend="shadowkv", options={"min_sparse_len": 0})
     ids = torch.randint(0, 256, (1, 300))
@@ -119,12 +138,34 @@ def test_hf_decode_graph_is_length_free(monkeypatch):
                              do_sample=False, return_dict_in_generate=True)  # keeps the state
     assert shadowpass.runtime_of(model).sites
     del out
-    assert made, "no decode graph was built"
-    g = made[-1]
-    assert len(g.keys) >= 4 and len(set(g.keys)) == 1
-    layers = model.config.num_hidden_layers
-    assert len(g.past) == 2 * layers and set(g.past) <= g.skipped
+    g = check_capturable(made, model)
     assert len(g.skipped) > len(g.past), "the cache lengths (SymInt inputs) stay in the key"
-    written = {g.names[i] for i in g.in_place - g.params}
-    assert written and all(n.startswith("shadowkv_site") for n in written), \
-        "a model input other than the ShadowKV state is written in place"
+
+
+def test_growing_attention_mask_is_not_read_by_the_decode_step(monkeypatch):
+    """A decode step called with the whole attention mask (as generate() passes it on CUDA): the
+    rewritten step no longer reads it (HF's mask code for the replaced SDPA is dead, and
+    operator.and_ is not an in-place op), so the key stays the same while the mask grows.
+    Without position ids HF derives the positions from the cache length, an int the step
+    reads: then every token has its own key."""
+    from transformers import DynamicCache
+    made = decode_graphs(monkeypatch)
+    model = hf_model("llama")
+    model.compile(backend="shadowkv", options={"min_sparse_len": 0})
+    B, T = 3, 300
+    for with_positions in (True, False):
+        ids, mask = torch.randint(0, 256, (B, T)), torch.ones(B, T, dtype=torch.long)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, past_key_values=cache)
+            for step in range(6):
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+                pos = {"position_ids": torch.full((B, 1), T + step)} if with_positions else {}
+                out = model(out.logits[:, -1:].argmax(-1), attention_mask=mask,
+                            past_key_values=cache, **pos)
+        if with_positions:
+            g = check_capturable(made, model)
+            assert not [n for i, n in enumerate(g.names) if "mask" in n and i not in g.skipped]
+        else:
+            assert len(set(made[-1].keys)) == len(made[-1].keys)
+        made.clear()
