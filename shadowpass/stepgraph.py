@@ -18,6 +18,8 @@ import torch
 import torch.fx as fx
 
 from .hostmem import is_pinned
+from .rewrite import impure
+from .subbatch import written
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,6 @@ COPY_LIMIT = 1 << 20  # inputs up to this size are copied into the graph's own b
 def unread_inputs(gm: fx.GraphModule, stub_outputs: List[int]) -> set:
     """Names of the placeholders that neither the outputs other than the cache stubs nor any
     in-place node depend on: a step's result is the same whatever they hold or their shapes."""
-    from .rewrite import impure
     out = next(n for n in gm.graph.nodes if n.op == "output")
     outs = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
     stack = [o for i, o in enumerate(outs) if i not in stub_outputs and isinstance(o, fx.Node)]
@@ -45,33 +46,24 @@ def unread_inputs(gm: fx.GraphModule, stub_outputs: List[int]) -> set:
     return {n.name for n in gm.graph.nodes if n.op == "placeholder" and n not in read}
 
 
-VIEWS = {"view", "reshape", "transpose", "permute", "getitem", "select", "narrow", "expand",
-         "unsqueeze", "squeeze", "flatten", "unflatten", "as_strided", "__getitem__"}
-
-
 def written_inputs(gm: fx.GraphModule) -> set:
     """Names of the placeholders that an in-place node writes (directly or through views):
     a copy of such an input would take the write instead of the caller's tensor."""
-    written = set()
+    names = set()
     for n in gm.graph.nodes:
-        if n.op not in ("call_function", "call_method"):
+        if n.op not in ("call_function", "call_method") or not impure(n):
             continue
-        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-        if isinstance(n.target, torch._ops.OpOverload):
+        if isinstance(n.target, torch._ops.OpOverload):  # the arguments its schema writes
             targets = [a for a, s in zip(n.args, n.target._schema.arguments)
                        if s.alias_info is not None and s.alias_info.is_write]
         else:
-            targets = list(n.args[:1]) if name.endswith("_") or name == "setitem" else []
-        stack = [a for t in targets for a in (t if isinstance(t, (list, tuple)) else [t])
-                 if isinstance(a, fx.Node)]
-        while stack:
-            a = stack.pop()
-            base = a.target if a.op == "call_method" else getattr(a.target, "__name__", "")
-            if a.op == "placeholder":
-                written.add(a.name)
-            elif base in VIEWS and a.args and isinstance(a.args[0], fx.Node):
-                stack.append(a.args[0])
-    return written
+            targets = list(n.args[:1])
+        for t in targets:
+            for a in t if isinstance(t, (list, tuple)) else [t]:
+                base = written(a)
+                if base is not None:
+                    names.add(base.name)
+    return names
 
 
 def stub_rule(out: torch.Tensor, args, past: List[int]):
