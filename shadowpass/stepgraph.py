@@ -93,8 +93,9 @@ class DecodeGraphs:
     which live at fixed addresses (their addresses are part of the key). Inputs the step does
     not read (``unread_inputs``: the cache stubs and their lengths) are left out of the key;
     other small tensors are copied into the graph's buffers before each replay; parameters and
-    large tensors are read in place. Stub outputs are views of one zero at the current length (the stub input's,
-    grown by the new tokens); the other outputs are cloned (the next replay overwrites them).
+    large tensors are read in place. Stub outputs are views of one zero at the current length
+    (the stub input's, grown by the new tokens); the other outputs are cloned (the next replay
+    overwrites them).
     """
 
     def __init__(self, fn: Callable, gm: fx.GraphModule, past_names: List[str],
@@ -106,11 +107,10 @@ class DecodeGraphs:
         self.past = [i for i, n in enumerate(placeholders) if n.name in past_names]
         unread = unread_inputs(gm, stub_outputs)
         self.skipped = {i for i, n in enumerate(placeholders) if n.name in unread}
-        written = written_inputs(gm)
+        writes = written_inputs(gm)
         # read in place, their addresses in the key: parameters, and inputs the graph writes
         self.params = set(param_idx)
-        self.in_place = self.params | {i for i, n in enumerate(placeholders)
-                                          if n.name in written}
+        self.in_place = self.params | {i for i, n in enumerate(placeholders) if n.name in writes}
         self.captured = {}  # id(session) -> _Captured
         self.seen = {}      # id(session) -> (key, eager calls with it, key changes in a row)
         self.pools = {}     # stream -> memory pool shared by this graph's captures
@@ -173,8 +173,11 @@ class DecodeGraphs:
 
     def capture(self, sid, key, args, state):
         if any(t.device.type == "cpu" and not is_pinned(t) for t in state):
-            self.why_not = "a host value store is not pinned (the step gathers it on the host)"
-            return self.fn(*args, *state)
+            return self.give_up("a host value store is not pinned (the step gathers it on the "
+                                "host)", args, state)
+        if any(isinstance(args[i], torch.Tensor) and args[i].device.type == "cpu"
+               for i in self.key_inputs):  # a replay would keep the value read at capture
+            return self.give_up("the step reads a CPU tensor input", args, state)
         # the buffers keep the inputs' strides (Dynamo's guards check them), e.g. HF's input
         # ids, a column of the whole sequence whose stride grows every token
         static = {i: torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
@@ -188,10 +191,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 outs = self.fn(*inputs, *state)
         except Exception as e:  # capture records only: nothing ran, so run it eagerly
-            log.warning("shadowpass: the decode step cannot be captured in one CUDA graph (%s); "
-                        "its sites replay their own graphs", e)
-            self.why_not = str(e)
-            return self.fn(*args, *state)
+            return self.give_up(f"the capture failed ({type(e).__name__}: {e})", args, state)
         stubs = {i: stub_rule(outs[i], args, self.past) for i in self.stub_outputs}
         zero = None
         if stubs:
@@ -200,11 +200,16 @@ class DecodeGraphs:
         entry = _Captured(key, graph, static, outs, stubs, zero)
         graph.replay()  # capture records without running
         if None in stubs.values():  # cannot tell the stubs' shapes: this step ran, later eager
-            self.why_not = "a cache stub output is not a stub input grown by the new tokens"
-            log.warning("shadowpass: %s; the decode step is not captured whole", self.why_not)
+            self.give_up("a cache stub output is not a stub input grown by the new tokens")
             return self.finish(_Captured(key, graph, static, outs, {}, None), args)
         self.captured[sid] = entry
         return self.finish(entry, args)
+
+    def give_up(self, why: str, args=None, state=None):
+        """This graph's steps stay uncaptured (each site still replays its own graph)."""
+        self.why_not = why
+        log.warning("shadowpass: decode steps are not captured as one CUDA graph: %s", why)
+        return None if args is None else self.fn(*args, *state)
 
     def replay(self, entry: _Captured, args):
         for i, buf in entry.static.items():
