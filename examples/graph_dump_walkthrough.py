@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 import shadowpass
+from shadowpass.hf import cache_kwargs, returned_cache
 from shadowpass.tiny import tiny_model
 
 # What each file of the dump folder holds (N: the backend's graph counter in this process).
@@ -64,7 +65,7 @@ def greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     for _ in range(n):
         nxt = out.logits[:, -1:].argmax(-1)
         toks.append(nxt)
-        out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(nxt, **cache_kwargs(model, returned_cache(out)), use_cache=True)
     return torch.cat(toks, 1)
 
 

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import shadowpass
+from shadowpass.hf import returned_cache
 
 
 def tiny_llama(device):
@@ -50,7 +51,7 @@ def run(prompt_len: int = 1200, new_tokens: int = 32, budget: int = 128, verbose
                                                       "outlier_chunks": 8, "min_sparse_len": 0})
     out = generate(sparse_model, ids, new_tokens)
     session = shadowpass.runtime_of(sparse_model).session  # alive while `out` holds the cache
-    keys = out.past_key_values.layers[0].keys
+    keys = returned_cache(out).layers[0].keys
     return dict(
         rewritten_sites=len(report.rewritten),
         tokens_equal=torch.equal(exact.sequences, dense),

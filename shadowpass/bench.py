@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .hf import cache_kwargs
+
 log = logging.getLogger(__name__)
 GIB = 1 << 30
 WARMUP_STEPS = 3  # decode steps before timing (the first compiles)
@@ -158,7 +160,7 @@ def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: 
     def step():
         nonlocal ids
         with torch.no_grad():
-            out = forward(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+            out = forward(input_ids=ids, position_ids=pos, **cache_kwargs(forward, cache), use_cache=True,
                           logits_to_keep=1)
         ids = out.logits[:, -1:].argmax(-1)
         pos.add_(1)
@@ -278,7 +280,7 @@ def shadow_prefill(model, T: int, opts: dict):
             t0 = time.perf_counter()
             try:
                 with torch.no_grad():
-                    out = model(ids, past_key_values=cache, logits_to_keep=1)
+                    out = model(ids, **cache_kwargs(model, cache), logits_to_keep=1)
             except torch.OutOfMemoryError:  # HF's compiled dense prefill builds a [T, T] mask
                 print(f"T={T}: {path} prefill: out of GPU memory", flush=True)
                 times[path] = None

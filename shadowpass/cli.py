@@ -204,6 +204,7 @@ def run_explain(p: argparse.ArgumentParser, args) -> int:
     import torch
 
     import shadowpass
+    from .hf import cache_kwargs, returned_cache
 
     cfg = config_from_args(p, args)
     if args.batch < 1 or args.seq_len < 1:
@@ -233,7 +234,7 @@ def run_explain(p: argparse.ArgumentParser, args) -> int:
         torch._dynamo.reset()  # a fresh trace: the decode step's own graph
         report = merge(report, shadowpass.explain(
             model, nxt, config=cfg, dump_dir=dump_to("decode"),
-            past_key_values=out.past_key_values, use_cache=True))
+            **cache_kwargs(model, returned_cache(out)), use_cache=True))
     if args.json:
         print(report.to_json())
     else:

@@ -135,9 +135,11 @@ def release_cached():
 def is_pinned(t: torch.Tensor) -> bool:
     """Page-locked host memory, including this module's buffers (which torch's is_pinned does
     not recognize, since its caching allocator did not make them)."""
+    if isinstance(t, torch._subclasses.FakeTensor):  # while torch.compile traces: no memory
+        return False
     try:
         ptr = t.data_ptr()
-    except RuntimeError:  # FakeTensor while torch.compile traces: no memory behind it
+    except RuntimeError:  # other tensors without storage (functional wrappers while tracing)
         return False
     if ptr in _locked or any(base <= ptr < base + size for base, size in _locked.items()):
         return True  # checked first: decode steps ask this every step, t.is_pinned() asks CUDA

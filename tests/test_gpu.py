@@ -4,6 +4,7 @@ import torch
 
 import shadowpass
 from shadowpass.bench import llama8b
+from shadowpass.hf import cache_kwargs
 from shadowpass.hostmem import is_pinned
 from cases import hf_model
 
@@ -77,7 +78,7 @@ def test_memory_8b_layer_shape():
                 base_req = torch.cuda.memory_stats()["requested_bytes.all.current"]
                 cache = DynamicCache(config=model.config)
                 with torch.no_grad():
-                    out, times[path] = timed(lambda c=cache: model(ids, past_key_values=c,
+                    out, times[path] = timed(lambda c=cache: model(ids, **cache_kwargs(model, c),
                                                                     logits_to_keep=1))
                 del out  # it holds the cache too
                 held = torch.cuda.memory_allocated() - base

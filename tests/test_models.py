@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 import shadowpass
 from shadowpass import runtime
+from shadowpass.hf import cache_kwargs, returned_cache
 from cases import EXPECTED_ROPE, HF_MODELS, hf_model
 from tolerances import ATTENTION_TOL, FP32_LOGITS
 
@@ -44,7 +45,7 @@ def test_exactness_anchor(name, batch):
     diff = max((a - b).abs().max().item() for a, b in zip(out.logits, dense.logits))
     assert diff < FP32_LOGITS
     # the model's own cache keeps no full-size K/V on rewritten layers
-    layer = out.past_key_values.layers[0]
+    layer = returned_cache(out).layers[0]
     assert layer.keys.shape[-2] == 300 + 31
     assert layer.keys.untyped_storage().nbytes() < 64 and layer.values.untyped_storage().nbytes() < 64
 
@@ -120,12 +121,12 @@ def test_no_recompilation_per_decode_step():
     cache = DynamicCache(config=model.config)
     stats = torch._dynamo.utils.counters["stats"]
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache).logits
+        logits = model(ids, **cache_kwargs(model, cache)).logits
         for step in range(35):
             if step == 3:
                 warm = stats["unique_graphs"]
             nxt = logits[:, -1:].argmax(-1)
-            logits = model(nxt, past_key_values=cache).logits
+            logits = model(nxt, **cache_kwargs(model, cache)).logits
     assert stats["unique_graphs"] - warm <= 1
 
 
@@ -161,7 +162,7 @@ def test_sequences_decoded_in_turn_each_read_their_own_state():
         with torch.no_grad():
             for _ in range(steps + 1):
                 for i in order:
-                    out = model(tokens[i][-1], past_key_values=caches[i]).logits[:, -1:]
+                    out = model(tokens[i][-1], **cache_kwargs(model, caches[i])).logits[:, -1:]
                     logits[i].append(out)
                     tokens[i].append(out.argmax(-1))
         return {i: torch.cat(t, 1) for i, t in logits.items()}
@@ -196,12 +197,12 @@ def test_decode_after_the_state_was_released_is_refused():
     ids = torch.randint(0, 256, (1, 300))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache).logits
+        logits = model(ids, **cache_kwargs(model, cache)).logits
         shadowpass.runtime_of(model).clear()
         for layer in cache.layers:  # the stubs own the state: drop their reference too
             del layer.keys._shadowkv_session, layer.values._shadowkv_session
         with pytest.raises(RuntimeError, match="state was released"):
-            model(logits[:, -1:].argmax(-1), past_key_values=cache)
+            model(logits[:, -1:].argmax(-1), **cache_kwargs(model, cache))
 
 
 def test_generation_grows_past_the_generated_buffer(monkeypatch):
@@ -302,7 +303,7 @@ def test_prefill_never_builds_the_square_mask():
         want = model(ids, attention_mask=mask).logits[:, -1]
         model.compile(backend="shadowkv", options=EXACT)
         out, code = run_and_get_code(lambda: model(ids, attention_mask=mask,
-                                                   past_key_values=DynamicCache(config=model.config)))
+                                                   **cache_kwargs(model, DynamicCache(config=model.config))))
     assert shadowpass.runtime_of(model).sites, "the prefill did not build ShadowKV state"
     assert not [c for c in code if "300, 300)" in c], "a T x T buffer is allocated"
     torch.testing.assert_close(out.logits[:, -1], want, **ATTENTION_TOL["fp32"])

@@ -7,6 +7,7 @@ import torch
 
 import shadowpass
 from shadowpass import runtime
+from shadowpass.hf import cache_kwargs
 from shadowpass.stepgraph import stub_rule, unread_inputs, written_inputs
 from cases import hf_model
 
@@ -157,12 +158,12 @@ def test_growing_attention_mask_is_not_read_by_the_decode_step(monkeypatch):
         ids, mask = torch.randint(0, 256, (B, T)), torch.ones(B, T, dtype=torch.long)
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model(ids, attention_mask=mask, past_key_values=cache)
+            out = model(ids, attention_mask=mask, **cache_kwargs(model, cache))
             for step in range(6):
                 mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
                 pos = {"position_ids": torch.full((B, 1), T + step)} if with_positions else {}
                 out = model(out.logits[:, -1:].argmax(-1), attention_mask=mask,
-                            past_key_values=cache, **pos)
+                            **cache_kwargs(model, cache), **pos)
         if with_positions:
             g = check_capturable(made, model)
             assert not [n for i, n in enumerate(g.names) if "mask" in n and i not in g.skipped]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import shadowpass
 from shadowpass import hostmem, reference
+from shadowpass.hf import returned_cache
 from shadowpass.reference import rotate_half
 from cases import hf_model
 from tolerances import FP32_LOGITS
@@ -104,7 +105,7 @@ def test_sub_batched_prefill_equals_whole_batch(gpu_fits, caplog):
     again = greedy(model, ids, mask, n=1)
     assert calls == [2, 2, 2, 2]
     assert torch.equal(again.sequences, dense.sequences[:, :T + 1])
-    for layer in again.past_key_values.layers:
+    for layer in returned_cache(again).layers:
         for t in (layer.keys, layer.values):
             assert t.shape[0] == B and t.shape[-2] == T
             assert t.untyped_storage().nbytes() < 64
