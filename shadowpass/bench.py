@@ -40,7 +40,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=2048, help="ShadowKV token budget per step")
     p.add_argument("--rank", type=int, default=160, help="ShadowKV key rank")
     p.add_argument("--batches", type=int, nargs="*", default=None,
-                   help="batch sizes to run besides the largest that fits (tokens/s vs batch)")
+                   help="batch sizes to run besides the largest that fits (tokens/s vs batch; "
+                        "default 1, for its latency; the flag alone: only the largest)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="cap on the batch size tried (default: what memory allows)")
     p.add_argument("--host-fraction", type=float, default=0.85,
@@ -264,14 +265,16 @@ def dense_max_batch(model, T: int, reserve: float) -> int:
 
 
 # ------------------------------------------------------------------------------- shadowpass
-def shadow_prefill(model, T: int, opts: dict):
-    """One real prefill through the shadowkv backend: (session, seconds, dense seconds)."""
+def shadow_prefill(model, T: int, opts: dict, with_dense: bool = True):
+    """One real prefill through the shadowkv backend: (session, cache, seconds, dense seconds).
+    with_dense: also time the dense prefill (None when it runs out of memory or is not run)."""
     from transformers import DynamicCache
 
     import shadowpass
     ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
-    times = {}
-    for path, extra in (("dense", {"min_sparse_len": 1 << 30}), ("shadowkv", {})):
+    times = {"dense": None}
+    paths = (("dense", {"min_sparse_len": 1 << 30}),) if with_dense else ()
+    for path, extra in paths + (("shadowkv", {}),):
         torch._dynamo.reset()
         model.compile(backend="shadowkv", options={**opts, **extra})
         for _ in range(2):  # the first call compiles
@@ -426,17 +429,21 @@ def plot(rows: list[Row], path: str):
 
 
 def batch_sizes(args, largest: int) -> list[int]:
-    """1, the --batches below the largest, and the largest that fits (capped by --max-batch)."""
+    """The --batches (default: 1) below the largest, and the largest that fits (capped by
+    --max-batch)."""
     if args.max_batch:
         largest = min(largest, args.max_batch)
-    return sorted({b for b in (args.batches or []) if b < largest} | {1, largest})
+    extra = [1] if args.batches is None else args.batches
+    return sorted({b for b in extra if b < largest} | {largest})
 
 
 def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
     """Prefill one sequence through the backend, then decode at batch 1 and the largest batch."""
     rows = []
-    session, cache, t_prefill, t_dense_prefill = shadow_prefill(model, T, opts)
-    dense = f"{t_dense_prefill:.2f} s" if t_dense_prefill else "out of memory"
+    with_dense = "dense" in args.methods  # its compile and run take minutes at 60K+
+    session, cache, t_prefill, t_dense_prefill = shadow_prefill(model, T, opts, with_dense)
+    dense = (f"{t_dense_prefill:.2f} s" if t_dense_prefill else "out of memory") if with_dense \
+        else "not run (--methods)"
     # the two prefills differ in more than the state build (the dense path's HF causal mask is
     # [T, T]), so their difference is not the state's cost
     print(f"T={T}: prefill (1 sequence) dense {dense}, shadowkv {t_prefill:.2f} s "

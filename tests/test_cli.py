@@ -184,3 +184,19 @@ def test_bench_step_profile_groups_kernels_by_part():
 
     table = step_profile(step, 2, device="cpu")
     assert "top-k" in table and "sum of kernels" in table and "aten::topk" in table
+
+
+@pytest.mark.parametrize("argv,largest,sizes", [
+    ([], 23, [1, 23]),                          # default: batch 1 (latency) and the largest
+    (["--batches", "4", "8", "40"], 23, [4, 8, 23]),  # only those asked, below the largest
+    (["--batches"], 23, [23]),                  # the flag alone: the largest only
+    (["--max-batch", "11"], 23, [1, 11]),
+    ([], 1, [1]),
+])
+def test_bench_batch_sizes(argv, largest, sizes):
+    import argparse
+
+    from shadowpass.bench import add_bench_arguments, batch_sizes
+    p = argparse.ArgumentParser()
+    add_bench_arguments(p)
+    assert batch_sizes(p.parse_args(argv), largest) == sizes
