@@ -22,15 +22,28 @@ __all__ = ["ShadowKVConfig", "compile", "explain", "shadowkv", "runtime_of", "Re
 
 
 def compile(model, config: Optional[ShadowKVConfig] = None, *, mode: Optional[str] = None,
-            dump_dir: Optional[str] = None, dynamic: Optional[bool] = None, **options):
-    """torch.compile with the shadowkv backend; options are ShadowKVConfig fields.
+            dump_dir: Optional[str] = None, dynamic: Optional[bool] = None,
+            fullgraph: bool = False, options: Optional[dict] = None, **fields):
+    """torch.compile with the shadowkv backend; ShadowKVConfig fields as keywords or in
+    ``options`` (as ``torch.compile(..., options=...)`` takes them).
 
-    dynamic: torch.compile's own (True traces every size symbolically, which lets a prefill
-    that runs out of GPU memory be split into sub-batches; see shadowpass/subbatch.py).
+    dynamic, fullgraph: torch.compile's own (dynamic=True traces every size symbolically, which
+    lets a prefill that runs out of GPU memory be split into sub-batches; see
+    shadowpass/subbatch.py).
     """
-    cfg = ShadowKVConfig.from_options(options, base=config)
-    return torch.compile(model, backend=make_backend(cfg, mode=mode, dump_dir=dump_dir),
-                         dynamic=dynamic)
+    cfg = ShadowKVConfig.from_options({**(options or {}), **fields}, base=config)
+    return _compile(model, make_backend(cfg, mode=mode, dump_dir=dump_dir), dynamic=dynamic,
+                    fullgraph=fullgraph)
+
+
+def _compile(obj, backend, **kwargs):
+    """A module compiles in place (``module.compile``) and is returned: its other methods, such
+    as HF's generate(), call it and so run compiled, which an OptimizedModule wrapper's would
+    not. Functions get torch.compile's wrapper."""
+    if isinstance(obj, torch.nn.Module):
+        obj.compile(backend=backend, **kwargs)
+        return obj
+    return torch.compile(obj, backend=backend, **kwargs)
 
 
 def explain(model, *args, config: Optional[ShadowKVConfig] = None,
@@ -55,8 +68,23 @@ def explain(model, *args, config: Optional[ShadowKVConfig] = None,
             dump(dump_dir, index, gm, rw.gm if rw.phase else None, one)
         return gm.forward
 
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(*args, **kwargs)
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model)
+        model = model._orig_mod
+    compiled = getattr(model, "_compiled_call_impl", None)  # model.compile(): trace the module
+    if compiled is not None:
+        model._compiled_call_impl = None
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(*args, **kwargs)
+    finally:
+        if compiled is not None:
+            model._compiled_call_impl = compiled
+    if report.graphs == 0 and not report.errors:
+        report.errors.append(
+            "explain traced no graph: Dynamo ran the model without calling the backend (its "
+            "recompile limit for this forward was reached, e.g. after many explain calls, or "
+            "the forward is wrapped in another torch.compile); call torch._dynamo.reset() "
+            "first, or explain the uncompiled model")
     return report
 
 
@@ -68,6 +96,6 @@ def shadowkv(target=None, **options):
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
             obj.forward = torch.compile(obj.forward, backend=make_backend(cfg))
             return obj
-        return torch.compile(obj, backend=make_backend(cfg))
+        return _compile(obj, make_backend(cfg))
 
     return wrap(target) if target is not None else wrap

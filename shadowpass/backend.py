@@ -59,11 +59,15 @@ def mode_patches(mode: Optional[str]) -> dict:
 
 
 def dump(dump_dir: str, index: int, before, after, report: Report):
+    """graph_<index>_{before,after}.py and the report; after=None: the graph is unchanged."""
     d = Path(dump_dir)
     d.mkdir(parents=True, exist_ok=True)
-    (d / f"graph_{index}_before.py").write_text(before.print_readable(print_output=False))
-    if after is not None:
-        (d / f"graph_{index}_after.py").write_text(after.print_readable(print_output=False))
+    code = before.print_readable(print_output=False)
+    (d / f"graph_{index}_before.py").write_text(code)
+    (d / f"graph_{index}_after.py").write_text(
+        after.print_readable(print_output=False) if after is not None else
+        f"# unchanged: the pass rewrote nothing in this graph (graph_{index}_report.txt says "
+        f"why); it compiles with plain Inductor\n{code}")
     (d / f"graph_{index}_report.txt").write_text(str(report) + "\n")
     (d / f"graph_{index}_report.json").write_text(report.to_json() + "\n")
 
@@ -79,24 +83,40 @@ def trace_artifacts(report: Report, after):
             payload_fn=lambda: after.print_readable(print_output=False))
 
 
+def needs_gradients(example_inputs) -> bool:
+    """Whether AOTAutograd will trace a backward for this graph (the ShadowKV ops have none):
+    grad mode on and an input, such as a parameter, that requires grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
 def compile_graph(gm: torch.fx.GraphModule, example_inputs, cfg: ShadowKVConfig,
                   patches: dict, dump_dir: Optional[str] = None, report: Optional[Report] = None):
     """Rewrite gm's attention sites into ShadowKV ops; any failure falls back to plain Inductor."""
     inductor = functools.partial(compile_fx, config_patches=patches)
     report = report if report is not None else Report()
     index = next(_graph_ids)
+    dump_dir = dump_dir or os.environ.get("SHADOWPASS_DUMP_DIR")
+    if needs_gradients(example_inputs):
+        log.warning("shadowpass: graph %d is traced with gradients enabled; ShadowKV is "
+                    "inference-only, so it compiles with plain Inductor (call the model under "
+                    "torch.no_grad() or torch.inference_mode(), as generate() does)", index)
+        report.errors.append(f"graph {index}: traced with gradients enabled (plain Inductor)")
+        return compile_fx(gm, example_inputs, config_patches=patches)
     try:
         rw = rewrite(gm, cfg)
     except Exception as e:  # the pass must never break a model Inductor can compile
         log.warning("shadowpass: the pass failed on graph %d (%s: %s); compiling it with plain "
                     "Inductor", index, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         report.errors.append(f"graph {index}: {type(e).__name__}: {e}")
+        trace_artifacts(report, None)
+        if dump_dir:
+            dump(dump_dir, index, gm, None, report)
         return compile_fx(gm, example_inputs, config_patches=patches)
-    report.add_graph(rw.all_sites)
+    report.add_graph(rw.all_sites, index)
     after = rw.gm if rw.phase else None
     log.info("%s", report)
     trace_artifacts(report, after)
-    dump_dir = dump_dir or os.environ.get("SHADOWPASS_DUMP_DIR")
     if dump_dir:
         dump(dump_dir, index, gm, after, report)
     if rw.phase is None:

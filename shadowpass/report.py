@@ -41,8 +41,9 @@ class Report:
     graphs: int = 0
     errors: List[str] = field(default_factory=list)
 
-    def add_graph(self, sites: List[Site]) -> int:
-        index = self.graphs
+    def add_graph(self, sites: List[Site], index: Optional[int] = None) -> int:
+        """Add a graph's sites, numbered index (default: the graphs added so far, from 0)."""
+        index = self.graphs if index is None else index
         self.graphs += 1
         self.sites += [SiteReport.of(s, index) for s in sites]
         return index

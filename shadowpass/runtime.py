@@ -277,8 +277,10 @@ class ShadowGraph:
             if (self.past_len(args) or 0) > 0 and rt.sites:
                 raise NotImplementedError(
                     "shadowkv: a multi-token step on a sequence that already has ShadowKV state "
-                    "(chunked prefill or speculative decoding) is not supported; decode one token "
-                    "per step, or start a new generate() call for a new prompt")
+                    "(a follow-up turn passed with the previous cache, chunked prefill, "
+                    "speculative decoding) is not supported: the past keys and values exist only "
+                    "in ShadowKV form. Decode one token per step, or pass the whole conversation "
+                    "as a new prompt without the old cache")
             rt.clear()
             if self.unsupported:
                 return self.dense(*args)

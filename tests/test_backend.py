@@ -138,6 +138,64 @@ def test_exception_in_pass_falls_back(monkeypatch, caplog):
     assert "synthetic failure" in caplog.text
 
 
+def test_failed_graph_is_dumped_with_its_error(monkeypatch, tmp_path):
+    import shadowpass.backend as backend
+
+    def broken(*a, **k):
+        raise RuntimeError("synthetic failure")
+    monkeypatch.setattr(backend, "rewrite", broken)
+    model = shadowpass.compile(hf_model("llama"), dump_dir=str(tmp_path))
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 40)))
+    (report,) = tmp_path.glob("graph_*_report.json")
+    stem = report.name[:-len("_report.json")]
+    assert "synthetic failure" in json.loads(report.read_text())["errors"][0]
+    assert (tmp_path / f"{stem}_after.py").read_text().startswith("# unchanged")
+
+
+def test_call_with_gradients_enabled_compiles_with_plain_inductor(caplog):
+    """AOTAutograd would trace a backward through the ShadowKV ops, which have none."""
+    model = hf_model("llama")
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        want = model(ids).logits
+    report = shadowpass.Report()
+    model.compile(backend=shadowpass.backend.make_backend(
+        ShadowKVConfig(min_sparse_len=0, outlier_chunks=2), report=report))
+    got = model(ids).logits  # grad mode on, parameters require grad
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
+    assert "inference-only" in caplog.text and "gradients enabled" in report.errors[0]
+    assert shadowpass.runtime_of(model) is None or not shadowpass.runtime_of(model).built
+    with torch.no_grad():
+        model(ids)
+    assert shadowpass.runtime_of(model).built, "under no_grad the same model runs ShadowKV"
+
+
+def test_compile_in_place_so_generate_runs_shadowkv():
+    """shadowpass.compile(module) returns the module compiled in place (a torch.compile wrapper's
+    generate() would call the uncompiled module); options= as torch.compile takes them."""
+    model = hf_model("llama")
+    assert shadowpass.compile(model, options={"min_sparse_len": 0, "outlier_chunks": 2}) is model
+    model.generate(torch.randint(0, 256, (1, 40)), max_new_tokens=3, do_sample=False)
+    assert shadowpass.runtime_of(model).built
+
+
+def test_explain_a_compiled_model_runs_no_shadowkv():
+    model = hf_model("llama")
+    model.compile(backend="shadowkv", options={"min_sparse_len": 0, "outlier_chunks": 2})
+    report = shadowpass.explain(model, torch.randint(0, 256, (1, 40)))
+    assert len(report.rewritten) == 2 and not report.errors
+    rt = shadowpass.runtime_of(model)
+    assert rt is None or not rt.built
+    assert model._compiled_call_impl is not None, "the model stays compiled"
+
+
+def test_explain_says_so_when_nothing_was_traced():
+    with torch.compiler.set_stance("force_eager"):
+        report = shadowpass.explain(hf_model("llama"), torch.randint(0, 256, (1, 40)))
+    assert report.graphs == 0 and "explain traced no graph" in report.errors[0]
+
+
 # ---------------------------------------------------------------------------- dumps, example
 
 def test_dump_dir_writes_graphs_and_report(tmp_path):
@@ -208,3 +266,16 @@ def test_many_graphs_and_shapes_stay_compiled(dynamic, caplog):
             assert site.gen_k.shape[0] == B and site.gen_len.item() == 3  # 3 ShadowKV decode steps
             del out
     assert "pass failed" not in caplog.text
+
+
+def test_follow_up_turn_with_the_old_cache_is_refused_with_the_fix():
+    from transformers import DynamicCache
+
+    from shadowpass.hf import cache_kwargs
+    model = hf_model("llama")
+    model.compile(backend="shadowkv", options={"min_sparse_len": 0, "outlier_chunks": 2})
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 40)), **cache_kwargs(model, cache))
+        with pytest.raises(NotImplementedError, match="follow-up turn.*whole conversation"):
+            model(torch.randint(0, 256, (1, 5)), **cache_kwargs(model, cache))
