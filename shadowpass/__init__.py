@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -16,6 +17,8 @@ from .config import ShadowKVConfig
 from .report import Report, SiteReport
 from .rewrite import rewrite
 from .runtime import runtime_of
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ShadowKVConfig", "compile", "explain", "shadowkv", "runtime_of", "Report",
            "SiteReport"]
@@ -32,18 +35,13 @@ def compile(model, config: Optional[ShadowKVConfig] = None, *, mode: Optional[st
     shadowpass/subbatch.py).
     """
     cfg = ShadowKVConfig.from_options({**(options or {}), **fields}, base=config)
-    return _compile(model, make_backend(cfg, mode=mode, dump_dir=dump_dir), dynamic=dynamic,
-                    fullgraph=fullgraph)
-
-
-def _compile(obj, backend, **kwargs):
-    """A module compiles in place (``module.compile``) and is returned: its other methods, such
-    as HF's generate(), call it and so run compiled, which an OptimizedModule wrapper's would
-    not. Functions get torch.compile's wrapper."""
-    if isinstance(obj, torch.nn.Module):
-        obj.compile(backend=backend, **kwargs)
-        return obj
-    return torch.compile(obj, backend=backend, **kwargs)
+    if isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
+        log.warning("shadowpass.compile returns a torch.compile wrapper: calling it runs "
+                    "ShadowKV, but its generate() calls the uncompiled model (dense attention); "
+                    "for generate, compile in place with model.compile(backend=\"shadowkv\", "
+                    "options={...})")
+    return torch.compile(model, backend=make_backend(cfg, mode=mode, dump_dir=dump_dir),
+                         dynamic=dynamic, fullgraph=fullgraph)
 
 
 def explain(model, *args, config: Optional[ShadowKVConfig] = None,
@@ -96,6 +94,9 @@ def shadowkv(target=None, **options):
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
             obj.forward = torch.compile(obj.forward, backend=make_backend(cfg))
             return obj
-        return _compile(obj, make_backend(cfg))
+        if isinstance(obj, torch.nn.Module):  # in place, so its generate() runs compiled too
+            obj.compile(backend=make_backend(cfg))
+            return obj
+        return torch.compile(obj, backend=make_backend(cfg))
 
     return wrap(target) if target is not None else wrap

@@ -171,13 +171,16 @@ def test_call_with_gradients_enabled_compiles_with_plain_inductor(caplog):
     assert shadowpass.runtime_of(model).built, "under no_grad the same model runs ShadowKV"
 
 
-def test_compile_in_place_so_generate_runs_shadowkv():
-    """shadowpass.compile(module) returns the module compiled in place (a torch.compile wrapper's
-    generate() would call the uncompiled module); options= as torch.compile takes them."""
+def test_generate_routes(caplog):
+    """shadowpass.compile wraps like torch.compile, so the wrapper's generate() would call the
+    uncompiled model: it says so and names the in-place route; the decorator on an instance
+    compiles in place, and its generate() runs ShadowKV."""
     model = hf_model("llama")
-    assert shadowpass.compile(model, options={"min_sparse_len": 0, "outlier_chunks": 2}) is model
-    model.generate(torch.randint(0, 256, (1, 40)), max_new_tokens=3, do_sample=False)
-    assert shadowpass.runtime_of(model).built
+    wrapper = shadowpass.compile(model, options={"min_sparse_len": 0, "outlier_chunks": 2})
+    assert wrapper is not model and 'model.compile(backend="shadowkv"' in caplog.text
+    decorated = shadowpass.shadowkv(min_sparse_len=0, outlier_chunks=2)(hf_model("llama"))
+    decorated.generate(torch.randint(0, 256, (1, 40)), max_new_tokens=3, do_sample=False)
+    assert shadowpass.runtime_of(decorated).built
 
 
 def test_explain_a_compiled_model_runs_no_shadowkv():
