@@ -83,6 +83,13 @@ def trace_artifacts(report: Report, after):
             payload_fn=lambda: after.print_readable(print_output=False))
 
 
+def publish(report: Report, index: int, before, after, dump_dir: Optional[str]):
+    """The report (and rewritten graph) as TORCH_TRACE artifacts, and the dump files."""
+    trace_artifacts(report, after)
+    if dump_dir:
+        dump(dump_dir, index, before, after, report)
+
+
 def needs_gradients(example_inputs) -> bool:
     """Whether AOTAutograd will trace a backward for this graph (the ShadowKV ops have none):
     grad mode on and an input, such as a parameter, that requires grad."""
@@ -109,16 +116,12 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, cfg: ShadowKVConfig,
         log.warning("shadowpass: the pass failed on graph %d (%s: %s); compiling it with plain "
                     "Inductor", index, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         report.errors.append(f"graph {index}: {type(e).__name__}: {e}")
-        trace_artifacts(report, None)
-        if dump_dir:
-            dump(dump_dir, index, gm, None, report)
+        publish(report, index, gm, None, dump_dir)
         return compile_fx(gm, example_inputs, config_patches=patches)
     report.add_graph(rw.all_sites, index)
     after = rw.gm if rw.phase else None
     log.info("%s", report)
-    trace_artifacts(report, after)
-    if dump_dir:
-        dump(dump_dir, index, gm, after, report)
+    publish(report, index, gm, after, dump_dir)
     if rw.phase is None:
         return compile_fx(gm, example_inputs, config_patches=patches)
     return ShadowGraph(gm, rw, example_inputs, cfg, inductor)
