@@ -52,11 +52,14 @@ _SIDE_STREAMS = {}
 
 def _side_stream(device: torch.device):
     """The fetch stream beside the current one: one per stream, so steps that run on separate
-    streams (several sessions, micro-batches) never queue their fetches behind each other's."""
+    streams (several sessions, micro-batches) never queue their fetches behind each other's.
+    High priority: CUDA graphs keep node priorities, so in a captured step the fetch kernel takes
+    its SMs ahead of the key rebuild's blocks instead of queueing behind them (H200, 60K B23:
+    83.1 -> 74.8 ms a step, side by side)."""
     main = torch.cuda.current_stream(device)
     key = (device, main.stream_id)
     if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device, priority=-1)
     return _SIDE_STREAMS[key]
 
 
