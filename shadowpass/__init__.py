@@ -71,18 +71,24 @@ def explain(model, *args, config: Optional[ShadowKVConfig] = None,
     compiled = getattr(model, "_compiled_call_impl", None)  # model.compile(): trace the module
     if compiled is not None:
         model._compiled_call_impl = None
+    def trace(*a, **k):
+        return model(*a, **k)
+
+    # Dynamo keeps its compiled entries on the traced frame's code object: a fresh one per call
+    # takes explain's entries with it, so they never count towards the model's recompile limit
+    trace.__code__ = trace.__code__.replace()
     try:
         with torch.no_grad():
-            torch.compile(model, backend=backend)(*args, **kwargs)
+            torch.compile(trace, backend=backend)(*args, **kwargs)
     finally:
         if compiled is not None:
             model._compiled_call_impl = compiled
     if report.graphs == 0 and not report.errors:
         report.errors.append(
-            "explain traced no graph: Dynamo ran the model without calling the backend (its "
-            "recompile limit for this forward was reached, e.g. after many explain calls, or "
-            "the forward is wrapped in another torch.compile); call torch._dynamo.reset() "
-            "first, or explain the uncompiled model")
+            "explain traced no graph: Dynamo ran the model without calling the backend (a "
+            "torch.compiler stance such as force_eager, torch.compiler.disable on the forward, "
+            "or the forward wrapped in its own torch.compile); explain the plain model outside "
+            "that stance")
     return report
 
 

@@ -1,4 +1,5 @@
 """Backend contract: options, config validation, fallback, unsupported forms, dumps, example."""
+import inspect
 import json
 import math
 
@@ -191,6 +192,17 @@ def test_explain_a_compiled_model_runs_no_shadowkv():
     rt = shadowpass.runtime_of(model)
     assert rt is None or not rt.built
     assert model._compiled_call_impl is not None, "the model stays compiled"
+
+
+def test_explain_leaves_no_compiled_entries_behind():
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    model = hf_model("llama")
+    ids = torch.randint(0, 256, (1, 40))
+    with torch._dynamo.config.patch(recompile_limit=2):
+        reports = [shadowpass.explain(model, ids) for _ in range(3)]
+    assert [(r.graphs, r.errors) for r in reports] == [(1, [])] * 3
+    codes = {type(model).forward.__code__, inspect.unwrap(type(model).forward).__code__}
+    assert not any(_debug_get_cache_entry_list(c) for c in codes)
 
 
 def test_explain_says_so_when_nothing_was_traced():
