@@ -71,6 +71,7 @@ def explain(model, *args, config: Optional[ShadowKVConfig] = None,
     compiled = getattr(model, "_compiled_call_impl", None)  # model.compile(): trace the module
     if compiled is not None:
         model._compiled_call_impl = None
+
     def trace(*a, **k):
         return model(*a, **k)
 
