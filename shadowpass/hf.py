@@ -11,9 +11,10 @@ import inspect
 import torch
 
 
-def cache_kwargs(model: torch.nn.Module, cache) -> dict:
-    """``{name: cache}`` for ``model(...)``, under the name its forward takes."""
-    params = inspect.signature(model.forward).parameters
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for ``model(...)``, under the name its forward takes (``model`` is a
+    module or its compiled ``forward``)."""
+    params = inspect.signature(getattr(model, "forward", model)).parameters
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
