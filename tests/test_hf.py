@@ -18,3 +18,11 @@ def test_cache_passes_under_the_name_the_installed_transformers_takes():
         assert cache.get_seq_length() == 8
         out = model(ids[:, -1:], **cache_kwargs(model, cache), use_cache=True)
     assert returned_cache(out).get_seq_length() == 9
+
+
+def test_cache_name_from_a_compiled_forward():
+    """The dense benchmark looks the name up on ``torch.compile(model.forward)`` (a function, no
+    ``.forward``): the same name as on the module."""
+    model = tiny_model("llama")
+    forward = torch.compile(model.forward)
+    assert cache_kwargs(forward, None) == cache_kwargs(model, None)
