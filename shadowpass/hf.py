@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
-
 
 def cache_kwargs(model, cache) -> dict:
     """``{name: cache}`` for ``model(...)``, under the name its forward takes (``model`` is a

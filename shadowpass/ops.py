@@ -114,6 +114,37 @@ def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk,
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
+@torch.library.custom_op("shadowkv::decode_extend", mutates_args=(
+    "gen_k", "gen_v", "gen_len", "sel_k", "sel_v", "slot_chunk", "chunk_slot", "n_load"))
+def decode_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
+                  cos: torch.Tensor, sin: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
+                  gen_len: torch.Tensor, sel_k: torch.Tensor, sel_v: torch.Tensor,
+                  slot_chunk: torch.Tensor, chunk_slot: torch.Tensor, n_load: torch.Tensor,
+                  scale: float, chunk_size: int, budget_chunks: int, rope_style: str,
+                  policy: str = "shadowkv", causal: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+    """T new tokens on a sequence with ShadowKV state (a follow-up turn with the old cache):
+    ``shadowkv::decode`` once per token, in order, so the result is that of decoding them one
+    at a time (each token selects its own chunks and sees the new tokens before it).
+    causal: 0-d bool from ``reference.new_tokens_causal`` (None: the model passed no mask)."""
+    if causal is not None and not bool(causal):
+        raise ValueError(ref.NEW_TOKENS_NOT_CAUSAL)
+    step = torch.ops.shadowkv.decode.default
+    outs = [step(q[:, :, t:t + 1].contiguous(), k[:, :, t:t + 1].contiguous(),
+                 v[:, :, t:t + 1].contiguous(), state, cos, sin, gen_k, gen_v, gen_len, sel_k,
+                 sel_v, slot_chunk, chunk_slot, n_load, scale, chunk_size, budget_chunks,
+                 rope_style, policy)
+            for t in range(q.shape[2])]
+    return torch.cat(outs, 2)
+
+
+@decode_extend.register_fake
+def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
+      n_load, scale, chunk_size, budget_chunks, rope_style, policy="shadowkv", causal=None):
+    _check_step_inputs(q, k, state)
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
 @torch.library.custom_op("shadowkv::decode_gather", mutates_args=(
     "gen_k", "gen_v", "gen_len", "sel_k", "sel_v", "slot_chunk", "chunk_slot", "n_load"))
 def decode_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],

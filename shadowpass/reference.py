@@ -93,10 +93,20 @@ def keep_rows(mask: torch.Tensor, kind: str, T: int) -> torch.Tensor:
     """The attention mask over the prompt's own rows and columns, as bool [B or 1, T, T]
     (True = attend). mask: the model's mask, broadcastable to [B, 1, >=T, >=T]; kind: how to
     read it ("bool_keep", "bool_drop", or "additive": attend where the bias is above -inf/2)."""
+    m = rows_of(mask, T)
+    return attended(m[..., :T], kind)
+
+
+def rows_of(mask: torch.Tensor, T: int) -> torch.Tensor:
+    """The mask's last T query rows, [B or 1, T, keys] (mask broadcastable to [B, 1, q, keys])."""
     m = mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
-    m = m[:, 0, m.shape[2] - T:, :T] if m.shape[2] >= T else m[:, 0, :, :T]
+    return m[:, 0, m.shape[2] - T:] if m.shape[2] >= T else m[:, 0]
+
+
+def attended(m: torch.Tensor, kind: str) -> torch.Tensor:
+    """bool: where a mask of `kind` lets a query attend."""
     if kind == "bool_keep":
         return m.bool()
     if kind == "bool_drop":
@@ -104,6 +114,12 @@ def keep_rows(mask: torch.Tensor, kind: str, T: int) -> torch.Tensor:
     if kind == "additive":
         return m > torch.finfo(m.dtype).min / 2
     raise ValueError(f"unknown mask kind {kind!r}")
+
+
+def no_bias(m: torch.Tensor) -> torch.Tensor:
+    """0-d bool: an additive mask holds only 0 (attend) and -inf-like (masked) values; a finite
+    non-zero bias (ALiBi) is not a mask ShadowKV can keep."""
+    return ((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()
 
 
 def mask_validity(mask: Optional[torch.Tensor], kind: str, k: torch.Tensor):
@@ -124,10 +140,29 @@ def mask_validity(mask: Optional[torch.Tensor], kind: str, k: torch.Tensor):
     causal = cols[None, :] <= cols[:, None]
     # rows of padding queries are free (their outputs are never used)
     ok = ~((keep ^ (causal & valid[:, None, :])) & valid[:, :, None]).any()
-    if kind == "additive":  # a finite non-zero bias (ALiBi) is not a mask ShadowKV can keep
-        m = mask[..., :T]
-        ok = ok & ((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()
+    if kind == "additive":
+        ok = ok & no_bias(mask[..., :T])
     return valid.to(k.device).contiguous(), ok
+
+
+NEW_TOKENS_NOT_CAUSAL = (
+    "shadowkv: the attention mask of a multi-token step on a sequence with ShadowKV state (a "
+    "follow-up turn with the old cache) is not causal among the new tokens: padding inside the "
+    "new tokens (a batch of follow-ups of different lengths?) or a custom mask. Pass follow-ups "
+    "of equal length (or one sequence per call), or pass the whole conversation as a new prompt "
+    "without the old cache.")
+
+
+def new_tokens_causal(mask: torch.Tensor, kind: str, q: torch.Tensor) -> torch.Tensor:
+    """0-d bool: among the T new tokens (q: [B, H, T, d]), the mask lets each attend to exactly
+    itself and the new tokens before it (the last T rows and columns are causal, no padding,
+    no finite bias). The columns of the past are the state's business, not checked here."""
+    T = q.shape[2]
+    block = rows_of(mask, T)[..., -T:]
+    rows = torch.arange(T, device=block.device)
+    ok = ~(attended(block, kind) ^ (rows[None, :] <= rows[:, None])).any()  # xor: Inductor's
+    # CPU code generation fails on == of two bools (torch 2.13)
+    return ok & no_bias(block) if kind == "additive" else ok
 
 
 def key_validity(mask: Optional[torch.Tensor], kind: str, B: int, T: int, device) -> torch.Tensor:

@@ -6,8 +6,11 @@ per distinct pair of rotary tables (shared by the sites that use it). A decode g
 extra graph inputs and each site's attention becomes ``shadowkv.decode`` (config
 ``decode_route="fused"``), or ``shadowkv.decode_gather`` (new tokens, selection, key rebuild,
 value fetch into the workspace) followed by ``shadowkv.sparse_attention`` over the workspace,
-which Inductor lowers to our Triton template (``decode_route="split"``). In both phases the
-model's own cat-style cache receives a zero-stride stub instead of full-size K/V.
+which Inductor lowers to our Triton template (``decode_route="split"``). A prefill graph run on
+a sequence that has state (a follow-up turn with the old cache) is rewritten a second time,
+with ``extend=True``: its sites become ``shadowkv.decode_extend``, decode steps over the new
+tokens in turn. In every phase the model's own cat-style cache receives a zero-stride stub
+instead of full-size K/V.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from . import ops  # noqa: F401  (registers torch.ops.shadowkv)
 from .config import ShadowKVConfig
 from .detect import Site, concrete, example, find_sites, shape
 from .policies import CALIBRATION
-from .reference import PrefillState, mask_validity
+from .reference import PrefillState, mask_validity, new_tokens_causal
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ DECODE_INPUTS = STATE_FIELDS + TABLE_FIELDS + GEN_FIELDS + WORKSPACE_FIELDS
 @dataclass
 class Rewritten:
     gm: fx.GraphModule
-    phase: str                      # "prefill" or "decode"
+    phase: str                      # "prefill", "decode" or "extend"
     sites: List[Site]               # rewritten sites, in graph order
     all_sites: List[Site]           # every site found, rewritten or not
     num_outputs: int                # outputs of the original graph
@@ -181,8 +184,24 @@ def prefill_mask(graph: fx.Graph, site: Site, memo: dict):
     return valid, mask_ok
 
 
-def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
-    """Copy gm, find its sites and rewrite those that fit. `phase` is None if none fit."""
+def new_tokens_mask_check(graph: fx.Graph, site: Site, memo: dict):
+    """0-d bool node: the site's mask is causal among the new tokens (None without a mask).
+    Sites that share a mask share one check: memo."""
+    if site.mask is None:
+        return None
+    key = (site.mask, site.mask_kind)
+    if key not in memo:
+        memo[key] = call(graph, new_tokens_causal, site.mask, site.mask_kind, site.q)
+    return memo[key]
+
+
+def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig, extend: bool = False) -> Rewritten:
+    """Copy gm, find its sites and rewrite those that fit. `phase` is None if none fit.
+
+    extend: rewrite a prefill graph's sites for new tokens on a sequence that already has
+    ShadowKV state (a follow-up turn with the old cache): each site becomes
+    ``shadowkv.decode_extend`` over the state, as a decode graph's, and the phase "extend".
+    """
     gm = copy.deepcopy(gm)
     graph = gm.graph
     sites = find_sites(gm)
@@ -192,6 +211,13 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
         for s in ok:
             s.reason = "the graph mixes prefill and decode attention"
         ok, phases = [], set()
+    if extend:
+        if phases != {"prefill"}:
+            raise ValueError("shadowkv: only a graph of multi-token (prefill) sites can be "
+                             "rewritten to extend a sequence's state")
+        phases = {"extend"}
+        for s in ok:
+            s.phase = "extend"
     out = next(n for n in graph.nodes if n.op == "output")
     num_outputs = len(out.args[0]) if isinstance(out.args[0], (tuple, list)) else 1
     result = Rewritten(gm=gm, phase=phases.pop() if phases else None, sites=ok, all_sites=sites,
@@ -241,13 +267,17 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig) -> Rewritten:
             with graph.inserting_before(site.node):
                 k_post = replay(graph, site.k.chain, site.k.new)
                 v = replay(graph, site.v.chain, site.v.new)
-                if cfg.decode_route == "split":
+                args = (site.q, k_post, v, inputs[:n_state], *inputs[n_state:],
+                        float(site.scale), cfg.chunk_size, cfg.budget_chunks, site.rope.style,
+                        cfg.policy)
+                if extend:
+                    attn = call(graph, torch.ops.shadowkv.decode_extend.default, *args,
+                                new_tokens_mask_check(graph, site, masks))
+                elif cfg.decode_route == "split":
                     attn = split_decode(graph, site, site.q, k_post, v, inputs[:n_state],
                                         inputs[n_state:], cfg)
                 else:
-                    attn = call(graph, torch.ops.shadowkv.decode.default, site.q, k_post, v,
-                                inputs[:n_state], *inputs[n_state:], float(site.scale),
-                                cfg.chunk_size, cfg.budget_chunks, site.rope.style, cfg.policy)
+                    attn = call(graph, torch.ops.shadowkv.decode.default, *args)
             site.node.replace_all_uses_with(attn)
     result.num_tables = len(tables)
     extra_outputs = state_outputs + [n for _, pair in tables.values() for n in pair]

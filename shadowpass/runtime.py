@@ -21,7 +21,7 @@ from .config import ShadowKVConfig
 from .detect import shape
 from .policies import KERNEL_POLICIES
 from .reference import PrefillState
-from .rewrite import STATE_FIELDS, Rewritten
+from .rewrite import STATE_FIELDS, Rewritten, rewrite
 from .stepgraph import DecodeGraphs
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class ShadowGraph:
         self.rw, self.cfg, self.inductor = rw, cfg, inductor
         self.names = [s.name for s in rw.sites]
         self.original = original
-        self._dense = self._sparse = None
+        self._dense = self._sparse = self._extend = None
         self.unsupported = None  # why this graph stays dense, once its prefill refused the mask
         self.param_idx = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         self.seq_len = symbolic_reader(original, rw.seq_len)
@@ -274,13 +274,8 @@ class ShadowGraph:
         T = self.seq_len(args)
         n = self.rw.num_outputs
         if self.rw.phase == "prefill":
-            if (self.past_len(args) or 0) > 0 and rt.sites:
-                raise NotImplementedError(
-                    "shadowkv: a multi-token step on a sequence that already has ShadowKV state "
-                    "(a follow-up turn passed with the previous cache, chunked prefill, "
-                    "speculative decoding) is not supported: the past keys and values exist only "
-                    "in ShadowKV form. Decode one token per step, or pass the whole conversation "
-                    "as a new prompt without the old cache")
+            if (self.past_len(args) or 0) > 0:
+                return self.extend(args, T, rt)
             rt.clear()
             if self.unsupported:
                 return self.dense(*args)
@@ -314,6 +309,24 @@ class ShadowGraph:
                 return self.dense(*args)
             outs = (self.step_graphs(session, args, state) if self.step_graphs is not None
                     else self.sparse(*args, *state))
+        rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
+        return outs
+
+    def extend(self, args, T: int, rt: Runtime):
+        """New tokens on a sequence with a past: a follow-up turn with the old cache, chunked
+        prefill, speculative verification. With ShadowKV state, the graph's second rewrite
+        (``extend=True``) decodes them in turn over it; a past the model holds itself in full
+        (a dense first turn) stays dense, since ShadowKV needs the prompt's pre-RoPE keys."""
+        session = self.session_of(args) or rt.session
+        state = rt.decode_inputs(self.names, T, session)
+        if state is None:
+            self.check_no_stub(args)
+            log.debug("shadowpass: %d new tokens on a dense past run dense", T)
+            return self.dense(*args)
+        if self._extend is None:
+            rw = rewrite(self.original, self.cfg, extend=True)
+            self._extend = torch.compile(rw.gm.forward, backend=self.inductor)
+        outs = self._extend(*args, *state)
         rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
         return outs
 

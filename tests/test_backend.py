@@ -281,16 +281,3 @@ def test_many_graphs_and_shapes_stay_compiled(dynamic, caplog):
             assert site.gen_k.shape[0] == B and site.gen_len.item() == 3  # 3 ShadowKV decode steps
             del out
     assert "pass failed" not in caplog.text
-
-
-def test_follow_up_turn_with_the_old_cache_is_refused_with_the_fix():
-    from transformers import DynamicCache
-
-    from shadowpass.hf import cache_kwargs
-    model = hf_model("llama")
-    model.compile(backend="shadowkv", options={"min_sparse_len": 0, "outlier_chunks": 2})
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(torch.randint(0, 256, (1, 40)), **cache_kwargs(model, cache))
-        with pytest.raises(NotImplementedError, match="follow-up turn.*whole conversation"):
-            model(torch.randint(0, 256, (1, 5)), **cache_kwargs(model, cache))

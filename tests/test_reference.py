@@ -293,3 +293,57 @@ def test_mask_validity_reads_padding_and_refuses_other_masks(kind):
     if kind == "additive":  # a finite bias where keys are kept (ALiBi)
         bias = as_kind(keep) - 0.5 * keep[:, None].float()
         assert not bool(ref.mask_validity(bias, kind, q)[1])
+
+
+def test_decode_extend_is_decode_once_per_token():
+    """The op's specification: T new tokens give what T single-token decode steps give, with
+    the generated buffers left the same. Budget one chunk: each token selects its own."""
+    B, H, G, d, C, T = 2, 2, 2, 16, 8, 5
+    _, _, st, tables = make_state(B, H, d=d, outliers=1, local=1)
+    q, k, vn = torch.randn(B, H * G, T, d), torch.randn(B, H, T, d), torch.randn(B, H, T, d)
+    bufs = [[torch.zeros(B, H, 8, d), torch.zeros(B, H, 8, d), torch.zeros(1, dtype=torch.long)]
+            for _ in range(2)]
+    steps = [ops.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], vn[:, :, t:t + 1], st, *tables,
+                        *bufs[0], *ops.workspace(st, C, C), 0.3, C, C, "rotate_half")
+             for t in range(T)]
+    got = ops.decode_extend(q, k, vn, st, *tables, *bufs[1], *ops.workspace(st, C, C), 0.3, C,
+                            C, "rotate_half", "shadowkv", torch.tensor(True))
+    torch.testing.assert_close(got, torch.cat(steps, 2), atol=0, rtol=0)
+    for a, b in zip(*bufs):
+        assert torch.equal(a, b)
+    assert bufs[1][2].item() == T
+    one_query = ops.decode(q, k, vn, st, *tables, torch.zeros(B, H, 8, d), torch.zeros(B, H, 8, d),
+                           torch.zeros(1, dtype=torch.long), *ops.workspace(st, C, C), 0.3, C, C,
+                           "rotate_half")  # one selection for all T: not what decode_extend does
+    assert not torch.allclose(got, one_query)
+    with pytest.raises(ValueError, match="not causal among the new tokens"):
+        ops.decode_extend(q, k, vn, st, *tables, *bufs[1], *ops.workspace(st, C, C), 0.3, C, C,
+                          "rotate_half", "shadowkv", torch.tensor(False))
+    room = [torch.zeros(B, H, 64, d), torch.zeros(B, H, 64, d), torch.zeros(1, dtype=torch.long)]
+    torch.library.opcheck(ops.decode_extend, (q, k, vn, list(st), *tables, *room,
+                                              *ops.workspace(st, C, C), 0.3, C, C, "rotate_half"))
+
+
+@pytest.mark.parametrize("kind", ["bool_keep", "bool_drop", "additive"])
+def test_new_tokens_causal_reads_the_last_block(kind):
+    """A follow-up's mask [B, 1, T, P+T]: the new tokens' block must be causal; the past's
+    columns (prompt padding) are not checked."""
+    P, T = 30, 6
+    keep = torch.ones(2, T, P + T, dtype=torch.bool)
+    keep[..., P:] = torch.ones(T, T, dtype=torch.bool).tril()
+    keep[0, :, :4] = False  # the prompt's left padding
+
+    def as_kind(m):
+        if kind == "bool_keep":
+            return m[:, None]
+        if kind == "bool_drop":
+            return ~m[:, None]
+        return torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)[:, None]
+
+    q = torch.empty(2, 4, T, 8)
+    assert bool(ref.new_tokens_causal(as_kind(keep), kind, q))
+    padded = keep.clone()
+    padded[1, :, P:P + 2] = False  # padding inside the new tokens
+    assert not bool(ref.new_tokens_causal(as_kind(padded), kind, q))
+    if kind == "additive":
+        assert not bool(ref.new_tokens_causal(as_kind(keep) - 0.5 * keep[:, None], kind, q))
