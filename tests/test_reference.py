@@ -270,28 +270,30 @@ def test_prefill_attention_matches_sdpa_with_the_mask(Hq, Hkv, dtype):
     assert (got[4] == 0).all()
 
 
+def as_kind(kind, keep):
+    """A [B, q, k] bool keep-mask as the model would pass it: [B, 1, q, k] of `kind`."""
+    if kind == "bool_keep":
+        return keep[:, None]
+    if kind == "bool_drop":
+        return ~keep[:, None]
+    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)[:, None]
+
+
 @pytest.mark.parametrize("kind", ["bool_keep", "bool_drop", "additive"])
 def test_mask_validity_reads_padding_and_refuses_other_masks(kind):
     valid = torch.ones(2, 40, dtype=torch.bool)
     valid[0, :5] = False
     keep = causal_padding_mask(valid)
 
-    def as_kind(m):
-        if kind == "bool_keep":
-            return m[:, None]
-        if kind == "bool_drop":
-            return ~m[:, None]
-        return torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)[:, None]
-
     q = torch.empty(2, 4, 40, 8)
-    got, ok = ref.mask_validity(as_kind(keep), kind, q)
+    got, ok = ref.mask_validity(as_kind(kind, keep), kind, q)
     assert torch.equal(got, valid) and bool(ok)
     window = keep & ~torch.ones(40, 40, dtype=torch.bool).tril(-16)  # a sliding window
-    assert not bool(ref.mask_validity(as_kind(window), kind, q)[1])
+    assert not bool(ref.mask_validity(as_kind(kind, window), kind, q)[1])
     with pytest.raises(ValueError, match="not causal \\+ padding"):
-        ref.prefill_state(q, q, q, as_kind(window), kind, 8, 8, 1, 1)
+        ref.prefill_state(q, q, q, as_kind(kind, window), kind, 8, 8, 1, 1)
     if kind == "additive":  # a finite bias where keys are kept (ALiBi)
-        bias = as_kind(keep) - 0.5 * keep[:, None].float()
+        bias = as_kind(kind, keep) - 0.5 * keep[:, None].float()
         assert not bool(ref.mask_validity(bias, kind, q)[1])
 
 
@@ -333,17 +335,10 @@ def test_new_tokens_causal_reads_the_last_block(kind):
     keep[..., P:] = torch.ones(T, T, dtype=torch.bool).tril()
     keep[0, :, :4] = False  # the prompt's left padding
 
-    def as_kind(m):
-        if kind == "bool_keep":
-            return m[:, None]
-        if kind == "bool_drop":
-            return ~m[:, None]
-        return torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)[:, None]
-
     q = torch.empty(2, 4, T, 8)
-    assert bool(ref.new_tokens_causal(as_kind(keep), kind, q))
+    assert bool(ref.new_tokens_causal(as_kind(kind, keep), kind, q))
     padded = keep.clone()
     padded[1, :, P:P + 2] = False  # padding inside the new tokens
-    assert not bool(ref.new_tokens_causal(as_kind(padded), kind, q))
+    assert not bool(ref.new_tokens_causal(as_kind(kind, padded), kind, q))
     if kind == "additive":
-        assert not bool(ref.new_tokens_causal(as_kind(keep) - 0.5 * keep[:, None], kind, q))
+        assert not bool(ref.new_tokens_causal(as_kind(kind, keep) - 0.5 * keep[:, None], kind, q))
