@@ -209,6 +209,19 @@ def symbolic_reader(gm: fx.GraphModule, value) -> Callable[[tuple], int]:
     return lambda args: int(expr.subs({s: f(args) for s, f in used.items()}))
 
 
+def nested_compile(gm: fx.GraphModule, inductor: Callable) -> Callable:
+    """torch.compile of a graph's own forward (see ShadowGraph). Under dynamic=True, Dynamo
+    hands the backend float attributes as 0-d tensors that the graph reads with ``.item()``
+    (``embed_tokens.norm_type``, torch 2.13): captured as a symbolic float, not a graph break
+    that would split the graph and warn at every compile."""
+    compiled = torch.compile(gm.forward, backend=inductor)
+
+    def run(*args):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return compiled(*args)
+    return run
+
+
 class ShadowGraph:
     """What the backend returns for a graph with rewritten sites.
 
@@ -248,12 +261,12 @@ class ShadowGraph:
 
     def dense(self, *args):
         if self._dense is None:
-            self._dense = torch.compile(self.original.forward, backend=self.inductor)
+            self._dense = nested_compile(self.original, self.inductor)
         return self._dense(*args)
 
     def sparse(self, *args):
         if self._sparse is None:
-            self._sparse = torch.compile(self.rw.gm.forward, backend=self.inductor)
+            self._sparse = nested_compile(self.rw.gm, self.inductor)
         return self._sparse(*args)
 
     def runtime(self, args) -> Runtime:
@@ -325,7 +338,7 @@ class ShadowGraph:
             return self.dense(*args)
         if self._extend is None:
             rw = rewrite(self.original, self.cfg, extend=True)
-            self._extend = torch.compile(rw.gm.forward, backend=self.inductor)
+            self._extend = nested_compile(rw.gm, self.inductor)
         outs = self._extend(*args, *state)
         rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
         return outs

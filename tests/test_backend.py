@@ -281,3 +281,18 @@ def test_many_graphs_and_shapes_stay_compiled(dynamic, caplog):
             assert site.gen_k.shape[0] == B and site.gen_len.item() == 3  # 3 ShadowKV decode steps
             del out
     assert "pass failed" not in caplog.text
+
+
+def test_dynamic_compile_has_no_graph_break():
+    """Under dynamic=True Dynamo hands the backend float attributes as 0-d tensors read with
+    .item(); the nested compile of the rewritten graph captures them instead of breaking the
+    graph (and warning) at every compile."""
+    from torch._dynamo.utils import counters
+    model = hf_model("llama")
+    model.compile(backend="shadowkv", dynamic=True, options={"min_sparse_len": 0,
+                                                             "outlier_chunks": 1})
+    counters.clear()
+    with torch.no_grad():
+        model.generate(torch.randint(0, 256, (1, 80)), max_new_tokens=3, do_sample=False)
+    assert shadowpass.runtime_of(model).built == model.config.num_hidden_layers
+    assert not counters["graph_break"], dict(counters["graph_break"])
