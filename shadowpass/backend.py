@@ -58,8 +58,9 @@ def mode_patches(mode: Optional[str]) -> dict:
     return patches
 
 
-def dump(dump_dir: str, index: int, before, after, report: Report):
-    """graph_<index>_{before,after}.py and the report; after=None: the graph is unchanged."""
+def dump(dump_dir: str, index: int, before, after, report: Report, extended=None):
+    """graph_<index>_{before,after}.py and the report; after=None: the graph is unchanged;
+    extended: the rewrite for new tokens on a sequence with state (graph_<index>_extend.py)."""
     d = Path(dump_dir)
     d.mkdir(parents=True, exist_ok=True)
     code = before.print_readable(print_output=False)
@@ -68,26 +69,28 @@ def dump(dump_dir: str, index: int, before, after, report: Report):
         after.print_readable(print_output=False) if after is not None else
         f"# unchanged: the pass rewrote nothing in this graph (graph_{index}_report.txt says "
         f"why); it compiles with plain Inductor\n{code}")
+    if extended is not None:
+        (d / f"graph_{index}_extend.py").write_text(extended.print_readable(print_output=False))
     (d / f"graph_{index}_report.txt").write_text(str(report) + "\n")
     (d / f"graph_{index}_report.json").write_text(report.to_json() + "\n")
 
 
-def trace_artifacts(report: Report, after):
+def trace_artifacts(report: Report, after, extended=None):
     torch._logging.trace_structured(
         "artifact", metadata_fn=lambda: {"name": "shadowpass_report", "encoding": "string"},
         payload_fn=lambda: str(report))
-    if after is not None:
-        torch._logging.trace_structured(
-            "artifact", metadata_fn=lambda: {"name": "shadowpass_rewritten_graph",
-                                             "encoding": "string"},
-            payload_fn=lambda: after.print_readable(print_output=False))
+    for name, gm in (("shadowpass_rewritten_graph", after), ("shadowpass_extend_graph", extended)):
+        if gm is not None:
+            torch._logging.trace_structured(
+                "artifact", metadata_fn=lambda name=name: {"name": name, "encoding": "string"},
+                payload_fn=lambda gm=gm: gm.print_readable(print_output=False))
 
 
-def publish(report: Report, index: int, before, after, dump_dir: Optional[str]):
-    """The report (and rewritten graph) as TORCH_TRACE artifacts, and the dump files."""
-    trace_artifacts(report, after)
+def publish(report: Report, index: int, before, after, dump_dir: Optional[str], extended=None):
+    """The report (and rewritten graphs) as TORCH_TRACE artifacts, and the dump files."""
+    trace_artifacts(report, after, extended)
     if dump_dir:
-        dump(dump_dir, index, before, after, report)
+        dump(dump_dir, index, before, after, report, extended)
 
 
 def needs_gradients(example_inputs) -> bool:
@@ -112,6 +115,11 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, cfg: ShadowKVConfig,
         return compile_fx(gm, example_inputs, config_patches=patches)
     try:
         rw = rewrite(gm, cfg)
+        # a prefill graph that can run with a past (a follow-up turn with the old cache)
+        # also gets the rewrite that decodes its new tokens over the state
+        extended = (rewrite(gm, cfg, extend=True)
+                    if rw.phase == "prefill" and rw.past_len is not None
+                    and not (isinstance(rw.past_len, int) and rw.past_len == 0) else None)
     except Exception as e:  # the pass must never break a model Inductor can compile
         log.warning("shadowpass: the pass failed on graph %d (%s: %s); compiling it with plain "
                     "Inductor", index, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -121,10 +129,10 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, cfg: ShadowKVConfig,
     report.add_graph(rw.all_sites, index)
     after = rw.gm if rw.phase else None
     log.info("%s", report)
-    publish(report, index, gm, after, dump_dir)
+    publish(report, index, gm, after, dump_dir, extended.gm if extended else None)
     if rw.phase is None:
         return compile_fx(gm, example_inputs, config_patches=patches)
-    return ShadowGraph(gm, rw, example_inputs, cfg, inductor)
+    return ShadowGraph(gm, rw, example_inputs, cfg, inductor, extended)
 
 
 def make_backend(config: Optional[ShadowKVConfig] = None, *, mode: Optional[str] = None,

@@ -21,7 +21,7 @@ from .config import ShadowKVConfig
 from .detect import shape
 from .policies import KERNEL_POLICIES
 from .reference import PrefillState
-from .rewrite import STATE_FIELDS, Rewritten, rewrite
+from .rewrite import STATE_FIELDS, Rewritten
 from .stepgraph import DecodeGraphs
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,12 @@ def symbolic_reader(gm: fx.GraphModule, value) -> Callable[[tuple], int]:
     return lambda args: int(expr.subs({s: f(args) for s, f in used.items()}))
 
 
+def is_stub(t) -> bool:
+    """A cache stub: a zero-stride view standing in for keys or values ShadowKV holds."""
+    return (isinstance(t, torch.Tensor) and t.numel() > 1
+            and all(st == 0 for st, n in zip(t.stride(), t.shape) if n > 1))
+
+
 def nested_compile(gm: fx.GraphModule, inductor: Callable) -> Callable:
     """torch.compile of a graph's own forward (see ShadowGraph). Under dynamic=True, Dynamo
     hands the backend float attributes as 0-d tensors that the graph reads with ``.item()``
@@ -233,8 +239,8 @@ class ShadowGraph:
     """
 
     def __init__(self, original: fx.GraphModule, rw: Rewritten, example_inputs, cfg: ShadowKVConfig,
-                 inductor: Callable):
-        self.rw, self.cfg, self.inductor = rw, cfg, inductor
+                 inductor: Callable, extended: Optional[Rewritten] = None):
+        self.rw, self.cfg, self.inductor, self.extended = rw, cfg, inductor, extended
         self.names = [s.name for s in rw.sites]
         self.original = original
         self._dense = self._sparse = self._extend = None
@@ -307,9 +313,7 @@ class ShadowGraph:
             session = rt.store(self.rw, self.names, list(outs[n:]), self.cfg)
             outs = outs[:n] if isinstance(outs, tuple) else type(outs)(outs[:n])
         else:
-            # the cache's stubs name their session: sequences decoded in turn (several caches,
-            # micro-batches) each read their own state, not the latest prefill's
-            session = self.session_of(args) or rt.session
+            session = self.session_for(args, rt)
             state = rt.decode_inputs(self.names, T, session)
             if state is None:
                 self.check_no_stub(args)
@@ -330,18 +334,29 @@ class ShadowGraph:
         prefill, speculative verification. With ShadowKV state, the graph's second rewrite
         (``extend=True``) decodes them in turn over it; a past the model holds itself in full
         (a dense first turn) stays dense, since ShadowKV needs the prompt's pre-RoPE keys."""
-        session = self.session_of(args) or rt.session
+        session = self.session_for(args, rt)
         state = rt.decode_inputs(self.names, T, session)
         if state is None:
             self.check_no_stub(args)
             log.debug("shadowpass: %d new tokens on a dense past run dense", T)
             return self.dense(*args)
         if self._extend is None:
-            rw = rewrite(self.original, self.cfg, extend=True)
-            self._extend = nested_compile(rw.gm, self.inductor)
+            self._extend = nested_compile(self.extended.gm, self.inductor)
         outs = self._extend(*args, *state)
         rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
         return outs
+
+    def session_for(self, args, rt: Runtime) -> Optional[Session]:
+        """The state a step with a past reads. The cache's stubs name their session, so
+        sequences decoded in turn (several caches, micro-batches) each read their own; a past
+        of real keys and values (a prompt that stayed dense) reads none, whatever another
+        sequence left in the runtime; without the past among the inputs, the latest session."""
+        if not self.past_inputs:
+            return rt.session
+        session = self.session_of(args)
+        if session is None and any(is_stub(args[i]) for i in self.past_inputs):
+            session = rt.session  # stubs that do not carry their session (copied by the cache)
+        return session
 
     def session_of(self, args) -> Optional[Session]:
         """The session that the cache stubs among this step's inputs belong to, if any."""
@@ -397,9 +412,7 @@ class ShadowGraph:
     def check_no_stub(self, args):
         """A decode step without state on a cache of stubs would attend to zeros: refuse."""
         for i in self.past_inputs:
-            t = args[i]
-            if (isinstance(t, torch.Tensor) and t.numel() > 1
-                    and all(st == 0 for st, n in zip(t.stride(), t.shape) if n > 1)):
+            if is_stub(args[i]):
                 raise RuntimeError(
                     "shadowkv: this decode step continues a sequence whose ShadowKV state was "
                     "released (its cache holds stubs, not keys and values). Keep the cache "

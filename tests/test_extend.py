@@ -96,3 +96,28 @@ def test_long_follow_up_of_a_dense_first_turn_stays_dense(caplog):
                                    rtol=1e-4, atol=1e-5)
     assert not shadowpass.runtime_of(model).sites
     assert "dense attention from now on" not in caplog.text
+
+
+def test_follow_up_graph_dumps_its_extend_rewrite(tmp_path):
+    model = shadowpass.compile(hf_model("llama"), dump_dir=str(tmp_path), **SPARSE)
+    cache = DynamicCache(config=model.config)
+    step(model, cache, torch.randint(0, 256, (1, 64)))
+    assert not list(tmp_path.glob("*_extend.py"))  # a first prompt has no past
+    step(model, cache, torch.randint(0, 256, (1, 4)))
+    (extend,) = tmp_path.glob("graph_*_extend.py")
+    assert "shadowkv.decode_extend" in extend.read_text()
+
+
+def test_a_dense_sequence_never_reads_another_sequences_state():
+    """Sequence A (long: ShadowKV state) and B (short: dense) decoded in turn with one model:
+    B's decode step and follow-up read B's own keys and values, not the state that A's step
+    left in the runtime (before: B attended over A's state)."""
+    model, _, dense = twins(options={**EXACT, "min_sparse_len": 64})
+    a, b = torch.randint(0, 256, (1, 100)), torch.randint(0, 256, (1, 20))
+    ours, theirs = ([DynamicCache(config=model.config) for _ in range(2)] for _ in range(2))
+    for m, caches in ((model, ours), (dense, theirs)):
+        step(m, caches[0], a)
+        step(m, caches[1], b)
+    for ids, cache in ((a[:, :1], 0), (b[:, :1], 1), (b[:, :4], 1), (a[:, :3], 0)):
+        torch.testing.assert_close(step(model, ours[cache], ids), step(dense, theirs[cache], ids),
+                                   rtol=1e-4, atol=1e-5)
