@@ -16,7 +16,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from . import ops, subbatch
+from . import hf, ops, subbatch
 from .config import ShadowKVConfig
 from .detect import shape
 from .policies import KERNEL_POLICIES
@@ -48,6 +48,18 @@ class SiteState:
         """Share of the last step's selected chunks reused from the step before (syncs)."""
         return ops.hit_rate(self.workspace[2], self.workspace[4])
 
+    def reorder(self, idx: torch.Tensor):
+        """Row r takes row idx[r] (beam search). Beams of one prompt share its prefill state,
+        so only the generated tokens and the reuse workspace move."""
+        local = self.prefill.local_k
+        if not torch.allclose(local.index_select(0, idx).float(), local.float(), atol=1e-2,
+                              rtol=1e-2):
+            raise ValueError("shadowkv: the cache was reordered across rows of different prompts; "
+                             "ShadowKV reorders only the beams of one prompt (beam search). "
+                             "Run such sequences with separate caches.")
+        for t in (self.gen_k, self.gen_v, *self.workspace):
+            t.copy_(t.index_select(0, idx))
+
     def reserve(self, extra: int):
         """Grow the generated-token buffers (doubling): generation has no fixed cap."""
         cap = self.gen_k.shape[2]
@@ -71,6 +83,15 @@ class Session:
 
     def __init__(self, sites: Dict[str, SiteState]):
         self.sites = sites
+        self._reordered_by = None  # every cache layer reorders with the same beam_idx tensor
+
+    def reorder(self, beam_idx: torch.Tensor):
+        """Beam search's reorder of the cache (``hf.reorder_with_sessions``), once per step."""
+        if beam_idx is self._reordered_by:
+            return
+        self._reordered_by = beam_idx
+        for site in self.sites.values():
+            site.reorder(beam_idx.to(site.gen_k.device))
 
     def hit_rate(self) -> Optional[float]:
         rates = [r for r in (s.hit_rate() for s in self.sites.values()) if r is not None]
@@ -140,6 +161,7 @@ class Runtime:
         """Let the model's cache own the session through the stubs it holds."""
         if not stubs:
             return
+        hf.reorder_with_sessions()
         for t in stubs:
             t._shadowkv_session = session
         self._session, self._weak = None, weakref.ref(session)

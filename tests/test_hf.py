@@ -1,6 +1,7 @@
 """Hugging Face call conventions across transformers 5.x (shadowpass.hf)."""
 import warnings
 
+import pytest
 import torch
 
 from shadowpass.hf import cache_kwargs, returned_cache
@@ -26,3 +27,25 @@ def test_cache_name_from_a_compiled_forward():
     model = tiny_model("llama")
     forward = torch.compile(model.forward)
     assert cache_kwargs(forward, None) == cache_kwargs(model, None)
+
+
+def test_beam_search_equals_dense():
+    """Beam search reorders the cache every step: the ShadowKV rows move with it (full rank
+    and budget, so the beams and their scores equal dense attention's)."""
+    import shadowpass
+    torch.manual_seed(0)
+    model, dense = tiny_model("llama"), tiny_model("llama")
+    dense.load_state_dict(model.state_dict())
+    model.compile(backend="shadowkv", options={"min_sparse_len": 0, "rank": 4096,
+                                               "budget": 1 << 16, "outlier_chunks": 1})
+    ids = torch.randint(0, 256, (2, 100))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, num_beams=4,
+              do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ours, theirs = model.generate(ids, **kw), dense.generate(ids, **kw)
+        assert shadowpass.runtime_of(model).sites  # the decode steps read ShadowKV state
+        cache = returned_cache(ours)
+        with pytest.raises(ValueError, match="reordered across rows of different prompts"):
+            cache.reorder_cache(torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]))  # prompt 1 <-> prompt 0
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores)
