@@ -121,3 +121,15 @@ def test_a_dense_sequence_never_reads_another_sequences_state():
     for ids, cache in ((a[:, :1], 0), (b[:, :1], 1), (b[:, :4], 1), (a[:, :3], 0)):
         torch.testing.assert_close(step(model, ours[cache], ids), step(dense, theirs[cache], ids),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_a_long_prompt_in_chunks_warns_with_the_fix(caplog):
+    """A second chunk as long as a prompt that would get ShadowKV runs token by token: said."""
+    model, _, _ = twins(options={**SPARSE, "min_sparse_len": 48})
+    cache = DynamicCache(config=model.config)
+    step(model, cache, torch.randint(0, 256, (1, 64)))
+    step(model, cache, torch.randint(0, 256, (1, 8)))
+    assert "decode steps" not in caplog.text  # a short follow-up: no warning
+    step(model, cache, torch.randint(0, 256, (1, 48)))
+    assert "48 new tokens on a sequence with ShadowKV state run as 48 decode steps" in caplog.text
+    assert "prefill_chunk_size" in caplog.text
