@@ -22,26 +22,35 @@ def returned_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def reorder_with_sessions():
-    """Let HF beam search reorder ShadowKV state (once per process, when transformers is in use).
+def edit_with_sessions():
+    """Let HF's cache edits reach ShadowKV state (once per process, when transformers is in use).
 
-    Beam search calls each cache layer's ``reorder_cache(beam_idx)``, whose ``index_select`` on
-    a zero-stride stub would build a full-size tensor of zeros and drop the session the stub
-    names. For a layer holding stubs, the session's rows are reordered instead (in place) and
-    the stubs stay.
+    A cache layer holding stubs names the session they stand for. Beam search's
+    ``reorder_cache(beam_idx)`` would ``index_select`` the stubs into full-size zeros and drop
+    the session: the session's rows are reordered instead (in place) and the stubs stay.
+    ``crop`` (assisted and prompt-lookup decoding drop rejected candidates) slices the stubs,
+    which stay zero-stride: the session is cut to the new length and the new stubs name it.
     """
     import sys
-    cache_utils = sys.modules.get("transformers.cache_utils")
-    layer = getattr(cache_utils, "CacheLayerMixin", None)
-    if layer is None or getattr(layer.reorder_cache, "_shadowkv", False):
+    # DynamicLayer holds the cat cache, so the stubs
+    cls = getattr(sys.modules.get("transformers.cache_utils"), "DynamicLayer", None)
+    if cls is None or getattr(cls.crop, "_shadowkv", False):
         return
-    original = layer.reorder_cache
+    reorder, crop = cls.reorder_cache, cls.crop
 
     def reorder_cache(self, beam_idx):
         session = getattr(getattr(self, "keys", None), "_shadowkv_session", None)
         if session is None:
-            return original(self, beam_idx)
+            return reorder(self, beam_idx)
         session.reorder(beam_idx)
 
-    reorder_cache._shadowkv = True
-    layer.reorder_cache = reorder_cache
+    def crop_(self, *args, **kwargs):
+        session = getattr(getattr(self, "keys", None), "_shadowkv_session", None)
+        crop(self, *args, **kwargs)
+        if session is not None:
+            session.truncate(self.keys.shape[-2])
+            self.keys._shadowkv_session = self.values._shadowkv_session = session
+
+    for fn in (reorder_cache, crop_):
+        fn._shadowkv = True
+    cls.reorder_cache, cls.crop = reorder_cache, crop_

@@ -48,6 +48,20 @@ class SiteState:
         """Share of the last step's selected chunks reused from the step before (syncs)."""
         return ops.hit_rate(self.workspace[2], self.workspace[4])
 
+    def truncate(self, length: int, prompt_len: int):
+        """Drop the tokens from position ``length`` on: generated ones, and prompt tokens of
+        the local window (masked out; the compressed part before it cannot be cut)."""
+        sparse = self.prefill.sparse_valid.shape[1]
+        if length < sparse:
+            raise ValueError(f"shadowkv: cannot crop the cache to {length} tokens: the first "
+                             f"{sparse} tokens of the prompt exist only in compressed form")
+        if length < prompt_len:
+            self.prefill.local_valid[:, length - sparse:] = False
+        keep = max(length - prompt_len, 0)
+        if self.used > keep:
+            self.gen_len.fill_(keep)
+            self.used = keep
+
     def reorder(self, idx: torch.Tensor):
         """Row r takes row idx[r] (beam search). Beams of one prompt share its prefill state,
         so only the generated tokens and the reuse workspace move."""
@@ -84,9 +98,18 @@ class Session:
     def __init__(self, sites: Dict[str, SiteState]):
         self.sites = sites
         self._reordered_by = None  # every cache layer reorders with the same beam_idx tensor
+        self.prompt_len: Optional[int] = None  # tokens the prefill turned into ShadowKV state
+
+    def truncate(self, length: int):
+        """Keep the first ``length`` tokens of the sequence (HF's ``crop``: assisted or
+        prompt-lookup decoding drops the candidate tokens it rejected; its first forward puts
+        candidates into the prompt). Idempotent, as every cache layer crops in turn."""
+        for site in self.sites.values():
+            site.truncate(length, self.prompt_len)
+        self.prompt_len = min(self.prompt_len, length)
 
     def reorder(self, beam_idx: torch.Tensor):
-        """Beam search's reorder of the cache (``hf.reorder_with_sessions``), once per step."""
+        """Beam search's reorder of the cache (``hf.edit_with_sessions``), once per step."""
         if beam_idx is self._reordered_by:
             return
         self._reordered_by = beam_idx
@@ -161,7 +184,7 @@ class Runtime:
         """Let the model's cache own the session through the stubs it holds."""
         if not stubs:
             return
-        hf.reorder_with_sessions()
+        hf.edit_with_sessions()
         for t in stubs:
             t._shadowkv_session = session
         self._session, self._weak = None, weakref.ref(session)
@@ -333,6 +356,7 @@ class ShadowGraph:
                 log.warning("shadowpass: %s -- this graph runs dense attention from now on", e)
                 return self.dense(*args)
             session = rt.store(self.rw, self.names, list(outs[n:]), self.cfg)
+            session.prompt_len = T
             outs = outs[:n] if isinstance(outs, tuple) else type(outs)(outs[:n])
         else:
             session = self.session_for(args, rt)

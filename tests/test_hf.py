@@ -49,3 +49,29 @@ def test_beam_search_equals_dense():
             cache.reorder_cache(torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]))  # prompt 1 <-> prompt 0
     assert torch.equal(ours.sequences, theirs.sequences)
     torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores)
+
+
+def test_prompt_lookup_decoding_equals_dense():
+    """Prompt-lookup (speculative) decoding verifies candidate tokens in one multi-token step
+    and crops the rejected ones, the first time out of the prompt itself (its first forward is
+    prompt + candidates): the ShadowKV state is cut with the cache (full rank and budget, so
+    the tokens equal dense attention's)."""
+    import shadowpass
+    torch.manual_seed(0)
+    model, dense = tiny_model("llama"), tiny_model("llama")
+    dense.load_state_dict(model.state_dict())
+    model.compile(backend="shadowkv", options={"min_sparse_len": 0, "rank": 4096,
+                                               "budget": 1 << 16, "outlier_chunks": 1})
+    for _ in range(3):  # without the cut, 2 of these 3 prompts gave other tokens
+        base = torch.randint(0, 256, (1, 30))
+        ids = torch.cat([base, base, base, base[:, :5]], 1)  # repeats: lookups find candidates
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                  prompt_lookup_num_tokens=4, return_dict_in_generate=True)
+        with torch.no_grad():
+            ours, theirs = model.generate(ids, **kw), dense.generate(ids, **kw)
+        assert torch.equal(ours.sequences, theirs.sequences)
+    site = shadowpass.runtime_of(model).sites["model.layers.0.self_attn"]
+    cache = returned_cache(ours)
+    assert cache.get_seq_length() == 95 + site.used
+    with pytest.raises(ValueError, match="exist only in compressed form"):
+        cache.crop(-cache.get_seq_length() + 10)
