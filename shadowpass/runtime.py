@@ -388,7 +388,7 @@ class ShadowGraph:
             return self.dense(*args)
         if self._extend is None:
             self._extend = nested_compile(self.extended.gm, self.inductor)
-        if T >= max(self.cfg.sparse_threshold, 2):
+        if T >= self.cfg.sparse_threshold:
             log.warning("shadowpass: %d new tokens on a sequence with ShadowKV state run as %d "
                         "decode steps, held exactly on the GPU. For a long prompt split in "
                         "chunks (generate's prefill_chunk_size), prefill it in one call", T, T)
