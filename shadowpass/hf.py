@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 
 def cache_kwargs(model, cache) -> dict:
     """``{name: cache}`` for ``model(...)``, under the name its forward takes (``model`` is a
@@ -30,13 +32,15 @@ def edit_with_sessions():
     the session: the session's rows are reordered instead (in place) and the stubs stay.
     ``crop`` (assisted and prompt-lookup decoding drop rejected candidates) slices the stubs,
     which stay zero-stride: the session is cut to the new length and the new stubs name it.
+    ``update`` run eagerly on stubs (the compiled forward was bypassed) raises instead of
+    attending to zeros.
     """
     import sys
     # DynamicLayer holds the cat cache, so the stubs
     cls = getattr(sys.modules.get("transformers.cache_utils"), "DynamicLayer", None)
     if cls is None or getattr(cls.crop, "_shadowkv", False):
         return
-    reorder, crop = cls.reorder_cache, cls.crop
+    reorder, crop, update = cls.reorder_cache, cls.crop, cls.update
 
     def reorder_cache(self, beam_idx):
         session = getattr(getattr(self, "keys", None), "_shadowkv_session", None)
@@ -51,6 +55,20 @@ def edit_with_sessions():
             session.truncate(self.keys.shape[-2])
             self.keys._shadowkv_session = self.values._shadowkv_session = session
 
-    for fn in (reorder_cache, crop_):
+    def update_(self, *args, **kwargs):
+        # traced, this is the compiled step (the branch folds away); run, the model went eager
+        if (not torch.compiler.is_compiling()
+                and getattr(self.keys, "_shadowkv_session", None) is not None):
+            raise RuntimeError(EAGER_ON_STUBS)
+        return update(self, *args, **kwargs)
+
+    for fn in (reorder_cache, crop_, update_):
         fn._shadowkv = True
-    cls.reorder_cache, cls.crop = reorder_cache, crop_
+    cls.reorder_cache, cls.crop, cls.update = reorder_cache, crop_, update_
+
+
+EAGER_ON_STUBS = (
+    "shadowkv: the model ran eagerly on a cache that holds ShadowKV stubs, so its attention would "
+    "read zeros. Usually Dynamo hit its recompile limit for the model's forward (TORCH_LOGS="
+    "recompiles shows the guards) and fell back to eager: compile with dynamic=True, or raise "
+    "torch._dynamo.config.recompile_limit. Or the cache was passed to an uncompiled model.")

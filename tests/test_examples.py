@@ -106,3 +106,12 @@ def test_walkthrough_explains_every_report_column():
     report = shadowpass.explain(tiny_model("llama"), torch.randint(0, 256, (1, 8)))
     header = str(report).splitlines()[1].split()
     assert header == list(graph_dump_walkthrough.COLUMNS)
+
+
+def test_multi_turn_generate():
+    import multi_turn_generate
+    r = multi_turn_generate.run(prompt_len=120, new_tokens=6, device="cpu")
+    assert r["follow_up_equal"] and r["beam_equal"] and r["lookup_equal"]
+    # turn one: 5 decode steps; turn two: its last token + 24 new, then 5 steps
+    assert r["tokens_after_prompt"] == 5 + 25 + 5
+    assert r["conversation_len"] == 120 + 6 + 24 + 6 - 1

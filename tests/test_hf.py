@@ -75,3 +75,15 @@ def test_prompt_lookup_decoding_equals_dense():
     assert cache.get_seq_length() == 95 + site.used
     with pytest.raises(ValueError, match="exist only in compressed form"):
         cache.crop(-cache.get_seq_length() + 10)
+
+
+def test_eager_step_on_stubs_is_refused_with_the_fix():
+    """A forward that bypasses the compiled model (here a force_eager stance; in practice
+    Dynamo's recompile limit) would attend to the stubs' zeros: it raises and says what to do."""
+    model = tiny_model("llama")
+    model.compile(backend="shadowkv", options={"min_sparse_len": 0, "outlier_chunks": 1})
+    with torch.no_grad():
+        cache = returned_cache(model(torch.randint(0, 256, (1, 64)), use_cache=True))
+        with torch.compiler.set_stance("force_eager"), \
+                pytest.raises(RuntimeError, match="ran eagerly.*recompile_limit"):
+            model(torch.randint(0, 256, (1, 1)), **cache_kwargs(model, cache), use_cache=True)
