@@ -320,7 +320,7 @@ def tile_session(session, B: int):
             prefill=PrefillState(*[rows(t) for t in s.prefill]), cos=cos, sin=sin,
             gen_k=rows(s.gen_k), gen_v=rows(s.gen_v), gen_len=s.gen_len.clone(),
             workspace=[rows(t) for t in s.workspace], used=s.used)
-    return Session(sites)
+    return Session(sites, session.prompt_len)
 
 
 def stub_cache(model, B: int, T: int):

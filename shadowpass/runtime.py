@@ -95,10 +95,10 @@ class Session:
     when generate() drops its cache, the GPU state and the pinned values are freed.
     """
 
-    def __init__(self, sites: Dict[str, SiteState]):
+    def __init__(self, sites: Dict[str, SiteState], prompt_len: int):
         self.sites = sites
+        self.prompt_len = prompt_len  # tokens the prefill turned into ShadowKV state
         self._reordered_by = None  # every cache layer reorders with the same beam_idx tensor
-        self.prompt_len: Optional[int] = None  # tokens the prefill turned into ShadowKV state
 
     def truncate(self, length: int):
         """Keep the first ``length`` tokens of the sequence (HF's ``crop``: assisted or
@@ -159,7 +159,7 @@ class Runtime:
         self.built = 0
 
     def store(self, rw: Rewritten, names: List[str], extra: List[torch.Tensor],
-              cfg: ShadowKVConfig) -> Session:
+              cfg: ShadowKVConfig, prompt_len: int) -> Session:
         n = len(STATE_FIELDS)
         tables = extra[len(names) * n:]
         sites = {}
@@ -175,7 +175,7 @@ class Runtime:
                 workspace=ops.workspace(st, cfg.budget_chunks, cfg.chunk_size,
                                         gather=cfg.decode_route == "split"))
         self.clear()
-        session = Session(sites)
+        session = Session(sites, prompt_len)
         self._session = session
         self.built = len(sites)
         return session
@@ -355,8 +355,7 @@ class ShadowGraph:
                 self.unsupported = str(e)
                 log.warning("shadowpass: %s -- this graph runs dense attention from now on", e)
                 return self.dense(*args)
-            session = rt.store(self.rw, self.names, list(outs[n:]), self.cfg)
-            session.prompt_len = T
+            session = rt.store(self.rw, self.names, list(outs[n:]), self.cfg, T)
             outs = outs[:n] if isinstance(outs, tuple) else type(outs)(outs[:n])
         else:
             session = self.session_for(args, rt)
