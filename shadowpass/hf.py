@@ -42,14 +42,17 @@ def edit_with_sessions():
         return
     reorder, crop, update = cls.reorder_cache, cls.crop, cls.update
 
+    def session_of(layer):
+        return getattr(getattr(layer, "keys", None), "_shadowkv_session", None)
+
     def reorder_cache(self, beam_idx):
-        session = getattr(getattr(self, "keys", None), "_shadowkv_session", None)
+        session = session_of(self)
         if session is None:
             return reorder(self, beam_idx)
         session.reorder(beam_idx)
 
     def crop_(self, *args, **kwargs):
-        session = getattr(getattr(self, "keys", None), "_shadowkv_session", None)
+        session = session_of(self)
         crop(self, *args, **kwargs)
         if session is not None:
             session.truncate(self.keys.shape[-2])
@@ -57,8 +60,7 @@ def edit_with_sessions():
 
     def update_(self, *args, **kwargs):
         # traced, this is the compiled step (the branch folds away); run, the model went eager
-        if (not torch.compiler.is_compiling()
-                and getattr(self.keys, "_shadowkv_session", None) is not None):
+        if not torch.compiler.is_compiling() and session_of(self) is not None:
             raise RuntimeError(EAGER_ON_STUBS)
         return update(self, *args, **kwargs)
 

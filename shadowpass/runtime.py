@@ -65,12 +65,6 @@ class SiteState:
     def reorder(self, idx: torch.Tensor):
         """Row r takes row idx[r] (beam search). Beams of one prompt share its prefill state,
         so only the generated tokens and the reuse workspace move."""
-        local = self.prefill.local_k
-        if not torch.allclose(local.index_select(0, idx).float(), local.float(), atol=1e-2,
-                              rtol=1e-2):
-            raise ValueError("shadowkv: the cache was reordered across rows of different prompts; "
-                             "ShadowKV reorders only the beams of one prompt (beam search). "
-                             "Run such sequences with separate caches.")
         for t in (self.gen_k, self.gen_v, *self.workspace):
             t.copy_(t.index_select(0, idx))
 
@@ -113,8 +107,16 @@ class Session:
         if beam_idx is self._reordered_by:
             return
         self._reordered_by = beam_idx
+        first = next(iter(self.sites.values()))  # every site holds the same prompts
+        idx = beam_idx.to(first.gen_k.device)
+        local = first.prefill.local_k
+        if not torch.allclose(local.index_select(0, idx).float(), local.float(), atol=1e-2,
+                              rtol=1e-2):
+            raise ValueError("shadowkv: the cache was reordered across rows of different prompts; "
+                             "ShadowKV reorders only the beams of one prompt (beam search). "
+                             "Run such sequences with separate caches.")
         for site in self.sites.values():
-            site.reorder(beam_idx.to(site.gen_k.device))
+            site.reorder(idx)
 
     def hit_rate(self) -> Optional[float]:
         rates = [r for r in (s.hit_rate() for s in self.sites.values()) if r is not None]
@@ -337,9 +339,7 @@ class ShadowGraph:
         rt = self.runtime(args)
         T = self.seq_len(args)
         n = self.rw.num_outputs
-        if self.rw.phase == "prefill":
-            if (self.past_len(args) or 0) > 0:
-                return self.extend(args, T, rt)
+        if self.rw.phase == "prefill" and (self.past_len(args) or 0) == 0:
             rt.clear()
             if self.unsupported:
                 return self.dense(*args)
@@ -357,43 +357,37 @@ class ShadowGraph:
                 return self.dense(*args)
             session = rt.store(self.rw, self.names, list(outs[n:]), self.cfg, T)
             outs = outs[:n] if isinstance(outs, tuple) else type(outs)(outs[:n])
-        else:
+        else:  # a step on a past: one decoded token, or new tokens over it (extend)
             session = self.session_for(args, rt)
             state = rt.decode_inputs(self.names, T, session)
-            if state is None:
+            if state is None:  # a past of real keys and values, or no prefill through us
                 self.check_no_stub(args)
-                if self._dense is None:
+                if self._dense is None and self.rw.phase == "decode":
                     log.info("shadowpass: a decode step with no ShadowKV state runs dense: the "
                              "prefill did not go through the shadowkv backend (e.g. generate("
                              "cache_implementation='static') compiles only the decode step; use "
                              "model.compile(backend='shadowkv') instead), or it was shorter than "
                              "min_sparse_len")
                 return self.dense(*args)
-            outs = (self.step_graphs(session, args, state) if self.step_graphs is not None
-                    else self.sparse(*args, *state))
+            if self.rw.phase == "prefill":
+                outs = self.extend(T, *args, *state)
+            else:
+                outs = (self.step_graphs(session, args, state) if self.step_graphs is not None
+                        else self.sparse(*args, *state))
         rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
         return outs
 
-    def extend(self, args, T: int, rt: Runtime):
-        """New tokens on a sequence with a past: a follow-up turn with the old cache, chunked
-        prefill, speculative verification. With ShadowKV state, the graph's second rewrite
-        (``extend=True``) decodes them in turn over it; a past the model holds itself in full
-        (a dense first turn) stays dense, since ShadowKV needs the prompt's pre-RoPE keys."""
-        session = self.session_for(args, rt)
-        state = rt.decode_inputs(self.names, T, session)
-        if state is None:
-            self.check_no_stub(args)
-            log.debug("shadowpass: %d new tokens on a dense past run dense", T)
-            return self.dense(*args)
+    def extend(self, T: int, *args):
+        """New tokens on a sequence with ShadowKV state (a follow-up turn with the old cache,
+        chunked prefill, speculative verification): the graph's second rewrite
+        (``extend=True``) decodes them in turn over the state."""
         if self._extend is None:
             self._extend = nested_compile(self.extended.gm, self.inductor)
         if T >= self.cfg.sparse_threshold:
             log.warning("shadowpass: %d new tokens on a sequence with ShadowKV state run as %d "
                         "decode steps, held exactly on the GPU. For a long prompt split in "
                         "chunks (generate's prefill_chunk_size), prefill it in one call", T, T)
-        outs = self._extend(*args, *state)
-        rt.attach(session, [outs[i] for i in self.rw.stub_outputs])
-        return outs
+        return self._extend(*args)
 
     def session_for(self, args, rt: Runtime) -> Optional[Session]:
         """The state a step with a past reads. The cache's stubs name their session, so
