@@ -51,6 +51,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", choices=("shadowkv", "dense"),
                    default=["shadowkv", "dense"],
                    help="which side to run (one side per call keeps each GPU job short at 60K+)")
+    p.add_argument("--lanes", type=int, nargs="+", default=[1, 2],
+                   help="decode_lanes values run side by side at each shadowkv batch of 4 or more "
+                        "(batch lanes interleaved site by site: shadowpass/lanes.py)")
     p.add_argument("--check", action="store_true",
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")
@@ -152,11 +155,15 @@ def dense_run(model, B: int, T: int, gen: int, profile: int = 0) -> Row:
     return Row("dense", T, B, B * 1e3 / med, med, spread, torch.cuda.max_memory_allocated() / GIB)
 
 
-def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: int = 0):
+def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: int = 0,
+                 mark_batch: bool = False):
     """Median and p20-p80 milliseconds of `gen` greedy decode steps after the warm-up steps;
     then, with ``profile``, the GPU time of that many more steps per part (``step_profile``)."""
     ids = torch.randint(0, vocab, (B, 1), device="cuda")
     pos = torch.full((B, 1), T, device="cuda")
+    if B > 1 and mark_batch:
+        for t in (ids, pos):
+            torch._dynamo.mark_dynamic(t, 0)
 
     cache_kw = cache_kwargs(forward, cache)  # once: the signature lookup is host time per step
 
@@ -364,8 +371,13 @@ def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw, profile: int =
     rt = shadowpass.runtime_of(model)
     rt.clear()
     cache = stub_cache(model, B, T)
-    rt.attach(tiled, [t for layer in cache.layers for t in (layer.keys, layer.values)])
-    med, spread = decode_steps(model, cache, model.config.vocab_size, B, T, gen, profile)
+    stubs = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    rt.attach(tiled, stubs)
+    if B > 1:  # a symbolic batch, whatever graph was traced before: decode lanes need it
+        for t in stubs:
+            torch._dynamo.mark_dynamic(t, 0)
+    med, spread = decode_steps(model, cache, model.config.vocab_size, B, T, gen, profile,
+                               mark_batch=True)
     hit = tiled.hit_rate()
     row = Row("shadowkv", T, B, B * 1e3 / med, med, spread,
               torch.cuda.max_memory_allocated() / GIB, pinned_gib=tiled.nbytes("host") / GIB,
@@ -452,11 +464,18 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
           f"(with SVD, landmarks, outliers and the value offload)", flush=True)
     largest = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
     for B in batch_sizes(args, largest):
-        row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile)
-        gc.collect()
-        row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill)
-        rows.append(row)
-        print(json.dumps(asdict(row)), flush=True)
+        for lanes in (args.lanes if B >= 4 else args.lanes[:1]):
+            if lanes != opts.get("decode_lanes", 1):  # a fresh decode graph, same prefill state
+                opts = {**opts, "decode_lanes": lanes}
+                torch._dynamo.reset()
+                model.compile(backend="shadowkv", options=opts)
+            row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile)
+            gc.collect()
+            row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill, lanes=lanes)
+            if lanes > 1:
+                row.method = f"shadowkv ({lanes} lanes)"
+            rows.append(row)
+            print(json.dumps(asdict(row)), flush=True)
     del session, cache
     release()
     return rows
@@ -528,7 +547,7 @@ def print_table(rows: list[Row]):
               f"({r.step_ms_spread[0]:.2f}-{r.step_ms_spread[1]:.2f}) | {r.peak_gpu_gib:.1f} | "
               f"{r.pinned_gib:.1f} | {hit} | {bound} | {frac} |")
     for T in sorted({r.context for r in rows}):
-        best = {m: max((r for r in rows if r.context == T and r.method == m),
+        best = {m: max((r for r in rows if r.context == T and r.method.startswith(m)),
                        key=lambda r: r.tokens_per_s, default=None) for m in ("dense", "shadowkv")}
         if all(best.values()):
             print(f"T={T}: throughput gain at max batch {best['shadowkv'].tokens_per_s / best['dense'].tokens_per_s:.2f}x"

@@ -17,6 +17,7 @@ _RANGES = {
     "outlier_chunks": (0, None),
     "local_chunks": (0, None),
     "min_sparse_len": (0, None),
+    "decode_lanes": (1, None),
 }
 
 
@@ -41,6 +42,11 @@ class ShadowKVConfig:
         site) or "split" (shadowkv::decode_gather, still opaque, then shadowkv::sparse_attention,
         which Inductor lowers to our Triton template on CUDA and fuses with what follows; the
         CPU runs the reference either way).
+    decode_lanes: a CUDA decode step runs its batch as this many sub-batches interleaved layer
+        by layer, so one's value fetch crosses PCIe while another computes
+        (``shadowpass/lanes.py``); 1 runs the batch whole. Needs a decode graph traced with a
+        symbolic batch (compile with dynamic=True, or Dynamo's automatic dynamic after a second
+        batch size) and at least 2 sequences per lane.
     """
 
     rank: int = 160
@@ -51,6 +57,7 @@ class ShadowKVConfig:
     min_sparse_len: Optional[int] = None
     policy: str = "shadowkv"
     decode_route: str = "fused"
+    decode_lanes: int = 1
 
     def __post_init__(self):
         for name, (lo, hi) in _RANGES.items():

@@ -27,6 +27,7 @@ import weakref
 
 import torch
 
+from . import lanes
 from . import reference as ref
 from .hostmem import is_pinned
 from .policies import BOUNDED, KERNEL_POLICIES
@@ -163,6 +164,8 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
                          streams) for rows in slices]
     rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin, load_chunk, load_slot, n_load,
                       chunk_size, rope_style)
+    if streams:
+        lanes.handoff()  # another batch lane computes while these values cross PCIe
     attended = []
     for rows, fetched in zip(slices, done):
         if fetched is not None:
@@ -319,7 +322,8 @@ def _replayed(step, q, k, v, st: PrefillState, gen_len, buffers, config: tuple):
     """step(q, k, v), replayed as the site's CUDA graph (StepGraphs) when the state allows it:
     not while another graph captures, and only with page-locked values (the GPU reads them
     directly). The graph is keyed by every persistent buffer's address and shape."""
-    if torch.cuda.is_current_stream_capturing() or not is_pinned(st.values):
+    if (torch.cuda.is_current_stream_capturing() or not is_pinned(st.values)
+            or lanes.in_lane()):  # a lane hands the stream on inside the step
         return step(q, k, v)
     key = (tuple((t.data_ptr(), tuple(t.shape)) for t in (*st, gen_len, *buffers)), q.shape,
            q.dtype, k.shape, *config)

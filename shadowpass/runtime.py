@@ -270,6 +270,8 @@ def nested_compile(gm: fx.GraphModule, inductor: Callable) -> Callable:
     compiled = torch.compile(gm.forward, backend=inductor)
 
     def run(*args):
+        if torch._dynamo.config.capture_scalar_outputs:  # batch lanes nest: one patch at a time
+            return compiled(*args)
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return compiled(*args)
     return run
@@ -308,7 +310,7 @@ class ShadowGraph:
         self.step_graphs = None
         if rw.phase == "decode" and cfg.policy in KERNEL_POLICIES:
             self.step_graphs = DecodeGraphs(self.sparse, rw.gm, rw.past_names, rw.stub_outputs,
-                                            self.param_idx)
+                                            self.param_idx, cfg.decode_lanes, self.split)
         self._split = None  # subbatch.Split, or why this graph cannot be split (once needed)
         self.fits: Dict[tuple, int] = {}  # (batch, prompt length) -> sub-batch size that fit
 
@@ -410,7 +412,8 @@ class ShadowGraph:
         return None
 
     def split(self):
-        """subbatch.Split of this prefill graph, or why it cannot be split (a str)."""
+        """subbatch.Split of this graph (prefill sub-batches, decode lanes), or why it cannot
+        be split (a str)."""
         if self._split is None:
             try:
                 self._split = subbatch.plan(self.original, self.rw, self.param_idx)

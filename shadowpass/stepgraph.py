@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
 
+from . import lanes
 from .hostmem import is_pinned
 from .rewrite import impure
-from .subbatch import written
+from .subbatch import Merged, Split, written
 
 log = logging.getLogger(__name__)
 
 EAGER_CALLS = 3     # calls with one key before capturing it: nothing may compile during a
                     # capture, and the nested compile may still recompile (for a dynamic cache
                     # length) on the second
+MIN_LANE = 2       # sequences per batch lane: smaller lanes run the batch whole
+LANE_DEVICES = ("cuda",)  # where lanes pay: a fetch to hide (tests add "cpu")
 COPY_LIMIT = 1 << 20  # inputs up to this size are copied into the graph's own buffers; larger
                       # ones (model buffers) are read in place and their address is in the key
 
@@ -99,8 +102,11 @@ class DecodeGraphs:
     """
 
     def __init__(self, fn: Callable, gm: fx.GraphModule, past_names: List[str],
-                 stub_outputs: List[int], param_idx: List[int]):
+                 stub_outputs: List[int], param_idx: List[int], lanes: int = 1,
+                 split: Optional[Callable[[], Union[Split, str]]] = None):
         self.fn, self.stub_outputs = fn, stub_outputs
+        self.lanes, self.split = lanes, split  # split(): where the batch is, or why not known
+        self.lane_split: Union[Split, str, None] = None
         self.why_not: Optional[str] = None  # set when this graph must stay uncaptured
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.names = [n.name for n in placeholders]
@@ -110,7 +116,8 @@ class DecodeGraphs:
         writes = written_inputs(gm)
         # read in place, their addresses in the key: parameters, and inputs the graph writes
         self.params = set(param_idx)
-        self.in_place = self.params | {i for i, n in enumerate(placeholders) if n.name in writes}
+        self.writes = {i for i, n in enumerate(placeholders) if n.name in writes}
+        self.in_place = self.params | self.writes
         self.captured = {}  # id(session) -> _Captured
         self.seen = {}      # id(session) -> (key, eager calls with it, key changes in a row)
         self.pools = {}     # stream -> memory pool shared by this graph's captures
@@ -148,7 +155,7 @@ class DecodeGraphs:
     def __call__(self, session, args, state):
         if (self.why_not is not None or not state or not state[0].is_cuda
                 or torch.cuda.is_current_stream_capturing()):
-            return self.fn(*args, *state)
+            return self.call(args, state)
         sid = id(session)
         key = self.key(args, state)
         entry = self.captured.get(sid)
@@ -167,7 +174,7 @@ class DecodeGraphs:
             log.info("shadowpass: decode steps are not captured as one CUDA graph while %s "
                      "change from one token to the next", changed or "the ShadowKV state's buffers")
         if calls <= EAGER_CALLS:
-            return self.fn(*args, *state)
+            return self.call(args, state)
         self.captured.pop(sid, None)
         return self.capture(sid, key, args, state)
 
@@ -187,9 +194,11 @@ class DecodeGraphs:
         stream = torch.cuda.current_stream()
         pool = self.pools.setdefault(stream.stream_id, torch.cuda.graph_pool_handle())
         graph = torch.cuda.CUDAGraph()
+        # lanes capture from several threads: only this one's unsafe calls may end the capture
+        mode = "thread_local" if self.lane_parts(args) else "global"
         try:
-            with torch.cuda.graph(graph, pool=pool):
-                outs = self.fn(*inputs, *state)
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+                outs = self.call(inputs, state)
         except Exception as e:  # capture records only: nothing ran, so run it eagerly
             return self.give_up(f"the capture failed ({type(e).__name__}: {e})", args, state)
         stubs = {i: stub_rule(outs[i], args, self.past) for i in self.stub_outputs}
@@ -209,7 +218,46 @@ class DecodeGraphs:
         """This graph's steps stay uncaptured (each site still replays its own graph)."""
         self.why_not = why
         log.warning("shadowpass: decode steps are not captured as one CUDA graph: %s", why)
-        return None if args is None else self.fn(*args, *state)
+        return None if args is None else self.call(args, state)
+
+    def call(self, args, state):
+        """fn on the whole batch, or in batch lanes (``shadowpass.lanes``) where they apply."""
+        parts = self.lane_parts(args) if state and state[0].device.type in LANE_DEVICES else None
+        if not parts:
+            return self.fn(*args, *state)
+        split = self.lane_split
+        B = parts[-1][1]
+        # state with a batch dim is cut; a written one without (a site's generated-token
+        # count) gets a copy per further lane, each lane advancing it alike
+        cut = [t.dim() > 0 and t.shape[0] == B for t in state]
+        written = [not c and len(args) + j in self.writes for j, c in enumerate(cut)]
+        copies = [[t.clone() if w else t for t, w in zip(state, written)] for _ in parts[1:]]
+        calls = []
+        for k, (start, stop) in enumerate(parts):
+            own = state if k == 0 else copies[k - 1]
+            lane_state = [t[start:stop] if c else o for t, o, c in zip(state, own, cut)]
+            calls.append(lambda a=split.slice(args, start, stop), st=lane_state: self.fn(*a, *st))
+        outs = lanes.run(calls)
+        merged = Merged(split, len(outs[0]), outs[0], B, parts[0][1], 0)
+        for (start, stop), part in zip(parts, outs):
+            merged.put(part, start, stop)
+        return type(outs[0])(merged.outs)
+
+    def lane_parts(self, args) -> Optional[List[Tuple[int, int]]]:
+        """The batch rows of each lane, or None to run the batch whole."""
+        if self.lanes < 2:
+            return None
+        if self.lane_split is None:
+            self.lane_split = self.split() if self.split is not None else "no batch plan"
+            if isinstance(self.lane_split, str):
+                log.info("shadowpass: decode steps run the batch whole, not in %d lanes: %s",
+                         self.lanes, self.lane_split)
+        if isinstance(self.lane_split, str):
+            return None
+        dims = self.lane_split.inputs
+        B = next(args[i].shape[d] for i, d in enumerate(dims) if d is not None)
+        n = min(self.lanes, B // MIN_LANE)
+        return [(B * k // n, B * (k + 1) // n) for k in range(n)] if n > 1 else None
 
     def replay(self, entry: _Captured, args):
         for i, buf in entry.static.items():

@@ -166,7 +166,7 @@ class Merged:
             self.dims[i] = None
         # unbatched outputs come from the first slice, cloned: under CUDA graphs the next slice's
         # replay would overwrite them
-        self.outs = [t.clone() if isinstance(t, torch.Tensor) and dim is None else None
+        self.outs = [(t.clone() if isinstance(t, torch.Tensor) else t) if dim is None else None
                      for t, dim in zip(first, self.dims)]
         for i in split.stubs:
             full = list(first[i].shape)

@@ -299,3 +299,41 @@ def test_decode_step_replays_as_one_cuda_graph(monkeypatch):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
         torch.testing.assert_close(b, c, rtol=0, atol=1e-5)
     assert torch.equal(whole.sequences, per_site.sequences)
+
+
+def test_decode_lanes_capture_one_graph_equal_to_the_whole_batch(monkeypatch):
+    """decode_lanes=2 (dynamic=True, batch 5): each step runs as lanes of 2 and 3 sequences that
+    hand the stream on at every site, captured as one CUDA graph from the two lane threads; the
+    logits equal those of the whole batch (decode_lanes=1)."""
+    from shadowpass import lanes, runtime
+    made, handoffs = [], []
+
+    class Recording(runtime.DecodeGraphs):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    real = lanes.handoff
+    monkeypatch.setattr(runtime, "DecodeGraphs", Recording)
+    monkeypatch.setattr(lanes, "handoff", lambda: handoffs.append(lanes._LOCAL.lane) or real())
+    torch.manual_seed(0)
+    model = llama8b(2, vocab=1024, dtype=torch.float32)
+    ids = torch.randint(0, 1024, (5, 4096), device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+              return_dict_in_generate=True, output_logits=True)
+    out = {}
+    for n in (1, 2):
+        torch._dynamo.reset()
+        made.clear()
+        model.compile(backend="shadowkv", dynamic=True,
+                      options={"rank": 64, "budget": 256, "min_sparse_len": 0, "decode_lanes": n})
+        with torch.no_grad():
+            out[n] = model.generate(ids, **kw)
+        g = made[-1]
+        assert g.why_not is None and len(g.captured) == 1, g.why_not
+        if n == 2:
+            assert not isinstance(g.lane_split, str), g.lane_split
+            assert handoffs and set(handoffs) == {0, 1}
+    for a, b in zip(out[1].logits, out[2].logits):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    assert torch.equal(out[1].sequences, out[2].sequences)
