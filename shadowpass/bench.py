@@ -511,6 +511,8 @@ def run_bench(args) -> int:
         return 2
     from .config import ShadowKVConfig
     torch.manual_seed(0)
+    logging.basicConfig(format="%(message)s")  # the backend's reasons (e.g. why no lanes) show
+    logging.getLogger("shadowpass").setLevel(logging.INFO)
     if args.check:
         return 0 if check_real_path() else 1
     bw = peaks()

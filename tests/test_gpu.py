@@ -315,7 +315,12 @@ def test_decode_lanes_capture_one_graph_equal_to_the_whole_batch(monkeypatch):
 
     real = lanes.handoff
     monkeypatch.setattr(runtime, "DecodeGraphs", Recording)
-    monkeypatch.setattr(lanes, "handoff", lambda: handoffs.append(lanes._LOCAL.lane) or real())
+    def handoff():  # also called outside lanes (decode_lanes=1), where it does nothing
+        if lanes.in_lane():
+            handoffs.append(lanes._LOCAL.lane)
+        return real()
+
+    monkeypatch.setattr(lanes, "handoff", handoff)
     torch.manual_seed(0)
     model = llama8b(2, vocab=1024, dtype=torch.float32)
     ids = torch.randint(0, 1024, (5, 4096), device="cuda")
