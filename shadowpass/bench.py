@@ -53,7 +53,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="which side to run (one side per call keeps each GPU job short at 60K+)")
     p.add_argument("--lanes", type=int, nargs="+", default=[1, 2],
                    help="decode_lanes values run side by side at each shadowkv batch of 4 or more "
-                        "(batch lanes interleaved site by site: shadowpass/lanes.py)")
+                        "(batch lanes interleaved site by site: shadowpass/lanes.py; values above "
+                        "1 compile with dynamic=True, which lanes need)")
     p.add_argument("--check", action="store_true",
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")
@@ -155,15 +156,11 @@ def dense_run(model, B: int, T: int, gen: int, profile: int = 0) -> Row:
     return Row("dense", T, B, B * 1e3 / med, med, spread, torch.cuda.max_memory_allocated() / GIB)
 
 
-def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: int = 0,
-                 mark_batch: bool = False):
+def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: int = 0):
     """Median and p20-p80 milliseconds of `gen` greedy decode steps after the warm-up steps;
     then, with ``profile``, the GPU time of that many more steps per part (``step_profile``)."""
     ids = torch.randint(0, vocab, (B, 1), device="cuda")
     pos = torch.full((B, 1), T, device="cuda")
-    if B > 1 and mark_batch:
-        for t in (ids, pos):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
 
     cache_kw = cache_kwargs(forward, cache)  # once: the signature lookup is host time per step
 
@@ -373,12 +370,7 @@ def shadow_run(model, session, B: int, T: int, gen: int, cfg, bw, profile: int =
     cache = stub_cache(model, B, T)
     stubs = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     rt.attach(tiled, stubs)
-    if B > 1:  # a symbolic batch where the graph allows one (decode lanes need it; if not, the
-        # backend logs why the batch runs whole)
-        for t in stubs:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-    med, spread = decode_steps(model, cache, model.config.vocab_size, B, T, gen, profile,
-                               mark_batch=True)
+    med, spread = decode_steps(model, cache, model.config.vocab_size, B, T, gen, profile)
     hit = tiled.hit_rate()
     row = Row("shadowkv", T, B, B * 1e3 / med, med, spread,
               torch.cuda.max_memory_allocated() / GIB, pinned_gib=tiled.nbytes("host") / GIB,
@@ -469,7 +461,9 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
             if lanes != opts.get("decode_lanes", 1):  # a fresh decode graph, same prefill state
                 opts = {**opts, "decode_lanes": lanes}
                 torch._dynamo.reset()
-                model.compile(backend="shadowkv", options=opts)
+                # lanes run one graph on parts of the batch: its batch must be symbolic
+                model.compile(backend="shadowkv", dynamic=True if lanes > 1 else None,
+                              options=opts)
             row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile)
             gc.collect()
             row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill, lanes=lanes)

@@ -89,6 +89,12 @@ class _Captured:
         self.stubs, self.zero = stubs, zero  # output index -> stub_rule; a 1-element zero
 
 
+def host_scalar(t: torch.Tensor) -> bool:
+    """A 0-d CPU tensor: how Dynamo passes a float it does not specialize on (under
+    dynamic=True, e.g. an embedding's ``norm_type``), read on the host with ``.item()``."""
+    return t.device.type == "cpu" and t.dim() == 0
+
+
 class DecodeGraphs:
     """Replays ``fn(*args, *state)`` (a compiled decode graph) as one CUDA graph per session.
 
@@ -142,6 +148,8 @@ class DecodeGraphs:
             return a.data_ptr()
         if not isinstance(a, torch.Tensor):
             return a
+        if host_scalar(a):  # read into the graph at capture: a new value needs a new capture
+            return a.item()
         if self.reads_in_place(i, a):
             return tuple(a.shape), a.stride(), a.dtype, a.data_ptr()
         return tuple(a.shape), a.dtype, a.device  # a copied input: only its values count
@@ -182,14 +190,18 @@ class DecodeGraphs:
         if any(t.device.type == "cpu" and not is_pinned(t) for t in state):
             return self.give_up("a host value store is not pinned (the step gathers it on the "
                                 "host)", args, state)
-        if any(isinstance(args[i], torch.Tensor) and args[i].device.type == "cpu"
-               for i in self.key_inputs):  # a replay would keep the value read at capture
-            return self.give_up("the step reads a CPU tensor input", args, state)
+        on_host = [f"{self.names[i]} {tuple(args[i].shape)}" for i in self.key_inputs
+                   if isinstance(args[i], torch.Tensor) and args[i].device.type == "cpu"
+                   and not host_scalar(args[i])]
+        if on_host:  # a replay would keep the values read at capture (scalars are in the key)
+            return self.give_up(f"the step reads CPU tensor inputs: {', '.join(on_host)}",
+                                args, state)
         # the buffers keep the inputs' strides (Dynamo's guards check them), e.g. HF's input
         # ids, a column of the whole sequence whose stride grows every token
         static = {i: torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
                   .copy_(a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)
-                  and i not in self.skipped and not self.reads_in_place(i, a)}
+                  and i not in self.skipped and not host_scalar(a)
+                  and not self.reads_in_place(i, a)}
         inputs = [static.get(i, a) for i, a in enumerate(args)]
         stream = torch.cuda.current_stream()
         pool = self.pools.setdefault(stream.stream_id, torch.cuda.graph_pool_handle())
