@@ -166,8 +166,10 @@ class Merged:
             self.dims[i] = None
         # unbatched outputs come from the first slice, cloned: under CUDA graphs the next slice's
         # replay would overwrite them
-        self.outs = [(t.clone() if isinstance(t, torch.Tensor) else t) if dim is None else None
-                     for t, dim in zip(first, self.dims)]
+        stubs = set(split.stubs)  # zero-stride: a clone would allocate the whole cache
+        self.outs = [(t.clone() if isinstance(t, torch.Tensor) else t)
+                     if dim is None and i not in stubs else None
+                     for i, (t, dim) in enumerate(zip(first, self.dims))]
         for i in split.stubs:
             full = list(first[i].shape)
             full[split.outputs[i]] = B

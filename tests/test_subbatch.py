@@ -185,17 +185,28 @@ class CatCache(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True), (k, v)
 
 
-def test_returned_cache_is_rebuilt_as_full_batch_stubs(gpu_fits):
+def test_returned_cache_is_rebuilt_as_full_batch_stubs(gpu_fits, monkeypatch):
     """A graph that returns its cache: the merged outputs equal eager, the returned cache is a
-    zero-stride stub of the whole batch, the state has every sequence."""
+    zero-stride stub of the whole batch, never materialized (a sub-batch's stub cloned would
+    be a cache-sized allocation per layer), the state has every sequence."""
     model = CatCache().eval()
     fast = shadowpass.compile(model, dynamic=True, **EXACT)
     x, pos = torch.randn(4, 40, 32), torch.arange(40)
     calls = gpu_fits(2)
     with torch.no_grad():
         want, _ = model(x, pos)
+        real_clone, stubs_cloned = torch.Tensor.clone, []
+
+        def clone(t, *args, **kwargs):
+            if t.numel() > 1 and not any(t.stride()):  # a stub: every stride 0
+                stubs_cloned.append(tuple(t.shape))
+            return real_clone(t, *args, **kwargs)
+
+        fast(x, pos)  # compiles
+        monkeypatch.setattr(torch.Tensor, "clone", clone)
         got, (k, v) = fast(x, pos)
-    assert calls == [4, 2, 2]
+    assert stubs_cloned == []
+    assert calls == [4, 2, 2, 2, 2]  # the second call splits at once
     torch.testing.assert_close(got, want, atol=FP32_LOGITS, rtol=FP32_LOGITS)
     for t in (k, v):
         assert t.shape == (4, 2, 40, 16) and t.stride() == (0, 0, 0, 0)
