@@ -252,6 +252,17 @@ def test_pinned_pool_reuses_buffers_of_the_same_size():
     assert hostmem.is_pinned(c) and not hostmem.is_pinned(torch.empty(10))
 
 
+def small_generate(batch: int):
+    """A 2-layer fp32 Llama-8B-shaped model, a 4096-token prompt per sequence, and generate()'s
+    options for 12 greedy tokens with their logits."""
+    torch.manual_seed(0)
+    model = llama8b(2, vocab=1024, dtype=torch.float32)
+    ids = torch.randint(0, 1024, (batch, 4096), device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+              return_dict_in_generate=True, output_logits=True)
+    return model, ids, kw
+
+
 def test_decode_step_replays_as_one_cuda_graph(monkeypatch):
     """From the third token on, a decode step replays as one CUDA graph (the model's kernels and
     every site's ShadowKV step): the logits equal those of the same steps run without it, at a
@@ -276,11 +287,7 @@ def test_decode_step_replays_as_one_cuda_graph(monkeypatch):
                     for a, b in zip(self.keys, self.keys[1:])]
 
     monkeypatch.setattr(runtime, "DecodeGraphs", Recording)
-    torch.manual_seed(0)
-    model = llama8b(2, vocab=1024, dtype=torch.float32)
-    ids = torch.randint(0, 1024, (3, 4096), device="cuda")
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-              return_dict_in_generate=True, output_logits=True)
+    model, ids, kw = small_generate(3)
     model.compile(backend="shadowkv", options={"rank": 64, "budget": 256, "min_sparse_len": 0})
     with torch.no_grad():
         whole = model.generate(ids, **kw)
@@ -321,11 +328,7 @@ def test_decode_lanes_capture_one_graph_equal_to_the_whole_batch(monkeypatch):
         return real()
 
     monkeypatch.setattr(lanes, "handoff", handoff)
-    torch.manual_seed(0)
-    model = llama8b(2, vocab=1024, dtype=torch.float32)
-    ids = torch.randint(0, 1024, (5, 4096), device="cuda")
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-              return_dict_in_generate=True, output_logits=True)
+    model, ids, kw = small_generate(5)
     out = {}
     for n in (1, 2):
         torch._dynamo.reset()
