@@ -35,7 +35,7 @@ from shadowpass.templates.chunk_gather import (
     rebuild_keys_into,
     reuse_plan,
 )
-from shadowpass.templates.common import INTERPRET
+from shadowpass.templates.common import INTERPRET, as_bytes
 from shadowpass.templates.landmark_scores import landmark_scores, select_top_chunks
 from shadowpass.templates.sparse_decode import sparse_decode
 from tolerances import KERNEL_BF16, KERNEL_FP16, KERNEL_FP32, SCORES
@@ -145,6 +145,18 @@ def synthetic_state(B, H, N, C, d, r, rd, O, L, style, dtype, device=DEV, pad=0)
 def distinct_chunks(B, H, N, K, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B * H)]).view(B, H, K)
+
+
+def test_masks_reach_kernels_without_a_copy():
+    """A bool mask reaches a kernel as a uint8 view of its own bytes (a copy is a kernel launch
+    per mask, per attention call); a traced one, which Inductor cannot view, as a uint8 copy."""
+    mask = torch.rand(3, 5, device=DEV) > 0.5
+    viewed = as_bytes(mask)
+    assert viewed.dtype == torch.uint8 and viewed.data_ptr() == mask.data_ptr()
+    assert torch.equal(viewed.bool(), mask)
+    with torch._subclasses.FakeTensorMode() as mode:
+        traced = as_bytes(mode.from_tensor(mask))
+    assert traced.dtype == torch.uint8 and traced.shape == mask.shape
 
 
 # ----------------------------------------------------------------------------- landmark scores
