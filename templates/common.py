@@ -51,8 +51,8 @@ def as_bytes(mask: torch.Tensor) -> torch.Tensor:
 
     A real tensor is viewed, not copied: each copy is a kernel of its own, and a decode step
     made 5 per layer and batch slice (~650 small kernels a step at 32 layers and 4 slices). A
-    traced one is copied: Inductor 2.11 cannot lower a
-    bool -> uint8 view ("torch.bool is not supported by torch.iinfo").
+    traced one is copied: Inductor 2.11 cannot lower a bool -> uint8 view ("torch.bool is not
+    supported by torch.iinfo").
     """
     if mask.dtype != torch.bool:
         return mask
