@@ -453,13 +453,16 @@ def test_decode_step_matches_reference(dtype, G, d, style, rd_frac, budget, C, N
         q_prev = q
 
 
-@pytest.mark.parametrize("parts", [2, 3, 8])
-def test_decode_step_in_batch_slices_matches_reference(parts):
+@pytest.mark.parametrize("parts, shared_table", [(2, False), (3, True), (8, False)])
+def test_decode_step_in_batch_slices_matches_reference(parts, shared_table):
     """The pipelined step (each batch slice's values fetched and attended in turn, uneven slices,
-    more parts than rows) equals the reference, with reuse across steps and without a
-    workspace."""
+    more parts than rows, one rotary table for the whole batch) equals the reference, with reuse
+    across steps and without a workspace."""
     B, H, G, N, C, d = 3, 2, 2, 12, 4, 32
     st = synthetic_state(B, H, N, C, d, 12, d, 1, 2 * C + 3, "rotate_half", torch.float32, pad=5)
+    if shared_table:  # every row's positions are the same: one table, batch-expanded
+        assert torch.equal(st.cos, st.cos[:1].expand_as(st.cos))
+        st = st._replace(cos=st.cos[:1].expand_as(st.cos), sin=st.sin[:1].expand_as(st.sin))
     ws = DecodeWorkspace.allocate(st, 4, C)
     gk, gv = (torch.zeros(B, H, 4, d, device=DEV) for _ in range(2))
     gl = torch.zeros(1, dtype=torch.long, device=DEV)
@@ -497,7 +500,7 @@ def test_decode_step_with_no_sparse_chunks():
 @pytest.mark.parametrize("policy", KERNEL_POLICIES)
 def test_decode_without_workspace_and_real_prefill_state(policy):
     """A state built by the real prefill op (prompt length not a multiple of C, padding), for
-    every policy the kernels run."""
+    every policy the kernels run, in batch slices."""
     B, H, G, T, d, C = 2, 2, 2, 203, 64, 8
     kpre = torch.randn(B, H, T, d, device=DEV)
     cos, sin = rope_tables(B, T, d, "rotate_half")
@@ -516,7 +519,7 @@ def test_decode_without_workspace_and_real_prefill_state(policy):
         q = torch.randn(B, H * G, 1, d, device=DEV)
         k, vn = torch.randn(B, H, 1, d, device=DEV), torch.randn(B, H, 1, d, device=DEV)
         got = decode_attention_cuda(q, k, vn, 0.125, *split(st), gk, gv, gl, C, 5, "rotate_half",
-                                    policy=policy)
+                                    policy=policy, parts=2)
         want = ref.decode_attention(q, k, vn, 0.125, *split(st), rk, rv, rl, C, 5, "rotate_half",
                                     policy)
         close(got, want, torch.float32)
