@@ -46,7 +46,8 @@ class ShadowKVConfig:
         by layer, so one's value fetch crosses PCIe while another computes
         (``shadowpass/lanes.py``); 1 runs the batch whole. Needs a decode graph traced with a
         symbolic batch (compile with dynamic=True, or Dynamo's automatic dynamic after a second
-        batch size) and at least 2 sequences per lane.
+        batch size) and at least 2 sequences per lane. 2 was 7-9% faster than 1 at the largest
+        batches of 60K and 122K on an H100 (README, "Batch lanes"); 3 was slower.
     """
 
     rank: int = 160
