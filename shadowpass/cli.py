@@ -106,7 +106,9 @@ def config_help() -> Dict[str, str]:
             helps[current].append(line.strip())
         else:
             current = None
-    return {n: " ".join(helps.get(n, [f"ShadowKVConfig.{n}"])).rstrip(".") for n in names}
+    # argparse %-formats help strings, so a literal "%" in the docstring must be doubled.
+    return {n: " ".join(helps.get(n, [f"ShadowKVConfig.{n}"])).rstrip(".").replace("%", "%%")
+            for n in names}
 
 
 def add_config_arguments(p: argparse.ArgumentParser):
