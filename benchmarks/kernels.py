@@ -173,6 +173,7 @@ def bench_config(ctx, B, env):
         rebuild_keys_into,
         reuse_plan,
     )
+    from shadowpass.templates.chunk_topk import chunk_topk
     from shadowpass.templates.landmark_scores import landmark_scores
     from shadowpass.templates.sparse_decode import sparse_decode
 
@@ -239,6 +240,11 @@ def bench_config(ctx, B, env):
     key = want.masked_fill(~st.selectable, -1)
     err = (key.gather(2, idx).sort(-1).values - key.gather(2, want_idx).sort(-1).values).abs().max().item()
     report(ctx, B, "top-k (torch.topk, unsorted)", t, B * H * (N * 4 + K * 12) / 1e6, hbm, err,
+           "err = selected scores")
+    t = timed(lambda: chunk_topk(scores, K), graph=True)
+    idx = chunk_topk(scores, K)  # what the decode step uses
+    err = (key.gather(2, idx).sort(-1).values - key.gather(2, want_idx).sort(-1).values).abs().max().item()
+    report(ctx, B, "top-k (chunk_topk, one launch)", t, B * H * (N * 4 + K * 8) / 1e6, hbm, err,
            "err = selected scores")
 
     # 2. reuse plan

@@ -158,6 +158,16 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     return scores
 
 
+def torch_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.topk(k, dim=-1, sorted=False).indices
+
+
+# The top-k of the decode step. chunk_topk (one launch; tests/test_kernels.py) replaces it once
+# measured faster on the GPU: benchmarks/kernels.py times both, scripts/step_variants.py the
+# whole decode step with each.
+TOP_K = torch_topk
+
+
 def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
                       scale: float, budget_chunks: int, radius: torch.Tensor | None = None):
     """Top-k chunk ids as ``reference.select_chunks`` of ``policies.landmark_scores``.
@@ -165,12 +175,12 @@ def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torc
     Returns
     -------
     idx : [B, H, K] int64 chunk ids, K = min(budget_chunks, N), in no particular order (the
-        attention does not depend on it; unsorted top-k skips a sort).
+        attention does not depend on it; unsorted top-k skips a sort). ``TOP_K`` picks them.
     scores : [B, H, N] float32, unselectable chunks at -1 (below every softmax probability).
     """
     scores = landmark_scores(q, landmarks, selectable, scale, fill=-1.0, radius=radius)
     k = min(budget_chunks, scores.shape[-1])
-    return scores.topk(k, dim=-1, sorted=False).indices, scores
+    return TOP_K(scores, k), scores
 
 
-__all__ = ["landmark_scores", "select_top_chunks"]
+__all__ = ["TOP_K", "landmark_scores", "select_top_chunks", "torch_topk"]

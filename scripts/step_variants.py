@@ -1,0 +1,59 @@
+"""Variants of the decode step's kernels side by side in the whole model (``shadowpass bench``).
+
+    python scripts/step_variants.py fetch=64 fetch=32 topk=chunk fetch=32,topk=chunk \
+        -- --contexts 122880 --host-fraction 0.75 --lanes 2 2 2 2
+
+Runs the benchmark's shadowkv side at the largest batch only, with one variant set before each
+timed run (give as many ``--lanes`` values as variants; equal values share one compile). A
+variant is comma-separated settings over the defaults:
+
+- ``fetch=N``: persistent programs of the value fetch (``chunk_gather.FETCH_PROGRAMS``,
+  default 64). With batch lanes one lane's fetch runs beside the other lane's GEMMs and
+  attention; its programs hold SMs those kernels could use, and in isolation 33 programs
+  fetch as fast as 1M (scripts/fetch_programs.py).
+- ``topk=torch|chunk``: the step's top-k (``landmark_scores.TOP_K``): torch.topk (default) or
+  ``chunk_topk``, one launch instead of torch.topk's radix-select kernels.
+
+Each row's method names its variant. Run on the GPU machine.
+"""
+import sys
+
+from shadowpass import bench
+from shadowpass.templates import chunk_gather, landmark_scores
+from shadowpass.templates.chunk_topk import chunk_topk
+
+SETTINGS = {
+    "fetch": lambda v: setattr(chunk_gather, "FETCH_PROGRAMS", int(v)),
+    "topk": lambda v: setattr(landmark_scores, "TOP_K",
+                              {"torch": landmark_scores.torch_topk, "chunk": chunk_topk}[v]),
+}
+DEFAULT = "fetch=64,topk=torch"
+
+
+def apply(variant: str):
+    for item in f"{DEFAULT},{variant}".split(","):
+        name, value = item.split("=")
+        SETTINGS[name](value)
+
+
+def main():
+    cut = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    variants = sys.argv[1:cut]
+    for v in variants:  # a typo fails here, not after the prefill
+        apply(v)
+    run = bench.shadow_run
+
+    def with_variant(*a, **kw):
+        variant = variants.pop(0) if variants else ""
+        apply(variant)
+        print(f"variant: {variant or 'defaults'}", flush=True)
+        row = run(*a, **kw)
+        row.method += f" [{variant or 'defaults'}]"
+        return row
+
+    bench.shadow_run = with_variant
+    return bench.main(["--methods", "shadowkv", "--batches", *sys.argv[cut + 1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
