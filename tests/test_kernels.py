@@ -632,6 +632,19 @@ def test_gpu_kernels_at_llama_shape(dtype):
     assert torch.equal(sel_v, ref.fetch_values(st.values, want_idx, "cuda"))
 
 
+@pytest.mark.parametrize("rows,N", [(64, 16380), (80, 15360), (256, 4092), (8, 100)])
+@gpu
+def test_gpu_chunk_topk_at_llama_shapes(rows, N):
+    """The one-launch top-k compiled, at the rows and chunk counts of 32K-128K prompts."""
+    s = torch.rand(rows, N, device="cuda")
+    s[:, ::7] = -1.0
+    s[0, : N // 2] = 0.5  # ties at the threshold
+    got = chunk_topk(s, 256 if N > 256 else 20)
+    want = s.topk(got.shape[-1], dim=-1, sorted=False).indices
+    assert torch.equal(s.gather(-1, got).sort(-1).values, s.gather(-1, want).sort(-1).values)
+    assert bool((got.diff(dim=-1) > 0).all())
+
+
 @gpu
 def test_gpu_decode_steps_with_reuse():
     st, p = llama_state()
