@@ -144,6 +144,7 @@ class Runtime:
         self._session: Optional[Session] = None   # held here when no cache stub owns it
         self._weak: Optional[weakref.ref] = None  # when the model's cache owns it
         self.built = 0  # sites whose state the last prefill built (outlives the state itself)
+        self.dense_prefill: Optional[str] = None  # why the last prefill ran dense, if it did
 
     @property
     def session(self) -> Optional[Session]:
@@ -159,6 +160,7 @@ class Runtime:
     def clear(self):
         self._session = self._weak = None
         self.built = 0
+        self.dense_prefill = None
 
     def store(self, rw: Rewritten, names: List[str], extra: List[torch.Tensor],
               cfg: ShadowKVConfig, prompt_len: int) -> Session:
@@ -344,17 +346,19 @@ class ShadowGraph:
         if self.rw.phase == "prefill" and (self.past_len(args) or 0) == 0:
             rt.clear()
             if self.unsupported:
+                rt.dense_prefill = self.unsupported
                 return self.dense(*args)
             if T < self.cfg.sparse_threshold:
-                log.debug("shadowpass: prompt of %d tokens < min_sparse_len %d: dense", T,
-                          self.cfg.sparse_threshold)
+                rt.dense_prefill = f"the prompt's {T} tokens are fewer than min_sparse_len " \
+                                   f"({self.cfg.sparse_threshold})"
+                log.debug("shadowpass: %s: dense", rt.dense_prefill)
                 return self.dense(*args)
             try:
                 outs = self.prefill(args, T)
             except ValueError as e:  # the prefill op found a mask ShadowKV cannot keep
                 if "shadowkv:" not in str(e):
                     raise
-                self.unsupported = str(e)
+                self.unsupported = rt.dense_prefill = str(e)
                 log.warning("shadowpass: %s -- this graph runs dense attention from now on", e)
                 return self.dense(*args)
             session = rt.store(self.rw, self.names, list(outs[n:]), self.cfg, T)
@@ -365,11 +369,11 @@ class ShadowGraph:
             if state is None:  # a past of real keys and values, or no prefill through us
                 self.check_no_stub(args)
                 if self._dense is None and self.rw.phase == "decode":
-                    log.info("shadowpass: a decode step with no ShadowKV state runs dense: the "
-                             "prefill did not go through the shadowkv backend (e.g. generate("
-                             "cache_implementation='static') compiles only the decode step; use "
-                             "model.compile(backend='shadowkv') instead), or it was shorter than "
-                             "min_sparse_len")
+                    log.info("shadowpass: a decode step with no ShadowKV state runs dense: %s",
+                             f"its prefill ran dense ({rt.dense_prefill})" if rt.dense_prefill
+                             else "the prefill did not go through the shadowkv backend (e.g. "
+                             "generate(cache_implementation='static') compiles only the decode "
+                             "step; use model.compile(backend='shadowkv') instead)")
                 return self.dense(*args)
             if self.rw.phase == "prefill":
                 outs = self.extend(T, *args, *state)

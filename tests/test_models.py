@@ -63,6 +63,22 @@ def test_explain_one_site_per_layer(name, attn):
     assert "rewritten" in str(report) and '"sites"' in report.to_json()
 
 
+def test_sliding_window_model_runs_dense_and_says_why(caplog):
+    """A sliding window shorter than the prompt is not causal attention over the whole prompt:
+    the prefill falls back to dense with a warning naming the window, the decode steps say
+    their prefill ran dense (not that it missed the backend), and the tokens equal dense."""
+    model = hf_model("mistral", sliding_window=64)
+    ids, mask = prompt(1, 300)
+    dense = greedy(model, ids, mask, n=4)
+    model.compile(backend="shadowkv", options=EXACT)
+    with caplog.at_level("INFO", logger="shadowpass"):
+        out = greedy(model, ids, mask, n=4)
+    assert torch.equal(out.sequences, dense.sequences)
+    assert not shadowpass.runtime_of(model).sites
+    assert "sliding window" in caplog.text and "runs dense attention from now on" in caplog.text
+    assert "its prefill ran dense (shadowkv: the prefill attention mask is not causal" in caplog.text
+
+
 @pytest.mark.parametrize("name", ["llama", "glm"])
 def test_eager_attention_exact(name):
     model = hf_model(name, "eager")
