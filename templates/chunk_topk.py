@@ -14,8 +14,8 @@ holds one row in registers and finds its k-th largest value bit by bit:
    chunk's output slot is its rank among the kept (a prefix sum).
 
 The ids come out in ascending chunk order; which of several tied chunks are kept may differ from
-torch.topk's choice (both are a top-k). Rows longer than ``MAX_CHUNKS`` (1M-token prompts at
-chunk size 8) use torch.topk.
+torch.topk's choice (both are a top-k). Rows longer than ``MAX_CHUNKS`` (prompts over 128K
+tokens at chunk size 8) use torch.topk.
 
 Sub notation: R rows (B * H), N chunks per row, K ids kept per row; N_PAD = next power of
 two >= N (constexpr).
@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .common import is_fake, launch, next_pow2
 
-# 16384 chunks (128K tokens at chunk size 8) x 4-byte keys in 16 warps: 32 registers a thread
+# 16384 chunks (128K tokens at chunk size 8) in 16 warps: 32 keys a thread (sm_90 build,
+# scripts/compile_kernels.py: 128 registers, 40 bytes spilled)
 MAX_CHUNKS = 16384
 
 
