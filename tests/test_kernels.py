@@ -252,9 +252,15 @@ def test_chunk_topk_rejects_k_above_the_row():
 def test_chunk_topk_long_rows_use_torch_topk(monkeypatch):
     """Rows longer than MAX_CHUNKS would not fit one program's registers: torch.topk picks."""
     monkeypatch.setattr(chunk_topk_module, "MAX_CHUNKS", 16)
+
+    def no_launch(kernel):
+        raise AssertionError("the kernel was launched for a row above MAX_CHUNKS")
+    monkeypatch.setattr(chunk_topk_module, "launch", no_launch)
     s = torch.rand(2, 40, device=DEV)
     got = chunk_topk(s, 5)
     assert torch.equal(got, s.topk(5, dim=-1, sorted=False).indices)
+    with pytest.raises(AssertionError, match="was launched"):
+        chunk_topk(s[:, :16], 5)  # at MAX_CHUNKS the kernel runs
 
 
 # ----------------------------------------------------------------------------- key rebuild
