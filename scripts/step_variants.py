@@ -20,12 +20,12 @@ import sys
 
 from shadowpass import bench
 from shadowpass.templates import chunk_gather, landmark_scores
-from shadowpass.templates.chunk_topk import chunk_topk
+from shadowpass.templates.chunk_topk import chunk_topk, torch_topk
 
 SETTINGS = {
     "fetch": lambda v: setattr(chunk_gather, "FETCH_PROGRAMS", int(v)),
     "topk": lambda v: setattr(landmark_scores, "TOP_K",
-                              {"torch": landmark_scores.torch_topk, "chunk": chunk_topk}[v]),
+                              {"torch": torch_topk, "chunk": chunk_topk}[v]),
 }
 DEFAULT = "fetch=64,topk=torch"
 

@@ -33,6 +33,11 @@ from .common import is_fake, launch, next_pow2
 MAX_CHUNKS = 16384
 
 
+def torch_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``chunk_topk``'s contract through torch.topk (unsorted indices)."""
+    return scores.topk(k, dim=-1, sorted=False).indices
+
+
 @triton.jit
 def _chunk_topk_kernel(score_ptr, idx_ptr, N, K, N_PAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -64,7 +69,7 @@ def chunk_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     if (not isinstance(N, int) or N > MAX_CHUNKS or is_fake(scores)
             or scores.dtype != torch.float32):
         # traced or long rows: N_PAD would specialize on the prompt length or spill
-        return scores.topk(k, dim=-1, sorted=False).indices
+        return torch_topk(scores, k)
     rows = scores.reshape(-1, N).contiguous()
     idx = torch.empty(rows.shape[0], k, dtype=torch.int64, device=scores.device)
     if idx.numel():
@@ -73,4 +78,4 @@ def chunk_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx.view(*scores.shape[:-1], k)
 
 
-__all__ = ["MAX_CHUNKS", "chunk_topk"]
+__all__ = ["MAX_CHUNKS", "chunk_topk", "torch_topk"]

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_topk import torch_topk
 from .common import INTERPRET, as_bytes, dot, launch, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -158,10 +159,6 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     return scores
 
 
-def torch_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return scores.topk(k, dim=-1, sorted=False).indices
-
-
 # The top-k of the decode step. chunk_topk (one launch; tests/test_kernels.py) replaces it once
 # measured faster on the GPU: benchmarks/kernels.py times both, scripts/step_variants.py the
 # whole decode step with each.
@@ -183,4 +180,4 @@ def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torc
     return TOP_K(scores, k), scores
 
 
-__all__ = ["TOP_K", "landmark_scores", "select_top_chunks", "torch_topk"]
+__all__ = ["TOP_K", "landmark_scores", "select_top_chunks"]
