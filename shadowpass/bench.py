@@ -468,7 +468,7 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
             gc.collect()
             row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill, lanes=lanes)
             if lanes > 1:
-                row.method = f"shadowkv ({lanes} lanes)"
+                row.method = row.method.replace("shadowkv", f"shadowkv ({lanes} lanes)", 1)
             rows.append(row)
             print(json.dumps(asdict(row)), flush=True)
     del session, cache

@@ -391,11 +391,11 @@ class StepGraphs:
             self.seen[site] = key
             return step(*inputs)
         static = [t.clone() for t in inputs]
-        if stream not in self.pools:
-            self.pools[stream] = torch.cuda.graph_pool_handle()
+        if stream not in self.pools:  # a MemPool outlives its graphs (see stepgraph.capture)
+            self.pools[stream] = torch.cuda.MemPool()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pools[stream]):
+            with torch.cuda.graph(graph, pool=self.pools[stream].id):
                 out = step(*static)
         except RuntimeError as e:  # capture records only, so the state is untouched: run eager
             log.warning("shadowkv: decode step not capturable in a CUDA graph (%s); eager", e)

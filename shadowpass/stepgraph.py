@@ -126,7 +126,7 @@ class DecodeGraphs:
         self.in_place = self.params | self.writes
         self.captured = {}  # id(session) -> _Captured
         self.seen = {}      # id(session) -> (key, eager calls with it, key changes in a row)
-        self.pools = {}     # stream -> memory pool shared by this graph's captures
+        self.pools = {}     # stream id -> MemPool shared by this graph's captures
         self.key_inputs: Optional[List[int]] = None  # the args in the key, in order
         self.told = False   # logged why steps are not captured
 
@@ -204,12 +204,17 @@ class DecodeGraphs:
                   and not self.reads_in_place(i, a)}
         inputs = [static.get(i, a) for i, a in enumerate(args)]
         stream = torch.cuda.current_stream()
-        pool = self.pools.setdefault(stream.stream_id, torch.cuda.graph_pool_handle())
+        # a MemPool object, not a bare graph_pool_handle: the allocator keeps a handle's pool
+        # (with use count 0) after all its graphs are gone, and a capture into it then fails
+        # an internal assert (a second prompt's capture, once the first session's graph went)
+        pool = self.pools.get(stream.stream_id)
+        if pool is None:
+            pool = self.pools[stream.stream_id] = torch.cuda.MemPool()
         graph = torch.cuda.CUDAGraph()
         # lanes capture from several threads: only this one's unsafe calls may end the capture
         mode = "thread_local" if self.lane_parts(args) else "global"
         try:
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+            with torch.cuda.graph(graph, pool=pool.id, capture_error_mode=mode):
                 outs = self.call(inputs, state)
         except Exception as e:  # capture records only: nothing ran, so run it eagerly
             return self.give_up(f"the capture failed ({type(e).__name__}: {e})", args, state)

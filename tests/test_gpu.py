@@ -1,4 +1,6 @@
 """GPU checks (run on the GPU machine: pytest -m gpu)."""
+import gc
+
 import pytest
 import torch
 
@@ -312,7 +314,7 @@ def test_decode_lanes_capture_one_graph_equal_to_the_whole_batch(monkeypatch):
     """decode_lanes=2 (dynamic=True, batch 5): each step runs as lanes of 2 and 3 sequences that
     hand the stream on at every site, captured as one CUDA graph from the two lane threads; the
     logits equal those of the whole batch (decode_lanes=1)."""
-    from shadowpass import lanes, runtime
+    from shadowpass import lanes, runtime, stepgraph
     made, handoffs = [], []
 
     class Recording(runtime.DecodeGraphs):
@@ -342,6 +344,36 @@ def test_decode_lanes_capture_one_graph_equal_to_the_whole_batch(monkeypatch):
         if n == 2:
             assert not isinstance(g.lane_split, str), g.lane_split
             assert handoffs and set(handoffs) == {0, 1}
+            # a second prompt captures again once the first session and its graph are gone
+            # (a bare graph_pool_handle then named a dead pool: the capture failed and the
+            # steps ran eagerly, 18x slower at 122K batch 10)
+            captures = []
+            monkeypatch.setattr(Recording, "capture", lambda self, *a: captures.append(1)
+                                or stepgraph.DecodeGraphs.capture(self, *a))
+            gc.collect()
+            again = model.generate(ids, **kw)
+            assert captures and g.why_not is None, (len(captures), g.why_not, len(g.captured))
+            for a, b in zip(again.logits, out[2].logits):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     for a, b in zip(out[1].logits, out[2].logits):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
     assert torch.equal(out[1].sequences, out[2].sequences)
+
+
+def test_step_graphs_capture_again_after_their_graphs_are_gone():
+    """A site's step captured, its state (and so its graph) dropped, then a new site's step
+    captured with no empty_cache between: the allocator keeps a pool whose graphs are all gone
+    (use count 0), and a bare graph_pool_handle naming it failed the capture (an internal
+    assert) so every later step ran eagerly; a MemPool the StepGraphs hold keeps it live."""
+    from shadowpass.kernels import StepGraphs
+    graphs = StepGraphs()
+    x = torch.arange(4.0, device="cuda")
+    for prompt in range(2):
+        gen_len = torch.zeros(1, device="cuda")  # a site's state: its graph goes with it
+        outs = [graphs.run(gen_len, "key", lambda t: t * 2, [x]) for _ in range(3)]
+        assert id(gen_len) in graphs.graphs, f"prompt {prompt}: the step was not captured"
+        for out in outs:  # eager, capture, replay
+            assert torch.equal(out, x * 2)
+        del gen_len
+        gc.collect()
+        assert not graphs.graphs  # the graph went with its state
