@@ -173,7 +173,6 @@ def bench_config(ctx, B, env):
         rebuild_keys_into,
         reuse_plan,
     )
-    from shadowpass.templates.chunk_topk import chunk_topk
     from shadowpass.templates.landmark_scores import landmark_scores
     from shadowpass.templates.sparse_decode import sparse_decode
 
@@ -234,19 +233,14 @@ def bench_config(ctx, B, env):
     want_b = policies.landmark_scores(q, st.landmarks, st.selectable, scale, radius)
     err = (got.masked_fill(~st.selectable, 0) - want_b).abs().max().item()
     report(ctx, B, "bound scores (landmarks + radius)", t, nb + B * H * N * D * EB / 1e6, hbm, err)
-    want_idx = ref.select_chunks(want, st.selectable, K)[0]
-    key = want.masked_fill(~st.selectable, -1)
-
-    def selected_err(ids):
-        return (key.gather(2, ids).sort(-1).values
-                - key.gather(2, want_idx).sort(-1).values).abs().max().item()
     t = timed(lambda: scores.topk(K, dim=-1, sorted=False), graph=True)
     idx = scores.topk(K, dim=-1, sorted=False).indices
-    report(ctx, B, "top-k (torch.topk, unsorted)", t, B * H * (N * 4 + K * 12) / 1e6, hbm,
-           selected_err(idx), "err = selected scores")
-    t = timed(lambda: chunk_topk(scores, K), graph=True)
-    report(ctx, B, "top-k (chunk_topk, one launch)", t, B * H * (N * 4 + K * 8) / 1e6, hbm,
-           selected_err(chunk_topk(scores, K)), "err = selected scores")
+    want_idx = ref.select_chunks(want, st.selectable, K)[0]
+    key = want.masked_fill(~st.selectable, -1)
+    err = (key.gather(2, idx).sort(-1).values
+           - key.gather(2, want_idx).sort(-1).values).abs().max().item()
+    report(ctx, B, "top-k (torch.topk, unsorted)", t, B * H * (N * 4 + K * 12) / 1e6, hbm, err,
+           "err = selected scores")
 
     # 2. reuse plan
     slot_chunk = torch.full((B, H, K), -1, dtype=torch.int32, device=dev)

@@ -1,6 +1,6 @@
 """Variants of the decode step's kernels side by side in the whole model (``shadowpass bench``).
 
-    python scripts/step_variants.py fetch=64 fetch=32 topk=chunk fetch=32,topk=chunk \
+    python scripts/step_variants.py fetch=64 fetch=32 fetch=64 fetch=32 \
         -- --contexts 122880 --host-fraction 0.75 --lanes 2 2 2 2
 
 Runs the benchmark's shadowkv side at the largest batch only, with one variant set before each
@@ -10,24 +10,24 @@ variant is comma-separated settings over the defaults:
 - ``fetch=N``: persistent programs of the value fetch (``chunk_gather.FETCH_PROGRAMS``,
   default 64). With batch lanes one lane's fetch runs beside the other lane's GEMMs and
   attention; its programs hold SMs those kernels could use, and in isolation 33 programs
-  fetch as fast as 1M (scripts/fetch_programs.py).
-- ``topk=torch|chunk``: the step's top-k (``landmark_scores.TOP_K``): torch.topk (default) or
-  ``chunk_topk``, one launch instead of torch.topk's radix-select kernels.
+  fetch as fast as 1M (scripts/fetch_programs.py). Measured (H100, 2026-12-06, 122K batch 10,
+  2 lanes, results/h100/step_variants/call2_*): fetch=64 37.59 ms, fetch=32 38.73 ms (the
+  fetch kernel itself 30.5 -> 36.1 ms a step): no gain.
+
+The same settings vary by 1-3 ms between runs (40.42 vs 37.59 ms for fetch=64 in two calls):
+repeat a variant, as above, before reading a difference of that size.
 
 Each row's method names its variant. Run on the GPU machine.
 """
 import sys
 
 from shadowpass import bench
-from shadowpass.templates import chunk_gather, landmark_scores
-from shadowpass.templates.chunk_topk import chunk_topk, torch_topk
+from shadowpass.templates import chunk_gather
 
 SETTINGS = {
     "fetch": lambda v: setattr(chunk_gather, "FETCH_PROGRAMS", int(v)),
-    "topk": lambda v: setattr(landmark_scores, "TOP_K",
-                              {"torch": torch_topk, "chunk": chunk_topk}[v]),
 }
-DEFAULT = "fetch=64,topk=torch"
+DEFAULT = "fetch=64"
 
 
 def apply(variant: str):

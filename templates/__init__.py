@@ -4,7 +4,6 @@ Each module opens with a sub-notation block and holds the kernels plus thin laun
 none imports Inductor. The decode step that composes them is ``shadowpass.kernels``.
 
 - ``landmark_scores``: chunk scores (softmax over chunks, max over the GQA group) and top-k.
-- ``chunk_topk``: top-k chunk ids in one launch (not yet the step's default: not GPU-timed).
 - ``chunk_gather``: cache-hit reuse plan, key rebuild (U @ SV with RoPE), value fetch (host).
 - ``sparse_decode``: split-K attention over [outliers | selected | local | generated].
 - ``chunk_landmarks``: prefill landmarks and min-cosine outlier scores.

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_topk import torch_topk
 from .common import INTERPRET, as_bytes, dot, launch, next_pow2
 
 LOG2E = 1.4426950408889634
@@ -159,12 +158,6 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     return scores
 
 
-# The top-k of the decode step. chunk_topk (one launch; tests/test_kernels.py) replaces it once
-# measured faster on the GPU: benchmarks/kernels.py times both, scripts/step_variants.py the
-# whole decode step with each.
-TOP_K = torch_topk
-
-
 def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
                       scale: float, budget_chunks: int, radius: torch.Tensor | None = None):
     """Top-k chunk ids as ``reference.select_chunks`` of ``policies.landmark_scores``.
@@ -172,12 +165,12 @@ def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torc
     Returns
     -------
     idx : [B, H, K] int64 chunk ids, K = min(budget_chunks, N), in no particular order (the
-        attention does not depend on it; unsorted top-k skips a sort). ``TOP_K`` picks them.
+        attention does not depend on it; unsorted top-k skips a sort).
     scores : [B, H, N] float32, unselectable chunks at -1 (below every softmax probability).
     """
     scores = landmark_scores(q, landmarks, selectable, scale, fill=-1.0, radius=radius)
     k = min(budget_chunks, scores.shape[-1])
-    return TOP_K(scores, k), scores
+    return scores.topk(k, dim=-1, sorted=False).indices, scores
 
 
-__all__ = ["TOP_K", "landmark_scores", "select_top_chunks"]
+__all__ = ["landmark_scores", "select_top_chunks"]

@@ -35,10 +35,7 @@ from shadowpass.templates.chunk_gather import (
     rebuild_keys_into,
     reuse_plan,
 )
-from shadowpass.templates import chunk_topk as chunk_topk_module
-from shadowpass.templates.chunk_topk import chunk_topk
 from shadowpass.templates.common import INTERPRET, as_bytes
-from shadowpass.templates import landmark_scores as landmark_scores_module
 from shadowpass.templates.landmark_scores import landmark_scores, select_top_chunks
 from shadowpass.templates.sparse_decode import sparse_decode
 from tolerances import KERNEL_BF16, KERNEL_FP16, KERNEL_FP32, SCORES
@@ -223,44 +220,6 @@ def test_selected_scores_match_reference_topk(budget_chunks):
                                key.gather(2, want_idx).sort(-1).values, atol=1e-6, rtol=0)
     assert torch.equal(sel.gather(2, idx).sum(-1), want_ok.sum(-1))
     assert all(len(set(row.tolist())) == row.numel() for row in idx.view(B * H, -1))
-
-
-@pytest.mark.parametrize("N,k", [(1, 1), (33, 0), (33, 7), (33, 33), (300, 256), (5000, 256)])
-def test_chunk_topk_selects_the_largest_scores(N, k):
-    """One launch per call against torch.topk: the same multiset of scores, distinct ids in
-    ascending order, with ties at the threshold, unselectable chunks at -1 and signed zeros."""
-    g = torch.Generator().manual_seed(N + k)
-    s = torch.rand(3, 2, N, generator=g)
-    s[..., ::3] = -1.0                 # unselectable chunks rank last
-    s[0, 0] = 0.5                      # ties at the threshold: few above, many equal
-    s[0, 0, ::7] = 0.9
-    s[1, 1] = torch.where(torch.rand(N, generator=g) < 0.5, -0.0, 0.0)  # equal, as in topk
-    s[1, 1, ::11] = 0.3
-    s = s.to(DEV)
-    got = chunk_topk(s, k)
-    want = s.topk(k, dim=-1, sorted=False).indices
-    assert got.shape == want.shape and got.dtype == torch.int64
-    assert torch.equal(s.gather(-1, got).sort(-1).values, s.gather(-1, want).sort(-1).values)
-    assert bool((got.diff(dim=-1) > 0).all())  # distinct, ascending
-
-
-def test_chunk_topk_rejects_k_above_the_row():
-    with pytest.raises(ValueError, match="must lie in"):
-        chunk_topk(torch.zeros(1, 4, device=DEV), 5)
-
-
-def test_chunk_topk_long_rows_use_torch_topk(monkeypatch):
-    """Rows longer than MAX_CHUNKS would not fit one program's registers: torch.topk picks."""
-    monkeypatch.setattr(chunk_topk_module, "MAX_CHUNKS", 16)
-
-    def no_launch(kernel):
-        raise AssertionError("the kernel was launched for a row above MAX_CHUNKS")
-    monkeypatch.setattr(chunk_topk_module, "launch", no_launch)
-    s = torch.rand(2, 40, device=DEV)
-    got = chunk_topk(s, 5)
-    assert torch.equal(got, s.topk(5, dim=-1, sorted=False).indices)
-    with pytest.raises(AssertionError, match="was launched"):
-        chunk_topk(s[:, :16], 5)  # at MAX_CHUNKS the kernel runs
 
 
 # ----------------------------------------------------------------------------- key rebuild
@@ -494,13 +453,6 @@ def test_decode_step_matches_reference(dtype, G, d, style, rd_frac, budget, C, N
         q_prev = q
 
 
-@pytest.mark.parametrize("case", [2, 5])  # bf16-gqa2, fp32-chunk3
-def test_decode_step_with_chunk_topk_matches_reference(case, monkeypatch):
-    """The decode step with the one-launch top-k (not yet its default) as the reference's."""
-    monkeypatch.setattr(landmark_scores_module, "TOP_K", chunk_topk)
-    test_decode_step_matches_reference(*DECODE_CASES[case].values)
-
-
 @pytest.mark.parametrize("parts, shared_table", [(2, False), (3, True), (8, False)])
 def test_decode_step_in_batch_slices_matches_reference(parts, shared_table):
     """The pipelined step (each batch slice's values fetched and attended in turn, uneven slices,
@@ -636,19 +588,6 @@ def test_gpu_kernels_at_llama_shape(dtype):
     assert is_pinned(st.values)
     fetch_values_into(sel_v, st.values, *full_load(want_idx))
     assert torch.equal(sel_v, ref.fetch_values(st.values, want_idx, "cuda"))
-
-
-@pytest.mark.parametrize("rows,N", [(64, 16380), (80, 15360), (256, 4092), (8, 100)])
-@gpu
-def test_gpu_chunk_topk_at_llama_shapes(rows, N):
-    """The one-launch top-k compiled, at the rows and chunk counts of 32K-128K prompts."""
-    s = torch.rand(rows, N, device="cuda")
-    s[:, ::7] = -1.0
-    s[0, : N // 2] = 0.5  # ties at the threshold
-    got = chunk_topk(s, 256 if N > 256 else 20)
-    want = s.topk(got.shape[-1], dim=-1, sorted=False).indices
-    assert torch.equal(s.gather(-1, got).sort(-1).values, s.gather(-1, want).sort(-1).values)
-    assert bool((got.diff(dim=-1) > 0).all())
 
 
 @gpu
