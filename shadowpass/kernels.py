@@ -352,6 +352,16 @@ def _sparse_attention_op_cuda(q, scale, outlier_k, outlier_v, outlier_valid, sel
     return sparse_decode(*contiguous, chunk_size=chunk_size)
 
 
+def graph_pool(pools: dict, stream_id: int):
+    """The id of the memory pool that the CUDA graphs captured on this stream share, made on
+    first use. A MemPool object, not a bare graph_pool_handle: the allocator keeps a handle's
+    pool (with use count 0) once all its graphs are gone, and a capture into it then fails an
+    internal assert (a new prompt's capture after the last one's graphs went)."""
+    if stream_id not in pools:
+        pools[stream_id] = torch.cuda.MemPool()
+    return pools[stream_id].id
+
+
 class StepGraphs:
     """One CUDA graph per site for its decode step (about a dozen small kernels).
 
@@ -391,11 +401,9 @@ class StepGraphs:
             self.seen[site] = key
             return step(*inputs)
         static = [t.clone() for t in inputs]
-        if stream not in self.pools:  # a MemPool outlives its graphs (see stepgraph.capture)
-            self.pools[stream] = torch.cuda.MemPool()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pools[stream].id):
+            with torch.cuda.graph(graph, pool=graph_pool(self.pools, stream)):
                 out = step(*static)
         except RuntimeError as e:  # capture records only, so the state is untouched: run eager
             log.warning("shadowkv: decode step not capturable in a CUDA graph (%s); eager", e)

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from . import lanes
 from .hostmem import is_pinned
+from .kernels import graph_pool
 from .rewrite import impure
 from .subbatch import Merged, Split, written
 
@@ -203,18 +204,12 @@ class DecodeGraphs:
                   and i not in self.skipped and not host_scalar(a)
                   and not self.reads_in_place(i, a)}
         inputs = [static.get(i, a) for i, a in enumerate(args)]
-        stream = torch.cuda.current_stream()
-        # a MemPool object, not a bare graph_pool_handle: the allocator keeps a handle's pool
-        # (with use count 0) after all its graphs are gone, and a capture into it then fails
-        # an internal assert (a second prompt's capture, once the first session's graph went)
-        pool = self.pools.get(stream.stream_id)
-        if pool is None:
-            pool = self.pools[stream.stream_id] = torch.cuda.MemPool()
+        pool = graph_pool(self.pools, torch.cuda.current_stream().stream_id)
         graph = torch.cuda.CUDAGraph()
         # lanes capture from several threads: only this one's unsafe calls may end the capture
         mode = "thread_local" if self.lane_parts(args) else "global"
         try:
-            with torch.cuda.graph(graph, pool=pool.id, capture_error_mode=mode):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                 outs = self.call(inputs, state)
         except Exception as e:  # capture records only: nothing ran, so run it eagerly
             return self.give_up(f"the capture failed ({type(e).__name__}: {e})", args, state)

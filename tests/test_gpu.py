@@ -344,9 +344,8 @@ def test_decode_lanes_capture_one_graph_equal_to_the_whole_batch(monkeypatch):
         if n == 2:
             assert not isinstance(g.lane_split, str), g.lane_split
             assert handoffs and set(handoffs) == {0, 1}
-            # a second prompt captures again once the first session and its graph are gone
-            # (a bare graph_pool_handle then named a dead pool: the capture failed and the
-            # steps ran eagerly, 18x slower at 122K batch 10)
+            # a second prompt captures again after the first session went (a regression check:
+            # the dead-pool failure of 2026-12-06 is what the StepGraphs test below checks)
             captures = []
             monkeypatch.setattr(Recording, "capture", lambda self, *a: captures.append(1)
                                 or stepgraph.DecodeGraphs.capture(self, *a))
