@@ -115,17 +115,21 @@ def peaks() -> dict[str, float]:
     return {"hbm_gbs": hbm / 1e9, "h2d_gbs": h2d / 1e9}
 
 
-def time_steps(step, n: int) -> list[float]:
-    """Per-step milliseconds of n calls (CUDA events, after the caller's warm-up)."""
-    times = []
+def time_steps(step, n: int) -> tuple[list[float], list[float]]:
+    """Per-step milliseconds of n calls (CUDA events, after the caller's warm-up), and the host
+    milliseconds each call took to return (each step starts on an idle GPU, as when the caller
+    needs the token: host work before the launch is GPU idle time)."""
+    times, host = [], []
     for _ in range(n):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         step()
+        host.append((time.perf_counter() - t0) * 1e3)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return times
+    return times, host
 
 
 def summary(times: list[float]):
@@ -178,7 +182,10 @@ def decode_steps(forward, cache, vocab: int, B: int, T: int, gen: int, profile: 
     torch.cuda.synchronize()
     print(f"B={B}: {WARMUP_STEPS} warm-up steps (compiling) in {time.perf_counter() - t0:.1f} s",
           flush=True)
-    timed = summary(time_steps(step, gen))
+    times, host = time_steps(step, gen)
+    timed = summary(times)
+    print(f"B={B}: step {timed[0]:.2f} ms; the host call to launch it {summary(host)[0]:.2f} ms "
+          "(medians)", flush=True)
     if profile:
         print(f"B={B} T={T}: GPU time per decode step, {profile} steps profiled\n"
               + step_profile(step, profile), flush=True)

@@ -87,7 +87,7 @@ def _rebuild_keys_kernel(
     out_ptr, u_ptr, sv_ptr, cos_ptr, sin_ptr, load_chunk_ptr, load_slot_ptr, nload_ptr,
     H, N, K, C, R, RD, tab_bstride,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-    ROPE: tl.constexpr, UPCAST: tl.constexpr,
+    ROPE: tl.constexpr, ROTATE_ALL: tl.constexpr, UPCAST: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
     ok, chunk, slot, c = _load_rows(bh, tl.program_id(0), load_chunk_ptr, load_slot_ptr,
@@ -97,10 +97,11 @@ def _rebuild_keys_kernel(
     tok = b * N * C + pos  # its row of U
     cols = tl.arange(0, D_PAD)
     d_ok = cols < D
-    # RoPE is linear along d, so rot(U @ SV) = U @ rot(SV): a second GEMM against SV with
-    # permuted columns gives the rotated keys without shuffling registers.
-    # the tables hold one value per rotated pair (RD // 2 a row): pair = the dim's column there
-    HALF = RD // 2
+    HALF = RD // 2  # the tables hold one value per rotated pair: RD // 2 a row
+    # Partial rotary: RoPE is linear along d, so rot(U @ SV) = U @ rot(SV), and a second GEMM
+    # against SV with permuted columns gives the rotated keys without register shuffles.
+    # ROTATE_ALL (every dim rotated, d a power of two): one GEMM, then the pairs are rotated in
+    # registers, half the GEMM work and SV reads.
     if ROPE == 1:  # rotate_half: [x1, x2] -> [-x2, x1] on the first rd dims
         src = tl.where(cols < HALF, cols + HALF, cols - HALF)
         sign = tl.where(cols < HALF, -1.0, 1.0)
@@ -120,10 +121,23 @@ def _rebuild_keys_kernel(
         sv_rows = sv_ptr + (bh * R + rr)[:, None] * D
         sv = tl.load(sv_rows + cols[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         acc += dot(u, sv, UPCAST)
-        if ROPE != 0:
+        if ROPE != 0 and not ROTATE_ALL:
             svr = tl.load(sv_rows + src[None, :], mask=r_ok[:, None] & rot_ok[None, :], other=0.0)
             acc_rot += dot(u, svr, UPCAST)
-    if ROPE != 0:
+    if ROTATE_ALL:
+        if ROPE == 1:  # pair i is (dim i, dim i + D/2)
+            x = tl.permute(tl.reshape(acc, [BLOCK_ROWS, 2, D // 2]), [0, 2, 1])
+        else:  # pair i is (dim 2i, dim 2i + 1)
+            x = tl.reshape(acc, [BLOCK_ROWS, D // 2, 2])
+        x1, x2 = tl.split(x)
+        tab = b * tab_bstride + pos[:, None] * HALF + tl.arange(0, D // 2)[None, :]
+        cs = tl.load(cos_ptr + tab, mask=ok[:, None], other=1.0).to(tl.float32)
+        sn = tl.load(sin_ptr + tab, mask=ok[:, None], other=0.0).to(tl.float32)
+        y = tl.join(x1 * cs - x2 * sn, x2 * cs + x1 * sn)  # [rows, D/2, 2]
+        if ROPE == 1:
+            y = tl.permute(y, [0, 2, 1])
+        acc = tl.reshape(y, [BLOCK_ROWS, D])
+    elif ROPE != 0:
         tab = b * tab_bstride + pos[:, None] * HALF + pair[None, :]
         t_ok = ok[:, None] & rot_ok[None, :]
         cs = tl.load(cos_ptr + tab, mask=t_ok, other=1.0).to(tl.float32)  # dims >= rd pass through
@@ -223,15 +237,17 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
         cos, sin, tab_bstride = cos[:1].contiguous(), sin[:1].contiguous(), 0
     else:
         cos, sin, tab_bstride = cos.contiguous(), sin.contiguous(), N * C * RD // 2
+    rotate_all = rope != 0 and RD == d == next_pow2(d, 16)
     # 32 rows x 8 warps: two fp32 [rows, d] accumulators fit in registers at d=128 (sm_90,
-    # scripts/compile_kernels.py: 64 rows x 4 warps spilled 2 KB)
-    BLOCK_ROWS = block_rows or 32
+    # scripts/compile_kernels.py: 64 rows x 4 warps spilled 2 KB); one accumulator: 64 rows
+    BLOCK_ROWS = block_rows or (64 if rotate_all else 32)
     grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
     launch(_rebuild_keys_kernel)[grid](
         out, U.contiguous(), SV.contiguous(), cos, sin,
         load_chunk, load_slot, n_load, H, N, K, C, R, RD, tab_bstride,
         D=d, D_PAD=next_pow2(d, 16), BLOCK_ROWS=BLOCK_ROWS,
-        BLOCK_R=min(32, next_pow2(R, 16)), ROPE=rope, UPCAST=INTERPRET, num_warps=8)
+        BLOCK_R=min(32, next_pow2(R, 16)), ROPE=rope, ROTATE_ALL=rotate_all, UPCAST=INTERPRET,
+        num_warps=8)
     return out
 
 

@@ -11,14 +11,14 @@ Sub notation:
     slot_chunk[b, h, slot] >= 0, sparse_valid[b, chunk*C + c] and selectable[b, h, chunk];
     local by local_valid [B, Ll]; generated j for row (g, t) when j <= Lg - T + t (causal).
     Constexprs: D (= d), D_PAD, M_PAD (power of two >= max(16, M)), BLOCK_N keys per step,
-    S_PAD (power of two >= S), UPCAST (see templates.common).
+    M_ROWS (power of two >= M), S_BLOCK partials per load, UPCAST (see templates.common).
 
 Parallelization: split kernel on a grid (B*H, S): program (bh, s) takes keys
 [s*per, (s+1)*per) of the virtual concatenation (per = cdiv(P, S) rounded up to BLOCK_N), so
 the work is balanced whatever the segment sizes; it processes all G*T query rows of its KV head
 at once (one K/V read serves the whole GQA group) with an online softmax in fp32 and writes an
 unnormalized partial output, its row max and its row sum. The combine kernel (grid B*H) merges
-the S partials and writes [B, Hq, T, d] in the output's dtype.
+the S partials, S_BLOCK per load, and writes [B, Hq, T, d] in the output's dtype.
 """
 from __future__ import annotations
 
@@ -144,30 +144,37 @@ def _sparse_decode_split_kernel(
 @triton.jit
 def _sparse_decode_combine_kernel(
     out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S,
-    D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, M_ROWS: tl.constexpr,
+    S_BLOCK: tl.constexpr,
 ):
+    # S_BLOCK partials per load, all in flight at once: one load per split in turn waited
+    # ~S memory latencies (35 us a call in the decode step beside the PCIe fetch, H100)
     bh = tl.program_id(0).to(tl.int64)
     M = G * T
-    rows = tl.arange(0, M_PAD)
+    rows = tl.arange(0, M_ROWS)  # only the real rows, not the split kernel's M_PAD
     cols = tl.arange(0, D_PAD)
-    d_ok = cols < D
-    sp = tl.arange(0, S_PAD)
-    st = (bh * S + sp)[:, None] * M_PAD + rows[None, :]
-    pm = tl.load(pm_ptr + st, mask=(sp < S)[:, None], other=float("-inf"))  # [S_PAD, M_PAD]
-    pl = tl.load(pl_ptr + st, mask=(sp < S)[:, None], other=0.0)
-    gmax = tl.max(pm, axis=0)
+    sp = tl.arange(0, S_BLOCK)
+    row_ok = rows < M
+    gmax = tl.full([M_ROWS], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, S, S_BLOCK):  # the rows' max over all splits first
+        st = (bh * S + s0 + sp)[:, None] * M_PAD + rows[None, :]
+        pm = tl.load(pm_ptr + st, mask=(s0 + sp < S)[:, None] & row_ok[None, :],
+                     other=float("-inf"))
+        gmax = tl.maximum(gmax, tl.max(pm, axis=0))
     gmax = tl.where(gmax == float("-inf"), 0.0, gmax)
-    denom = tl.sum(pl * tl.exp2(pm - gmax[None, :]), axis=0)  # [M_PAD]
-    acc = tl.zeros([M_PAD, D_PAD], dtype=tl.float32)
-    for s in range(S):
-        part = bh * S + s
-        w = tl.exp2(tl.load(pm_ptr + part * M_PAD + rows) - gmax)
-        o = tl.load(po_ptr + (part * M_PAD + rows)[:, None] * D + cols[None, :],
-                    mask=(rows >= 0)[:, None] & d_ok[None, :], other=0.0)
-        acc += o * w[:, None]
+    denom = tl.zeros([M_ROWS], dtype=tl.float32)
+    acc = tl.zeros([M_ROWS, D_PAD], dtype=tl.float32)
+    for s0 in range(0, S, S_BLOCK):
+        ok = (s0 + sp < S)[:, None] & row_ok[None, :]  # [S_BLOCK, M_ROWS]
+        st = (bh * S + s0 + sp)[:, None] * M_PAD + rows[None, :]
+        w = tl.exp2(tl.load(pm_ptr + st, mask=ok, other=float("-inf")) - gmax[None, :])
+        denom += tl.sum(tl.load(pl_ptr + st, mask=ok, other=0.0) * w, axis=0)
+        o = tl.load(po_ptr + st[:, :, None] * D + cols[None, None, :],
+                    mask=ok[:, :, None] & (cols < D)[None, None, :], other=0.0)
+        acc += tl.sum(o * w[:, :, None], axis=0)
     out = acc / denom[:, None]  # a row with no valid key gives nan, as the reference's softmax
     tl.store(out_ptr + (bh * M + rows)[:, None] * D + cols[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & d_ok[None, :])
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < D)[None, :])
 
 
 def default_splits(batch_heads: int, keys: int, block_n: int, device: torch.device) -> int:
@@ -244,9 +251,12 @@ def sparse_decode(q: torch.Tensor, scale: float,
         po, pm, pl,
         float(scale) * LOG2E, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
         D=d, D_PAD=D_PAD, M_PAD=M_PAD, BLOCK_N=BLOCK_N, UPCAST=INTERPRET, **SPLIT_LAUNCH)
+    M_ROWS = next_pow2(M)
+    # about 32 fp32 registers a thread for the partials of one load (4 warps)
+    S_BLOCK = min(next_pow2(S), max(1, 4096 // (M_ROWS * D_PAD)))
     launch(_sparse_decode_combine_kernel)[(B * H,)](
         out, po, pm, pl, G, T, S,
-        D=d, D_PAD=D_PAD, M_PAD=M_PAD, S_PAD=next_pow2(S), num_warps=4)
+        D=d, D_PAD=D_PAD, M_PAD=M_PAD, M_ROWS=M_ROWS, S_BLOCK=S_BLOCK, num_warps=4)
     return out
 
 
