@@ -13,6 +13,9 @@ variant is comma-separated settings over the defaults:
   fetch as fast as 1M (scripts/fetch_programs.py). Measured (H100, 2026-12-06, 122K batch 10,
   2 lanes, results/h100/step_variants/call2_*): fetch=64 37.59 ms, fetch=32 38.73 ms (the
   fetch kernel itself 30.5 -> 36.1 ms a step): no gain.
+- ``parts=N``: batch slices of each site's fetch and attention (``kernels.PIPELINE_PARTS``,
+  default 4). Each slice is one attention launch pair (split + combine) of a few sequences,
+  latency-bound; with lanes, the other lane's work also hides the fetch.
 
 The same settings vary by 1-3 ms between runs (40.42 vs 37.59 ms for fetch=64 in two calls):
 repeat a variant, as above, before reading a difference of that size.
@@ -21,13 +24,14 @@ Each row's method names its variant. Run on the GPU machine.
 """
 import sys
 
-from shadowpass import bench
+from shadowpass import bench, kernels
 from shadowpass.templates import chunk_gather
 
 SETTINGS = {
     "fetch": lambda v: setattr(chunk_gather, "FETCH_PROGRAMS", int(v)),
+    "parts": lambda v: setattr(kernels, "PIPELINE_PARTS", int(v)),
 }
-DEFAULT = "fetch=64"
+DEFAULT = "fetch=64,parts=4"
 
 
 def apply(variant: str):
