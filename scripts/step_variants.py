@@ -16,6 +16,8 @@ variant is comma-separated settings over the defaults:
 - ``parts=N``: batch slices of each site's fetch and attention (``kernels.PIPELINE_PARTS``,
   default 4). Each slice is one attention launch pair (split + combine) of a few sequences,
   latency-bound; with lanes, the other lane's work also hides the fetch.
+- ``combine=split|kernel``: the attention's partials merged by the last split program
+  (``sparse_decode.COMBINE_IN_SPLIT``, default) or by a second kernel launch.
 
 The same settings vary by 1-3 ms between runs (40.42 vs 37.59 ms for fetch=64 in two calls):
 repeat a variant, as above, before reading a difference of that size.
@@ -25,13 +27,15 @@ Each row's method names its variant. Run on the GPU machine.
 import sys
 
 from shadowpass import bench, kernels
-from shadowpass.templates import chunk_gather
+from shadowpass.templates import chunk_gather, sparse_decode
 
 SETTINGS = {
     "fetch": lambda v: setattr(chunk_gather, "FETCH_PROGRAMS", int(v)),
     "parts": lambda v: setattr(kernels, "PIPELINE_PARTS", int(v)),
+    "combine": lambda v: setattr(sparse_decode, "COMBINE_IN_SPLIT",
+                                 {"split": True, "kernel": False}[v]),
 }
-DEFAULT = "fetch=64,parts=4"
+DEFAULT = "fetch=64,parts=4,combine=split"
 
 
 def apply(variant: str):

@@ -32,6 +32,9 @@ LOG2E = 1.4426950408889634
 # launch options of the split kernel (scripts/attention_configs.py sweeps them with BLOCK_N
 # and the split count); num_stages 3 is Triton's default on CUDA
 SPLIT_LAUNCH = {"num_warps": 4, "num_stages": 3}
+# the last split of each (b, h) merges the partials (one launch a call) instead of a second
+# kernel; scripts/step_variants.py times both in the decode step
+COMBINE_IN_SPLIT = True
 
 
 @triton.jit
@@ -64,9 +67,10 @@ def _sparse_decode_split_kernel(
     sk_ptr, sv_ptr, slot_chunk_ptr, tok_valid_ptr, selectable_ptr,
     lk_ptr, lv_ptr, lvalid_ptr,
     gk_ptr, gv_ptr, gen_len_ptr,
-    po_ptr, pm_ptr, pl_ptr,
+    po_ptr, pm_ptr, pl_ptr, out_ptr, count_ptr,
     qk_scale, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
     D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    M_ROWS: tl.constexpr, S_BLOCK: tl.constexpr, FUSE_COMBINE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -139,6 +143,14 @@ def _sparse_decode_split_kernel(
              mask=(rows >= 0)[:, None] & d_ok[None, :])
     tl.store(pm_ptr + part * M_PAD + rows, m_i)
     tl.store(pl_ptr + part * M_PAD + rows, l_i)
+    if FUSE_COMBINE:
+        # the (b, h)'s last split to finish merges the partials: no second launch. Its
+        # partial stores are ordered before the count (barrier, then a release); the
+        # acquire makes every split's stores visible to the merge's loads.
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu") == S - 1:
+            _combine(bh, out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S, D, D_PAD, M_PAD, M_ROWS,
+                     S_BLOCK)
 
 
 @triton.jit
@@ -147,9 +159,18 @@ def _sparse_decode_combine_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, M_ROWS: tl.constexpr,
     S_BLOCK: tl.constexpr,
 ):
-    # S_BLOCK partials per load, all in flight at once: one load per split in turn waited
-    # ~S memory latencies (35 us a call in the decode step beside the PCIe fetch, H100)
-    bh = tl.program_id(0).to(tl.int64)
+    _combine(tl.program_id(0).to(tl.int64), out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S, D, D_PAD,
+             M_PAD, M_ROWS, S_BLOCK)
+
+
+@triton.jit
+def _combine(bh, out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S, D: tl.constexpr,
+             D_PAD: tl.constexpr, M_PAD: tl.constexpr, M_ROWS: tl.constexpr,
+             S_BLOCK: tl.constexpr):
+    """Merge the S partials of (b, h) into its output rows. S_BLOCK partials per load, all in
+    flight at once: one load per split in turn waited ~S memory latencies (35 us a call in
+    the decode step beside the PCIe fetch, H100). Loads skip L1 (.cg): the partials were
+    written by other programs."""
     M = G * T
     rows = tl.arange(0, M_ROWS)  # only the real rows, not the split kernel's M_PAD
     cols = tl.arange(0, D_PAD)
@@ -159,7 +180,7 @@ def _sparse_decode_combine_kernel(
     for s0 in range(0, S, S_BLOCK):  # the rows' max over all splits first
         st = (bh * S + s0 + sp)[:, None] * M_PAD + rows[None, :]
         pm = tl.load(pm_ptr + st, mask=(s0 + sp < S)[:, None] & row_ok[None, :],
-                     other=float("-inf"))
+                     other=float("-inf"), cache_modifier=".cg")
         gmax = tl.maximum(gmax, tl.max(pm, axis=0))
     gmax = tl.where(gmax == float("-inf"), 0.0, gmax)
     denom = tl.zeros([M_ROWS], dtype=tl.float32)
@@ -167,10 +188,13 @@ def _sparse_decode_combine_kernel(
     for s0 in range(0, S, S_BLOCK):
         ok = (s0 + sp < S)[:, None] & row_ok[None, :]  # [S_BLOCK, M_ROWS]
         st = (bh * S + s0 + sp)[:, None] * M_PAD + rows[None, :]
-        w = tl.exp2(tl.load(pm_ptr + st, mask=ok, other=float("-inf")) - gmax[None, :])
-        denom += tl.sum(tl.load(pl_ptr + st, mask=ok, other=0.0) * w, axis=0)
+        w = tl.exp2(tl.load(pm_ptr + st, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    - gmax[None, :])
+        denom += tl.sum(tl.load(pl_ptr + st, mask=ok, other=0.0, cache_modifier=".cg") * w,
+                        axis=0)
         o = tl.load(po_ptr + st[:, :, None] * D + cols[None, None, :],
-                    mask=ok[:, :, None] & (cols < D)[None, None, :], other=0.0)
+                    mask=ok[:, :, None] & (cols < D)[None, None, :], other=0.0,
+                    cache_modifier=".cg")
         acc += tl.sum(o * w[:, :, None], axis=0)
     out = acc / denom[:, None]  # a row with no valid key gives nan, as the reference's softmax
     tl.store(out_ptr + (bh * M + rows)[:, None] * D + cols[None, :],
@@ -241,6 +265,10 @@ def sparse_decode(q: torch.Tensor, scale: float,
     po = torch.empty(B * H * S * M_PAD, d, **f32)
     pm = torch.empty(B * H * S * M_PAD, **f32)
     pl = torch.empty(B * H * S * M_PAD, **f32)
+    count = torch.zeros(B * H if COMBINE_IN_SPLIT else 1, dtype=torch.int32, device=q.device)
+    M_ROWS = next_pow2(M)
+    # about 32 fp32 registers a thread for the partials of one load (4 warps)
+    S_BLOCK = min(next_pow2(S), max(1, 4096 // (M_ROWS * D_PAD)))
     launch(_sparse_decode_split_kernel)[(B * H, S)](
         q.contiguous(),
         outlier_k.contiguous(), outlier_v.contiguous(), as_bytes(outlier_valid.contiguous()),
@@ -248,15 +276,14 @@ def sparse_decode(q: torch.Tensor, scale: float,
         as_bytes(selectable.contiguous()),
         local_k.contiguous(), local_v.contiguous(), as_bytes(local_valid.contiguous()),
         gen_k, gen_v, gen_len,
-        po, pm, pl,
+        po, pm, pl, out, count,
         float(scale) * LOG2E, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
-        D=d, D_PAD=D_PAD, M_PAD=M_PAD, BLOCK_N=BLOCK_N, UPCAST=INTERPRET, **SPLIT_LAUNCH)
-    M_ROWS = next_pow2(M)
-    # about 32 fp32 registers a thread for the partials of one load (4 warps)
-    S_BLOCK = min(next_pow2(S), max(1, 4096 // (M_ROWS * D_PAD)))
-    launch(_sparse_decode_combine_kernel)[(B * H,)](
-        out, po, pm, pl, G, T, S,
-        D=d, D_PAD=D_PAD, M_PAD=M_PAD, M_ROWS=M_ROWS, S_BLOCK=S_BLOCK, num_warps=4)
+        D=d, D_PAD=D_PAD, M_PAD=M_PAD, BLOCK_N=BLOCK_N, M_ROWS=M_ROWS, S_BLOCK=S_BLOCK,
+        FUSE_COMBINE=COMBINE_IN_SPLIT, UPCAST=INTERPRET, **SPLIT_LAUNCH)
+    if not COMBINE_IN_SPLIT:
+        launch(_sparse_decode_combine_kernel)[(B * H,)](
+            out, po, pm, pl, G, T, S,
+            D=d, D_PAD=D_PAD, M_PAD=M_PAD, M_ROWS=M_ROWS, S_BLOCK=S_BLOCK, num_warps=4)
     return out
 
 
