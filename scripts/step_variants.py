@@ -16,8 +16,9 @@ variant is comma-separated settings over the defaults:
 - ``parts=N``: batch slices of each site's fetch and attention (``kernels.PIPELINE_PARTS``,
   default 4). Each slice is one attention launch pair (split + combine) of a few sequences,
   latency-bound; with lanes, the other lane's work also hides the fetch.
-- ``combine=split|kernel``: the attention's partials merged by the last split program
-  (``sparse_decode.COMBINE_IN_SPLIT``, default) or by a second kernel launch.
+- (removed) ``combine=split|kernel``: the attention's partials merged by the last split
+  program, or by a second kernel. H100, 2026-12-06, 122K batch 10, 2 lanes,
+  results/h100/combine_in_split/: 45.89 vs 48.20 ms a step; the second kernel is gone.
 
 The same settings vary by 1-3 ms between runs (40.42 vs 37.59 ms for fetch=64 in two calls):
 repeat a variant, as above, before reading a difference of that size.
@@ -27,15 +28,13 @@ Each row's method names its variant. Run on the GPU machine.
 import sys
 
 from shadowpass import bench, kernels
-from shadowpass.templates import chunk_gather, sparse_decode
+from shadowpass.templates import chunk_gather
 
 SETTINGS = {
     "fetch": lambda v: setattr(chunk_gather, "FETCH_PROGRAMS", int(v)),
     "parts": lambda v: setattr(kernels, "PIPELINE_PARTS", int(v)),
-    "combine": lambda v: setattr(sparse_decode, "COMBINE_IN_SPLIT",
-                                 {"split": True, "kernel": False}[v]),
 }
-DEFAULT = "fetch=64,parts=4,combine=split"
+DEFAULT = "fetch=64,parts=4"
 
 
 def apply(variant: str):

@@ -13,12 +13,13 @@ Sub notation:
     Constexprs: D (= d), D_PAD, M_PAD (power of two >= max(16, M)), BLOCK_N keys per step,
     M_ROWS (power of two >= M), S_BLOCK partials per load, UPCAST (see templates.common).
 
-Parallelization: split kernel on a grid (B*H, S): program (bh, s) takes keys
+Parallelization: one kernel on a grid (B*H, S): program (bh, s) takes keys
 [s*per, (s+1)*per) of the virtual concatenation (per = cdiv(P, S) rounded up to BLOCK_N), so
 the work is balanced whatever the segment sizes; it processes all G*T query rows of its KV head
 at once (one K/V read serves the whole GQA group) with an online softmax in fp32 and writes an
-unnormalized partial output, its row max and its row sum. The combine kernel (grid B*H) merges
-the S partials, S_BLOCK per load, and writes [B, Hq, T, d] in the output's dtype.
+unnormalized partial output, its row max and its row sum. The last of a (b, h)'s S programs to
+finish (an atomic count) merges the S partials, S_BLOCK per load, and writes [B, Hq, T, d] in
+the output's dtype.
 """
 from __future__ import annotations
 
@@ -32,9 +33,6 @@ LOG2E = 1.4426950408889634
 # launch options of the split kernel (scripts/attention_configs.py sweeps them with BLOCK_N
 # and the split count); num_stages 3 is Triton's default on CUDA
 SPLIT_LAUNCH = {"num_warps": 4, "num_stages": 3}
-# the last split of each (b, h) merges the partials (one launch a call) instead of a second
-# kernel; scripts/step_variants.py times both in the decode step
-COMBINE_IN_SPLIT = True
 
 
 @triton.jit
@@ -70,8 +68,7 @@ def _sparse_decode_split_kernel(
     po_ptr, pm_ptr, pl_ptr, out_ptr, count_ptr,
     qk_scale, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
     D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    M_ROWS: tl.constexpr, S_BLOCK: tl.constexpr, FUSE_COMBINE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    M_ROWS: tl.constexpr, S_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -143,24 +140,13 @@ def _sparse_decode_split_kernel(
              mask=(rows >= 0)[:, None] & d_ok[None, :])
     tl.store(pm_ptr + part * M_PAD + rows, m_i)
     tl.store(pl_ptr + part * M_PAD + rows, l_i)
-    if FUSE_COMBINE:
-        # the (b, h)'s last split to finish merges the partials: no second launch. Its
-        # partial stores are ordered before the count (barrier, then a release); the
-        # acquire makes every split's stores visible to the merge's loads.
-        tl.debug_barrier()
-        if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu") == S - 1:
-            _combine(bh, out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S, D, D_PAD, M_PAD, M_ROWS,
-                     S_BLOCK)
-
-
-@triton.jit
-def _sparse_decode_combine_kernel(
-    out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S,
-    D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, M_ROWS: tl.constexpr,
-    S_BLOCK: tl.constexpr,
-):
-    _combine(tl.program_id(0).to(tl.int64), out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S, D, D_PAD,
-             M_PAD, M_ROWS, S_BLOCK)
+    # the (b, h)'s last split to finish merges the partials: no second launch (a combine
+    # kernel of its own made the 122K decode step 48.20 instead of 45.89 ms, H100, 2 lanes,
+    # results/h100/combine_in_split/). Its partial stores are ordered before the count
+    # (barrier, then a release); the acquire makes every split's stores visible to the merge.
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu") == S - 1:
+        _combine(bh, out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S, D, D_PAD, M_PAD, M_ROWS, S_BLOCK)
 
 
 @triton.jit
@@ -265,7 +251,7 @@ def sparse_decode(q: torch.Tensor, scale: float,
     po = torch.empty(B * H * S * M_PAD, d, **f32)
     pm = torch.empty(B * H * S * M_PAD, **f32)
     pl = torch.empty(B * H * S * M_PAD, **f32)
-    count = torch.zeros(B * H if COMBINE_IN_SPLIT else 1, dtype=torch.int32, device=q.device)
+    count = torch.zeros(B * H, dtype=torch.int32, device=q.device)  # splits done per (b, h)
     M_ROWS = next_pow2(M)
     # about 32 fp32 registers a thread for the partials of one load (4 warps)
     S_BLOCK = min(next_pow2(S), max(1, 4096 // (M_ROWS * D_PAD)))
@@ -279,11 +265,7 @@ def sparse_decode(q: torch.Tensor, scale: float,
         po, pm, pl, out, count,
         float(scale) * LOG2E, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
         D=d, D_PAD=D_PAD, M_PAD=M_PAD, BLOCK_N=BLOCK_N, M_ROWS=M_ROWS, S_BLOCK=S_BLOCK,
-        FUSE_COMBINE=COMBINE_IN_SPLIT, UPCAST=INTERPRET, **SPLIT_LAUNCH)
-    if not COMBINE_IN_SPLIT:
-        launch(_sparse_decode_combine_kernel)[(B * H,)](
-            out, po, pm, pl, G, T, S,
-            D=d, D_PAD=D_PAD, M_PAD=M_PAD, M_ROWS=M_ROWS, S_BLOCK=S_BLOCK, num_warps=4)
+        UPCAST=INTERPRET, **SPLIT_LAUNCH)
     return out
 
 
