@@ -367,7 +367,7 @@ def reference_segments(q, scale, st, sel_k, sel_v, slot_chunk, gen_k, gen_v, gen
     return torch.einsum("bhgts,bhsd->bhgtd", s.softmax(-1), vals).reshape(B, Hq, T, d)
 
 
-# 33 splits: more than the combine kernel merges per load, and splits past the last key
+# 33 splits: more than the merge loads at once, and splits past the last key
 @pytest.mark.parametrize("splits", [1, 3, 8, 33])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G,T", [(1, 1), (2, 1), (4, 1), (2, 3)])
