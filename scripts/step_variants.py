@@ -14,7 +14,7 @@ variant is comma-separated settings over the defaults:
   2 lanes, results/h100/step_variants/call2_*): fetch=64 37.59 ms, fetch=32 38.73 ms (the
   fetch kernel itself 30.5 -> 36.1 ms a step): no gain.
 - ``parts=N``: batch slices of each site's fetch and attention (``kernels.PIPELINE_PARTS``,
-  default 4). Each slice is one attention launch pair (split + combine) of a few sequences,
+  default 4). Each slice is one attention launch (and its count memset) of a few sequences,
   latency-bound; with lanes, the other lane's work also hides the fetch.
 - (removed) ``combine=split|kernel``: the attention's partials merged by the last split
   program, or by a second kernel. H100, 2026-12-06, 122K batch 10, 2 lanes,
