@@ -322,7 +322,7 @@ def test_decode_lanes_capture_one_graph_equal_to_the_whole_batch(monkeypatch):
     not what this test is about."""
     from shadowpass import lanes, runtime, stepgraph
     from shadowpass.templates import sparse_decode
-    monkeypatch.setattr(sparse_decode, "default_splits", lambda *a: 12)  # 2 combine loads
+    monkeypatch.setattr(sparse_decode, "default_splits", lambda *a: 12)  # 2 merge loads
     made, handoffs = [], []
 
     class Recording(runtime.DecodeGraphs):
