@@ -85,6 +85,12 @@ def main():
                         ("mmap + MADV_HUGEPAGE + cudaHostRegister", thp_store)):
         row(name, lambda s=store: fetch_values_into(out, s, lc, ls, nl))
 
+    print("mmap + cudaHostRegister, one launch per batch slice (decode_step's PIPELINE_PARTS):")
+    for rows in (1, 2, 3):
+        slices = [slice(i, min(i + rows, B)) for i in range(0, B, rows)]
+        row(f"{len(slices)} launches of {rows} sequence(s)", lambda sl=slices: [
+            fetch_values_into(out[r], mmap_store[r], lc[r], ls[r], nl[r]) for r in sl])
+
     print("mmap + cudaHostRegister, tile and program count:")
     for programs, rows in ((64, 32), (64, 64), (128, 16), (132, 32), (264, 16)):
         row(f"{programs} programs x {rows} rows", lambda p=programs, r=rows: fetch_values_into(
