@@ -9,14 +9,13 @@ here) and in what runs beside the fetch (nothing there, the other lane's GEMMs h
 changes one of these at the shape of one 122K lane (5 sequences, 8 KV heads, budget 2048,
 every chunk missed). Times in us (median of do_bench), GB/s of values moved.
 """
-import mmap
 import os
 
 import torch
 from triton.testing import do_bench
 
 from shadowpass.bench import measure_peaks
-from shadowpass.hostmem import pinned_empty
+from shadowpass import hostmem
 from shadowpass.templates.chunk_gather import fetch_values_into, full_load
 
 B, H, D, C, K, N = 5, 8, 128, 8, 256, 15344
@@ -24,21 +23,14 @@ LAYERS = 24
 dev, bf = "cuda", torch.bfloat16
 SHAPE = (B, H, N, C, D)
 NBYTES = B * H * N * C * D * 2
-HUGE = 1 << 21
 
 
-def huge_page_store():
-    """Like hostmem.pinned_empty, but asks the kernel for transparent huge pages first."""
-    region = mmap.mmap(-1, NBYTES + HUGE)
-    region.madvise(mmap.MADV_HUGEPAGE)
-    base = torch.frombuffer(region, dtype=torch.uint8)
-    skip = -base.data_ptr() % HUGE
-    t = base[skip:skip + NBYTES]
-    t.fill_(0)  # fault the pages in (as huge pages where the kernel has them) before locking
-    cudart = torch.cuda.cudart()
-    assert cudart.cudaHostRegister(t.data_ptr(), NBYTES, 0) == cudart.cudaError.success
-    t._region = region  # keep the mapping alive with the tensor
-    return t.view(bf).view(SHAPE)
+def store(huge: bool):
+    """A value store from shadowpass.hostmem, with or without transparent huge pages."""
+    if hostmem.HUGE_PAGES != huge:
+        hostmem.HUGE_PAGES = huge
+        hostmem.release_cached()  # pooled buffers were made the other way
+    return hostmem.pinned_empty(SHAPE, bf)
 
 
 def anon_huge_kib() -> int:
@@ -74,9 +66,9 @@ def main():
               f"({mb / us * 1e9 / h2d:.0%} of H2D)", flush=True)
 
     torch_store = torch.empty(SHAPE, dtype=bf, pin_memory=True)
-    mmap_store = pinned_empty(SHAPE, bf)
+    mmap_store = store(False)
     before = anon_huge_kib()
-    thp_store = huge_page_store()
+    thp_store = store(True)
     thp_store.copy_(torch.randn(SHAPE, device=dev, dtype=bf))
     print(f"huge-page store: {(anon_huge_kib() - before) / 1024:.0f} MiB of AnonHugePages gained")
     print("one layer's store, 64 programs x 16 rows (the defaults):")
@@ -97,9 +89,8 @@ def main():
             out, mmap_store, lc, ls, nl, block_rows=r, programs=p))
 
     print(f"{LAYERS} layers' stores read in turn (as a decode step does), against one repeated:")
-    for name, make in (("mmap + cudaHostRegister", lambda: pinned_empty(SHAPE, bf)),
-                       ("mmap + MADV_HUGEPAGE", huge_page_store)):
-        stores = [make() for _ in range(LAYERS)]
+    for name, huge in (("mmap + cudaHostRegister", False), ("mmap + MADV_HUGEPAGE", True)):
+        stores = [store(huge) for _ in range(LAYERS)]
         row(f"{name}: {LAYERS} stores, {LAYERS * NBYTES / 2**30:.0f} GiB",
             lambda: [fetch_values_into(out, s, lc, ls, nl) for s in stores], LAYERS)
         row(f"{name}: one store {LAYERS} times",

@@ -16,6 +16,7 @@ variant is comma-separated settings over the defaults:
 - ``parts=N``: batch slices of each site's fetch and attention (``kernels.PIPELINE_PARTS``,
   default 4). Each slice is one attention launch (and its count memset) of a few sequences,
   latency-bound; with lanes, the other lane's work also hides the fetch.
+- ``huge=0|1``: the host value stores on transparent huge pages (``hostmem.HUGE_PAGES``).
 - (removed) ``combine=split|kernel``: the attention's partials merged by the last split
   program, or by a second kernel. H100, 2026-12-06, 122K batch 10, 2 lanes,
   results/h100/combine_in_split/: 45.89 vs 48.20 ms a step; the second kernel is gone.
@@ -27,14 +28,21 @@ Each row's method names its variant. Run on the GPU machine.
 """
 import sys
 
-from shadowpass import bench, kernels
+from shadowpass import bench, hostmem, kernels
 from shadowpass.templates import chunk_gather
 
 SETTINGS = {
     "fetch": lambda v: setattr(chunk_gather, "FETCH_PROGRAMS", int(v)),
     "parts": lambda v: setattr(kernels, "PIPELINE_PARTS", int(v)),
+    "huge": lambda v: huge_pages(bool(int(v))),
 }
-DEFAULT = "fetch=64,parts=4"
+DEFAULT = "fetch=64,parts=4,huge=0"
+
+
+def huge_pages(on: bool):
+    if hostmem.HUGE_PAGES != on:
+        hostmem.HUGE_PAGES = on
+        hostmem.release_cached()  # else the next stores reuse pooled ones made the other way
 
 
 def apply(variant: str):
