@@ -16,6 +16,8 @@ variant is comma-separated settings over the defaults:
 - ``parts=N``: batch slices of each site's fetch and attention (``kernels.PIPELINE_PARTS``,
   default 4). Each slice is one attention launch (and its count memset) of a few sequences,
   latency-bound; with lanes, the other lane's work also hides the fetch.
+- ``rows=N``: rows a fetch program loads at once (``chunk_gather.FETCH_ROWS``, default 16,
+  4 KB at d=128): more bytes in flight per program.
 - ``huge=0|1``: the host value stores on transparent huge pages (``hostmem.HUGE_PAGES``).
 - (removed) ``combine=split|kernel``: the attention's partials merged by the last split
   program, or by a second kernel. H100, 2026-12-06, 122K batch 10, 2 lanes,
@@ -34,9 +36,10 @@ from shadowpass.templates import chunk_gather
 SETTINGS = {
     "fetch": lambda v: setattr(chunk_gather, "FETCH_PROGRAMS", int(v)),
     "parts": lambda v: setattr(kernels, "PIPELINE_PARTS", int(v)),
+    "rows": lambda v: setattr(chunk_gather, "FETCH_ROWS", int(v)),
     "huge": lambda v: huge_pages(bool(int(v))),
 }
-DEFAULT = "fetch=64,parts=4,huge=0"
+DEFAULT = "fetch=64,parts=4,rows=16,huge=0"
 
 
 def huge_pages(on: bool):
