@@ -1,13 +1,19 @@
-"""Zero-copy value fetch bandwidth by host buffer kind, footprint and neighbouring HBM traffic.
+"""Zero-copy value fetch bandwidth by host buffer kind, footprint, launch size and neighbouring
+HBM traffic.
 
     python scripts/fetch_hostmem.py      # GPU machine
 
-The end-to-end 122K step fetches at 76-80% of the pinned copy peak while the kernel benchmark
+The end-to-end 122K step fetched at 76-80% of the pinned copy peak while the kernel benchmark
 reaches 91%. The two differ in how the host store was allocated (torch's cudaHostAlloc there,
 mmap + cudaHostRegister in shadowpass.hostmem here), in its size (one layer there, every layer
-here) and in what runs beside the fetch (nothing there, the other lane's GEMMs here). Each row
-changes one of these at the shape of one 122K lane (5 sequences, 8 KV heads, budget 2048,
-every chunk missed). Times in us (median of do_bench), GB/s of values moved.
+here), in the launch size (the whole batch there, batch slices here) and in what runs beside
+the fetch (nothing there, the other lane's GEMMs here). Each row changes one of these at the
+shape of one 122K lane (5 sequences, 8 KV heads, budget 2048, every chunk missed).
+
+H100, 2026-12-06 (results/h100/lanes_parts/fetch_hostmem.txt; H2D copy 55.5 GB/s): 419-421 us
+whatever the allocation, 416-418 us over one store or 24 (28 GiB), 417-421 us from 64 to 264
+programs; beside GEMMs 466 against 449 us; in slices of 1, 2 and 3 sequences 1256, 644 and
+428 us. Only the launch size matters: hence ``kernels.LANE_PARTS`` = 1.
 """
 import os
 
@@ -15,7 +21,7 @@ import torch
 from triton.testing import do_bench
 
 from shadowpass.bench import measure_peaks
-from shadowpass import hostmem
+from shadowpass.hostmem import pinned_empty
 from shadowpass.templates.chunk_gather import fetch_values_into, full_load
 
 B, H, D, C, K, N = 5, 8, 128, 8, 256, 15344
@@ -25,31 +31,10 @@ SHAPE = (B, H, N, C, D)
 NBYTES = B * H * N * C * D * 2
 
 
-def store(huge: bool):
-    """A value store from shadowpass.hostmem, with or without transparent huge pages."""
-    if hostmem.HUGE_PAGES != huge:
-        hostmem.HUGE_PAGES = huge
-        hostmem.release_cached()  # pooled buffers were made the other way
-    return hostmem.pinned_empty(SHAPE, bf)
-
-
-def anon_huge_kib() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages"))
-
-
-def show(path):
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError as e:
-        return f"({e.strerror})"
-
-
 def main():
-    print(f"{torch.cuda.get_device_name()}; THP enabled: {show('/sys/kernel/mm/transparent_hugepage/enabled')}"
-          f"; defrag: {show('/sys/kernel/mm/transparent_hugepage/defrag')}; iommu groups: "
-          f"{len(os.listdir('/sys/kernel/iommu_groups')) if os.path.isdir('/sys/kernel/iommu_groups') else 'none'}")
+    groups = "/sys/kernel/iommu_groups"
+    print(f"{torch.cuda.get_device_name()}; IOMMU groups: "
+          f"{len(os.listdir(groups)) if os.path.isdir(groups) else 'none'}")
     os.system("nvidia-smi --query-gpu=pcie.link.gen.current,pcie.link.width.current --format=csv")
     hbm, h2d = measure_peaks(lambda fn: do_bench(fn, rep=200), dev)
     print(f"HBM copy {hbm / 1e9:.0f} GB/s, pinned H2D copy {h2d / 1e9:.1f} GB/s; "
@@ -63,21 +48,17 @@ def main():
     def row(name, fn, reps=1):
         us = do_bench(fn, rep=300) * 1e3 / reps
         print(f"  {name:58s} {us:8.1f} us {mb / us * 1e3:6.1f} GB/s "
-              f"({mb / us * 1e9 / h2d:.0%} of H2D)", flush=True)
+              f"({mb / us * 1e12 / h2d:.0%} of H2D)", flush=True)
 
     torch_store = torch.empty(SHAPE, dtype=bf, pin_memory=True)
-    mmap_store = store(False)
-    before = anon_huge_kib()
-    thp_store = store(True)
-    thp_store.copy_(torch.randn(SHAPE, device=dev, dtype=bf))
-    print(f"huge-page store: {(anon_huge_kib() - before) / 1024:.0f} MiB of AnonHugePages gained")
+    mmap_store = pinned_empty(SHAPE, bf)
+    mmap_store.copy_(torch.randn(SHAPE, device=dev, dtype=bf))
     print("one layer's store, 64 programs x 16 rows (the defaults):")
-    for name, store in (("torch pin_memory (cudaHostAlloc)", torch_store),
-                        ("mmap + cudaHostRegister (hostmem)", mmap_store),
-                        ("mmap + MADV_HUGEPAGE + cudaHostRegister", thp_store)):
-        row(name, lambda s=store: fetch_values_into(out, s, lc, ls, nl))
+    for name, s in (("torch pin_memory (cudaHostAlloc)", torch_store),
+                    ("mmap + cudaHostRegister (hostmem)", mmap_store)):
+        row(name, lambda s=s: fetch_values_into(out, s, lc, ls, nl))
 
-    print("mmap + cudaHostRegister, one launch per batch slice (decode_step's PIPELINE_PARTS):")
+    print("mmap + cudaHostRegister, one launch per batch slice (kernels.PIPELINE_PARTS):")
     for rows in (1, 2, 3):
         slices = [slice(i, min(i + rows, B)) for i in range(0, B, rows)]
         row(f"{len(slices)} launches of {rows} sequence(s)", lambda sl=slices: [
@@ -89,36 +70,34 @@ def main():
             out, mmap_store, lc, ls, nl, block_rows=r, programs=p))
 
     print(f"{LAYERS} layers' stores read in turn (as a decode step does), against one repeated:")
-    for name, huge in (("mmap + cudaHostRegister", False), ("mmap + MADV_HUGEPAGE", True)):
-        stores = [store(huge) for _ in range(LAYERS)]
-        row(f"{name}: {LAYERS} stores, {LAYERS * NBYTES / 2**30:.0f} GiB",
-            lambda: [fetch_values_into(out, s, lc, ls, nl) for s in stores], LAYERS)
-        row(f"{name}: one store {LAYERS} times",
-            lambda: [fetch_values_into(out, stores[0], lc, ls, nl) for _ in stores], LAYERS)
-        del stores
+    stores = [pinned_empty(SHAPE, bf) for _ in range(LAYERS)]
+    row(f"{LAYERS} stores, {LAYERS * NBYTES / 2**30:.0f} GiB",
+        lambda: [fetch_values_into(out, s, lc, ls, nl) for s in stores], LAYERS)
+    row(f"one store {LAYERS} times",
+        lambda: [fetch_values_into(out, stores[0], lc, ls, nl) for _ in stores], LAYERS)
+    del stores
 
     print("beside weight GEMMs on another stream (batch 5 x 4096 @ 4096 x 14336, bf16):")
     w = torch.randn(14336, 4096, device=dev, dtype=bf)
     x = torch.randn(B, 4096, device=dev, dtype=bf)
     side, fetch_stream = torch.cuda.Stream(), torch.cuda.Stream(priority=-1)
-    for store, name in ((mmap_store, "mmap + cudaHostRegister"), (thp_store, "MADV_HUGEPAGE")):
-        for busy in (False, True):
-            torch.cuda.synchronize()
-            if busy:
-                with torch.cuda.stream(side):
-                    for _ in range(400):
-                        x @ w.T
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(fetch_stream):
-                start.record()
-                for _ in range(20):
-                    fetch_values_into(out, store, lc, ls, nl)
-                end.record()
-            torch.cuda.synchronize()
-            us = start.elapsed_time(end) * 1e3 / 20
-            print(f"  {name:30s} {'beside GEMMs' if busy else 'alone':12s} {us:8.1f} us "
-                  f"{mb / us * 1e3:6.1f} GB/s ({mb / us * 1e9 / h2d:.0%} of H2D)", flush=True)
-    torch.testing.assert_close(out.cpu(), torch.stack([thp_store[b, h, idx[b, h].cpu()]
+    for busy in (False, True):
+        torch.cuda.synchronize()
+        if busy:
+            with torch.cuda.stream(side):
+                for _ in range(400):
+                    x @ w.T
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(fetch_stream):
+            start.record()
+            for _ in range(20):
+                fetch_values_into(out, mmap_store, lc, ls, nl)
+            end.record()
+        torch.cuda.synchronize()
+        us = start.elapsed_time(end) * 1e3 / 20
+        print(f"  {'beside GEMMs' if busy else 'alone':58s} {us:8.1f} us "
+              f"{mb / us * 1e3:6.1f} GB/s ({mb / us * 1e12 / h2d:.0%} of H2D)", flush=True)
+    torch.testing.assert_close(out.cpu(), torch.stack([mmap_store[b, h, idx[b, h].cpu()]
                                for b in range(B) for h in range(H)]).view(B, H, K * C, D))
     print("fetched values equal the store's chunks")
 

@@ -13,12 +13,14 @@ variant is comma-separated settings over the defaults:
   fetch as fast as 1M (scripts/fetch_programs.py). Measured (H100, 2026-12-06, 122K batch 10,
   2 lanes, results/h100/step_variants/call2_*): fetch=64 37.59 ms, fetch=32 38.73 ms (the
   fetch kernel itself 30.5 -> 36.1 ms a step): no gain.
-- ``parts=N``: batch slices of each site's fetch and attention (``kernels.PIPELINE_PARTS``,
-  default 4). Each slice is one attention launch (and its count memset) of a few sequences,
-  latency-bound; with lanes, the other lane's work also hides the fetch.
-- ``rows=N``: rows a fetch program loads at once (``chunk_gather.FETCH_ROWS``, default 16,
-  4 KB at d=128): more bytes in flight per program.
-- ``huge=0|1``: the host value stores on transparent huge pages (``hostmem.HUGE_PAGES``).
+- ``parts=N``: batch slices of each site's fetch and attention in a batch lane
+  (``kernels.LANE_PARTS``, default 1). Each slice is one fetch and one attention launch of a
+  few sequences; with lanes, the other lane's work hides the fetch anyway. Measured (H100,
+  2026-12-06, 122K, 2 lanes, results/h100/lanes_parts/): at batch 10 parts=4 37.87 ms,
+  parts=1 34.34, parts=2 35.67; at batch 11 parts=1 34.52 and 36.39, parts=4 41.73 ms. Until
+  then lanes took ``PIPELINE_PARTS`` (4) slices; now 1.
+- (removed) ``rows=N``, rows a fetch program loads at once (default 16): 64 gave 38.72 ms
+  against 34.34 for 16 in the same run.
 - (removed) ``combine=split|kernel``: the attention's partials merged by the last split
   program, or by a second kernel. H100, 2026-12-06, 122K batch 10, 2 lanes,
   results/h100/combine_in_split/: 45.89 vs 48.20 ms a step; the second kernel is gone.
@@ -30,22 +32,14 @@ Each row's method names its variant. Run on the GPU machine.
 """
 import sys
 
-from shadowpass import bench, hostmem, kernels
+from shadowpass import bench, kernels
 from shadowpass.templates import chunk_gather
 
 SETTINGS = {
     "fetch": lambda v: setattr(chunk_gather, "FETCH_PROGRAMS", int(v)),
-    "parts": lambda v: setattr(kernels, "PIPELINE_PARTS", int(v)),
-    "rows": lambda v: setattr(chunk_gather, "FETCH_ROWS", int(v)),
-    "huge": lambda v: huge_pages(bool(int(v))),
+    "parts": lambda v: setattr(kernels, "LANE_PARTS", int(v)),
 }
-DEFAULT = "fetch=64,parts=4,rows=16,huge=0"
-
-
-def huge_pages(on: bool):
-    if hostmem.HUGE_PAGES != on:
-        hostmem.HUGE_PAGES = on
-        hostmem.release_cached()  # else the next stores reuse pooled ones made the other way
+DEFAULT = "fetch=64,parts=1"
 
 
 def apply(variant: str):

@@ -20,8 +20,6 @@ import torch
 
 SMALL = 1 << 24     # below this the caching allocator's rounding costs little
 REUSE_SLACK = 8     # a pooled buffer serves requests down to 1 - 1/8 of its size
-HUGE = 1 << 21      # buffers start on a 2 MiB boundary, where a transparent huge page can
-HUGE_PAGES = False  # ask the kernel for transparent huge pages (scripts/fetch_hostmem.py)
 
 _locked: Dict[int, int] = {}                      # base address -> bytes, every registered buffer
 _pool: List[Tuple[int, mmap.mmap, int]] = []     # (bytes, mapping, address) free for reuse
@@ -108,11 +106,8 @@ def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
         size, region, address = entry
     else:  # a miss means the sizes changed: unlock what is pooled before locking more
         release_cached()
-        size, region = nbytes, mmap.mmap(-1, nbytes + HUGE)
-        if HUGE_PAGES:
-            region.madvise(mmap.MADV_HUGEPAGE)
-        start = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
-        address = start + (-start % HUGE)
+        size, region = nbytes, mmap.mmap(-1, nbytes)
+        address = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
         cudart = torch.cuda.cudart()
         err = cudart.cudaHostRegister(address, size, 0)
         if err != cudart.cudaError.success:
@@ -120,8 +115,7 @@ def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
                               f"memory for the value store ({err}); reduce the batch size or "
                               "the prompt length")
         _locked[address] = size
-    skip = address - torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
-    view = memoryview(region)[skip:skip + nbytes]
+    view = memoryview(region)[:nbytes]
     weakref.finalize(view, _pool.append, (size, region, address))  # back to the pool
     storage = torch.frombuffer(view, dtype=torch.uint8).untyped_storage()
     # a base tensor, not a view: custom ops copy outputs that are views of other tensors

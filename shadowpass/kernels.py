@@ -112,8 +112,12 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
 
 
 # Batch slices of a decode step's value fetch on CUDA: slice i's attention (HBM-bound) runs
-# while slice i+1's values cross PCIe, instead of waiting for the whole batch's fetch.
+# while slice i+1's values cross PCIe, instead of waiting for the whole batch's fetch. In batch
+# lanes the other lane's work covers the fetch and slices only add small launches (H100, 122K,
+# 2 lanes, side by side: 34.3 vs 37.9 ms a step at batch 10, 34.5 and 36.4 vs 41.7 ms at 11;
+# results/h100/lanes_parts/).
 PIPELINE_PARTS = 4
+LANE_PARTS = 1
 
 
 def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen_v, gen_len,
@@ -125,8 +129,9 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
 
     reuse : the workspace holds the previous step's chunks (False: load every selected chunk
         and leave the workspace's slot maps as they are).
-    parts : the fetch runs in this many batch slices, as ``PIPELINE_PARTS`` says (None:
-        PIPELINE_PARTS where the fetch runs on a side stream, else 1; never more than B).
+    parts : the fetch runs in this many batch slices (None: where the fetch runs on a side
+        stream, ``LANE_PARTS`` in a batch lane, else ``PIPELINE_PARTS``; without a side
+        stream 1; never more than B).
     attend : attend(rows, slot_chunk) for the fused step: called on each batch slice (a slice
         object over the batch) once its values are in; its results are concatenated.
     policy : one of ``KERNEL_POLICIES``.
@@ -153,7 +158,7 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
         return slot_chunk, attend(ALL_ROWS, slot_chunk) if attend else None
 
     streams = overlap and _can_fork(q)
-    n = parts or (PIPELINE_PARTS if streams else 1)
+    n = parts or ((LANE_PARTS if lanes.in_lane() else PIPELINE_PARTS) if streams else 1)
     if n > 1 and B > 1:
         n = min(n, B)
         slices = [slice(B * i // n, B * (i + 1) // n) for i in range(n)]

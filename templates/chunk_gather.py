@@ -31,7 +31,6 @@ ROPE_CODES = {"none": 0, "rotate_half": 1, "interleaved": 2}
 # all fetch at the same speed, and up to 66 the rebuild on a side stream hides behind the fetch
 # entirely (overlapped = fetch alone); from 132 it does not (+60-90 us).
 FETCH_PROGRAMS = 64
-FETCH_ROWS = 16  # rows (C*d values each) a program loads at once: 4 KB at d=128 in bf16
 
 
 @triton.jit
@@ -279,9 +278,9 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
         raise ValueError("fetch_values_into: the value store must be contiguous [B, H, N, C, d]")
     if B * H * KC == 0:
         return out
-    # 64 programs of 8 warps keep enough zero-copy reads in flight to reach the pinned-copy
-    # bandwidth (scripts/fetch_programs.py)
-    BLOCK_ROWS = block_rows or FETCH_ROWS
+    # tiles of 16 rows (4 KB at d=128) per load; 64 programs of 8 warps keep enough zero-copy
+    # reads in flight to reach the pinned-copy bandwidth (scripts/fetch_programs.py)
+    BLOCK_ROWS = block_rows or 16
     blocks = triton.cdiv(KC, BLOCK_ROWS)
     tiles = blocks * B * H
     # out goes first: Inductor takes a user kernel's device from its first tensor argument
