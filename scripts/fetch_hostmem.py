@@ -45,10 +45,12 @@ def main():
     out = torch.empty(B, H, K * C, D, device=dev, dtype=bf)
     mb = B * H * K * C * D * 2 / 1e6
 
-    def row(name, fn, reps=1):
-        us = do_bench(fn, rep=300) * 1e3 / reps
+    def line(name, us):
         print(f"  {name:58s} {us:8.1f} us {mb / us * 1e3:6.1f} GB/s "
               f"({mb / us * 1e12 / h2d:.0%} of H2D)", flush=True)
+
+    def row(name, fn, reps=1):
+        line(name, do_bench(fn, rep=300) * 1e3 / reps)
 
     torch_store = torch.empty(SHAPE, dtype=bf, pin_memory=True)
     mmap_store = pinned_empty(SHAPE, bf)
@@ -94,9 +96,7 @@ def main():
                 fetch_values_into(out, mmap_store, lc, ls, nl)
             end.record()
         torch.cuda.synchronize()
-        us = start.elapsed_time(end) * 1e3 / 20
-        print(f"  {'beside GEMMs' if busy else 'alone':58s} {us:8.1f} us "
-              f"{mb / us * 1e3:6.1f} GB/s ({mb / us * 1e12 / h2d:.0%} of H2D)", flush=True)
+        line("beside GEMMs" if busy else "alone", start.elapsed_time(end) * 1e3 / 20)
     torch.testing.assert_close(out.cpu(), torch.stack([mmap_store[b, h, idx[b, h].cpu()]
                                for b in range(B) for h in range(H)]).view(B, H, K * C, D))
     print("fetched values equal the store's chunks")
