@@ -315,8 +315,9 @@ def test_decode_lanes_capture_one_graph_equal_to_the_whole_batch(monkeypatch):
     hand the stream on at every site, captured as one CUDA graph from the two lane threads; the
     logits equal those of the whole batch (decode_lanes=1).
 
-    The attention's split count is fixed: by default it follows the rows of each batch slice
-    (17 splits for a slice of 2 sequences, 28 for one), and that rounding difference, ~1e-7,
+    The attention's split count is fixed: by default it follows the rows of each attention call
+    (a lane's, or a batch slice's: 17 splits for 2 sequences, 28 for one), and that rounding
+    difference, ~1e-7,
     can flip a near-tied chunk selection a few tokens later: the likely cause of logits 5e-3
     apart for the sequence in such a slice (H100, 2026-12-06, with default splits), which is
     not what this test is about."""
