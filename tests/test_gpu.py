@@ -317,10 +317,9 @@ def test_decode_lanes_capture_one_graph_equal_to_the_whole_batch(monkeypatch):
 
     The attention's split count is fixed: by default it follows the rows of each attention call
     (a lane's, or a batch slice's: 17 splits for 2 sequences, 28 for one), and that rounding
-    difference, ~1e-7,
-    can flip a near-tied chunk selection a few tokens later: the likely cause of logits 5e-3
-    apart for the sequence in such a slice (H100, 2026-12-06, with default splits), which is
-    not what this test is about."""
+    difference, ~1e-7, can flip a near-tied chunk selection a few tokens later: the likely cause
+    of logits 5e-3 apart for the sequence in such a slice (H100, 2026-12-06, with default
+    splits), which is not what this test is about."""
     from shadowpass import lanes, runtime, stepgraph
     from shadowpass.templates import sparse_decode
     monkeypatch.setattr(sparse_decode, "default_splits", lambda *a: 12)  # 2 merge loads
