@@ -12,7 +12,7 @@ Sub notation:
     two >= K), UPCAST (see templates.common).
 
 Parallelization: the rebuild runs on a grid (cdiv(K*C, BLOCK_ROWS), B*H); programs past
-n_load[b, h]*C issue only masked (no-op) memory traffic. The fetch is persistent: a fixed number
+n_load[b, h]*C return at once. The fetch is persistent: a fixed number
 of programs loop over the same tiles, so that it leaves SMs free for the rebuild it overlaps
 (a full grid fills every SM with programs that wait on PCIe, and the rebuild queues behind
 them). The plan runs one program per (b, h).
@@ -90,6 +90,8 @@ def _rebuild_keys_kernel(
     ROPE: tl.constexpr, ROTATE_ALL: tl.constexpr, UPCAST: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
+    if tl.program_id(0) * BLOCK_ROWS >= tl.load(nload_ptr + bh) * C:
+        return  # past this head's misses (most programs when most chunks hit)
     ok, chunk, slot, c = _load_rows(bh, tl.program_id(0), load_chunk_ptr, load_slot_ptr,
                                     nload_ptr, K, C, BLOCK_ROWS)
     b = bh // H
