@@ -54,7 +54,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lanes", type=int, nargs="+", default=[1, 2],
                    help="decode_lanes values run side by side at each shadowkv batch of 4 or more "
                         "(batch lanes interleaved site by site: shadowpass/lanes.py; values above "
-                        "1 compile with dynamic=True, which lanes need)")
+                        "1 compile with dynamic=True, which lanes need; smaller batches run whole)")
     p.add_argument("--check", action="store_true",
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")
@@ -464,7 +464,8 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
           f"(with SVD, landmarks, outliers and the value offload)", flush=True)
     largest = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
     for B in batch_sizes(args, largest):
-        for lanes in (args.lanes if B >= 4 else args.lanes[:1]):
+        # lanes need 2+ sequences each, and the backend runs a smaller batch whole
+        for lanes in (args.lanes if B >= 4 else [1]):
             if lanes != opts.get("decode_lanes", 1):  # a fresh decode graph, same prefill state
                 opts = {**opts, "decode_lanes": lanes}
                 torch._dynamo.reset()
