@@ -71,12 +71,13 @@ def _reuse_plan_kernel(
 
 
 @triton.jit
-def _load_rows(bh, block, load_chunk_ptr, load_slot_ptr, nload_ptr, K, C,
+def _load_rows(bh, block, load_chunk_ptr, load_slot_ptr, n_load, K, C,
                BLOCK_ROWS: tl.constexpr):
-    """Row block `block` of the (b, h) load list: (valid, chunk, slot, row in chunk)."""
+    """Row block `block` of the (b, h) load list of n_load chunks: (valid, chunk, slot, row in
+    chunk)."""
     i = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     j = i // C
-    ok = j < tl.load(nload_ptr + bh)
+    ok = j < n_load
     chunk = tl.load(load_chunk_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
     slot = tl.load(load_slot_ptr + bh * K + j, mask=ok, other=0).to(tl.int64)
     return ok, chunk, slot, i % C
@@ -90,10 +91,11 @@ def _rebuild_keys_kernel(
     ROPE: tl.constexpr, ROTATE_ALL: tl.constexpr, UPCAST: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
-    if tl.program_id(0) * BLOCK_ROWS >= tl.load(nload_ptr + bh) * C:
+    n_load = tl.load(nload_ptr + bh)
+    if tl.program_id(0) * BLOCK_ROWS >= n_load * C:
         return  # past this head's misses (most programs when most chunks hit)
     ok, chunk, slot, c = _load_rows(bh, tl.program_id(0), load_chunk_ptr, load_slot_ptr,
-                                    nload_ptr, K, C, BLOCK_ROWS)
+                                    n_load, K, C, BLOCK_ROWS)
     b = bh // H
     pos = chunk * C + c  # the token's prompt position
     tok = b * N * C + pos  # its row of U
@@ -159,7 +161,7 @@ def _fetch_values_kernel(
     for t in range(tl.program_id(0), TILES, tl.num_programs(0)):  # tile = (bh, row block)
         bh = (t // BLOCKS).to(tl.int64)
         ok, chunk, slot, c = _load_rows(bh, t % BLOCKS, load_chunk_ptr, load_slot_ptr,
-                                        nload_ptr, K, C, BLOCK_ROWS)
+                                        tl.load(nload_ptr + bh), K, C, BLOCK_ROWS)
         m = ok[:, None] & (cols < D)[None, :]
         # one chunk of one head is C*d contiguous elements of the host store: coalesced reads
         x = tl.load(values_ptr + ((bh * N + chunk) * C + c)[:, None] * D + cols[None, :], mask=m)
