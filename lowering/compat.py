@@ -11,8 +11,10 @@ what both have, called with keyword arguments only:
   input_gen_fns=)``: 2.11 returns the chosen node, 2.13 a (node, choice) pair.
 - ``select_algorithm.SymbolicGridFn``, ``lowering.register_lowering``, ``lowering.lowerings``,
   ``lowering.empty_strided``, ``lowering.fallback_handler``, ``ir.FixedLayout``,
-  ``ir.FlexibleLayout``, ``ir.ExternKernel.realize_input``, ``V.graph.sizevars.
-  optimization_hint`` / ``guard_int``: same in both.
+  ``ir.FlexibleLayout``, ``ir.ExternKernel.realize_input`` / ``require_contiguous``,
+  ``utils.ceildiv``, ``V.graph.sizevars.optimization_hint`` / ``guard_int``: same in both.
+- Jinja: the constexprs given to ``maybe_append_choice`` are also template variables (both
+  render with ``template.render(**hooks, **kwargs)``), so ``{% if FLAG %}`` picks the inputs.
 - Jinja hooks ``def_kernel``, ``size``, ``stride``, ``store_output(indices, val, mask,
   val_shape=)``: same in both; ``store_output(mask=None)`` generates an undefined ``xmask``
   (seen on 2.11), so the template always passes a mask.
@@ -59,6 +61,7 @@ if not REASON:
             TritonTemplate,
             autotune_select_algorithm,
         )
+        from torch._inductor.utils import ceildiv
         from torch._inductor.virtualized import V
         TEMPLATE_ROUTE = True
     except ImportError as e:  # a torch whose Inductor moved these names
@@ -70,10 +73,10 @@ elif not any(str(TORCH).startswith(v) for v in TESTED):
     log.debug("shadowpass: torch %s is untested with the Inductor template (tested: %s)",
               TORCH, ", ".join(TESTED))
 
-__all__ = ["REASON", "TEMPLATE_ROUTE", "TORCH", "append_choice", "empty", "fallback",
-           "fixed_layout", "guard_int", "hint", "interpret", "lowerings", "make_template",
-           "max_autotune", "realize_frozen", "register_lowering", "select", "symbolic_grid",
-           "template_device"]
+__all__ = ["REASON", "TEMPLATE_ROUTE", "TORCH", "append_choice", "ceildiv", "contiguous",
+           "empty", "fallback", "fixed_layout", "guard_int", "hint", "interpret", "lowerings",
+           "make_template", "max_autotune", "realize_frozen", "register", "register_lowering",
+           "select", "symbolic_grid", "template_device"]
 
 
 def make_template(name: str, grid: Callable, source: str):
@@ -114,6 +117,22 @@ def realize_frozen(x):
     except (NotImplementedError, AttributeError):  # an input or a view: already fixed
         pass
     return x
+
+
+def contiguous(x):
+    """x as a contiguous buffer with a fixed layout (copied only where it is not)."""
+    return realize_frozen(ir.ExternKernel.require_contiguous(x))
+
+
+def register(op, lower: Callable) -> bool:
+    """Register ``lower`` as the lowering of ``op`` (idempotent; tests re-import modules);
+    False where this torch has no template route."""
+    if not TEMPLATE_ROUTE:
+        return False
+    current = lowerings.get(op)
+    if current is None or getattr(current, "__wrapped__", None) is not lower:
+        register_lowering(op, type_promotion_kind=None)(lower)
+    return True
 
 
 def fixed_layout(device: torch.device, dtype: torch.dtype, size: list):

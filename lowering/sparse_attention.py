@@ -180,11 +180,4 @@ def lower_sparse_attention(q, scale, outlier_k, outlier_v, outlier_valid, sel_k,
 
 def register() -> bool:
     """Register the lowering (idempotent); False where this torch has no template route."""
-    if not compat.TEMPLATE_ROUTE:
-        return False
-    op = torch.ops.shadowkv.sparse_attention.default
-    if compat.lowerings.get(op) is not None and getattr(
-            compat.lowerings[op], "__wrapped__", None) is lower_sparse_attention:
-        return True
-    compat.register_lowering(op, type_promotion_kind=None)(lower_sparse_attention)
-    return True
+    return compat.register(torch.ops.shadowkv.sparse_attention.default, lower_sparse_attention)

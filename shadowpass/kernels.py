@@ -11,11 +11,15 @@ routes use it:
 * ``shadowkv::decode_triton`` is a ``torch.library.triton_op`` whose schema carries the
   workspace tensors (declared mutated), so Inductor sees into the kernels and reuse works.
 
-The split decode route (``ShadowKVConfig.decode_route="split"``) cuts the step in two ops:
-``shadowkv::decode_gather`` (CUDA kernel: ``gather_step``, replayed as a CUDA graph) and
-``shadowkv::sparse_attention``, which Inductor lowers to the templates of
-``shadowpass.lowering``; its opaque CUDA kernel (eager calls, fallback) is ``sparse_decode``, and
-``shadowkv::sparse_attention_triton`` is its triton_op twin for a torch without the template API.
+The split decode route (``ShadowKVConfig.decode_route="split"``) cuts the step into
+``shadowkv::landmark_scores`` and ``shadowkv::sparse_attention``, which Inductor lowers to the
+templates of ``shadowpass.lowering``, with ``torch.topk`` and ``shadowkv::decode_load`` (CUDA
+kernel: ``load_step``, replayed as a CUDA graph: the key rebuild, and the value fetch from
+pinned host memory on a side stream) between them. Their opaque CUDA kernels (eager calls,
+fallback) are ``landmark_scores`` and ``sparse_decode``; ``shadowkv::sparse_attention_triton``
+is the attention's triton_op twin for a torch without the template API. Policies without
+landmark scores use ``shadowkv::decode_gather`` (``gather_step``) for the part before the
+attention.
 
 CPU stays on the reference path; these functions need Triton (on CPU only under
 ``TRITON_INTERPRET=1``, for tests).
@@ -39,13 +43,13 @@ from .templates.chunk_gather import (
     reuse_plan,
 )
 from .templates.common import is_fake
-from .templates.landmark_scores import select_top_chunks
+from .templates.landmark_scores import landmark_scores, select_top_chunks
 from .templates.sparse_decode import sparse_decode
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DecodeWorkspace", "decode_attention_cuda", "decode_triton", "gather_step",
-           "load_chunks", "register_cuda_kernel", "sparse_attention_triton"]
+           "load_chunks", "load_step", "register_cuda_kernel", "sparse_attention_triton"]
 
 
 _SIDE_STREAMS = {}
@@ -143,21 +147,35 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
     Hq, H = q.shape[1], k.shape[1]
     if Hq % H:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
+    idx = workspace.slot_chunk
+    if idx.shape[-1]:
+        # one selection for the whole batch: top-k's cost hardly depends on its row count. A
+        # selection per batch slice, to overlap slice i+1's scores and top-k with slice i's
+        # fetch, was slower (H100, 128K batch 8, one layer in a CUDA graph: 458 -> 709 us at 4
+        # slices).
+        radius = state.aux if policy in BOUNDED else None
+        idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks,
+                                   radius)
+    return load_step(idx, k, v, state, cos, sin, gen_k, gen_v, gen_len, chunk_size, rope_style,
+                     workspace, reuse, overlap, parts, attend)
+
+
+def load_step(idx, k, v, state: PrefillState, cos, sin, gen_k, gen_v, gen_len, chunk_size: int,
+              rope_style: str, workspace: DecodeWorkspace, reuse: bool = True,
+              overlap: bool = True, parts: int | None = None, attend=None):
+    """The part of ``gather_step`` after the selection (``reference.decode_load``): append the
+    new tokens and load the chunks idx [B, Hkv, K] that the workspace does not hold. Arguments
+    and result as ``gather_step``."""
     ref.append_generated(k, v, gen_k, gen_v, gen_len)
-    B, K = q.shape[0], workspace.slot_chunk.shape[-1]
+    B, K = idx.shape[0], workspace.slot_chunk.shape[-1]
     if K == 0:
         return workspace.slot_chunk, attend(ALL_ROWS, workspace.slot_chunk) if attend else None
-    # one selection for the whole batch: top-k's cost hardly depends on its row count. A
-    # selection per batch slice, to overlap slice i+1's scores and top-k with slice i's fetch,
-    # was slower (H100, 128K batch 8, one layer in a CUDA graph: 458 -> 709 us at 4 slices).
-    radius = state.aux if policy in BOUNDED else None
-    idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks, radius)
-    if q.is_cuda and _pageable(state.values):
+    if idx.is_cuda and _pageable(state.values):
         slot_chunk = _gather_on_host(idx, state, cos, sin, chunk_size, rope_style, workspace,
                                      reuse)
         return slot_chunk, attend(ALL_ROWS, slot_chunk) if attend else None
 
-    streams = overlap and _can_fork(q)
+    streams = overlap and _can_fork(idx)
     n = parts or ((LANE_PARTS if lanes.in_lane() else PIPELINE_PARTS) if streams else 1)
     if n > 1 and B > 1:
         n = min(n, B)
@@ -176,7 +194,7 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
     attended = []
     for rows, fetched in zip(slices, done):
         if fetched is not None:
-            torch.cuda.current_stream(q.device).wait_event(fetched)
+            torch.cuda.current_stream(idx.device).wait_event(fetched)
         if attend is not None:
             attended.append(attend(rows, _rows(slot_chunk, rows)))
     if attend is None:
@@ -325,16 +343,41 @@ def _decode_gather_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_
               ("gather", scale, chunk_size, budget_chunks, rope_style, policy))
 
 
-def _replayed(step, q, k, v, st: PrefillState, gen_len, buffers, config: tuple):
-    """step(q, k, v), replayed as the site's CUDA graph (StepGraphs) when the state allows it:
-    not while another graph captures, and only with page-locked values (the GPU reads them
+def _decode_load_op_cuda(idx, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v,
+                         slot_chunk, chunk_slot, n_load, chunk_size, rope_style):
+    """``shadowkv::decode_load`` on CUDA: ``load_step`` with reuse, replayed as a CUDA graph
+    like ``shadowkv::decode_gather`` (the scores and the attention around it are Inductor's)."""
+    st = PrefillState(*state)
+    if not _ROUTE["enabled"]:
+        return ref.decode_load(idx, k, v, st, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v,
+                               slot_chunk, chunk_slot, n_load, chunk_size, rope_style)
+    ws = DecodeWorkspace(sel_k, sel_v, slot_chunk, chunk_slot, n_load)
+
+    def step(idx, k, v):
+        load_step(idx, k, v, st, cos, sin, gen_k, gen_v, gen_len, chunk_size, rope_style, ws)
+
+    _replayed(step, idx, k, v, st, gen_len, [cos, sin, gen_k, gen_v, *ws.tensors()],
+              ("load", chunk_size, rope_style))
+
+
+def _landmark_scores_op_cuda(q, landmarks, selectable, scale, radius=None):
+    """``shadowkv::landmark_scores`` on CUDA where Inductor does not lower it (eager calls, the
+    lowering's fallback): the kernels of ``templates.landmark_scores``."""
+    if not _ROUTE["enabled"]:
+        return ref.selection_scores(q, landmarks, selectable, scale, radius)
+    return landmark_scores(q, landmarks, selectable, scale, fill=-1.0, radius=radius)
+
+
+def _replayed(step, first, k, v, st: PrefillState, gen_len, buffers, config: tuple):
+    """step(first, k, v), replayed as the site's CUDA graph (StepGraphs) when the state allows
+    it: not while another graph captures, and only with page-locked values (the GPU reads them
     directly). The graph is keyed by every persistent buffer's address and shape."""
     if (torch.cuda.is_current_stream_capturing() or not is_pinned(st.values)
             or lanes.in_lane()):  # a lane hands the stream on inside the step
-        return step(q, k, v)
-    key = (tuple((t.data_ptr(), tuple(t.shape)) for t in (*st, gen_len, *buffers)), q.shape,
-           q.dtype, k.shape, *config)
-    return _STEP_GRAPHS.run(gen_len, key, step, (q, k, v))
+        return step(first, k, v)
+    key = (tuple((t.data_ptr(), tuple(t.shape)) for t in (*st, gen_len, *buffers)), first.shape,
+           first.dtype, k.shape, *config)
+    return _STEP_GRAPHS.run(gen_len, key, step, (first, k, v))
 
 
 def _kernel_takes(q, outlier_k, sel_v, gen_v) -> bool:
@@ -427,7 +470,8 @@ _STEP_GRAPHS = StepGraphs()
 
 def register_cuda_kernel(enabled: bool = True) -> None:
     """Route ``shadowkv::decode`` on CUDA tensors to ``decode_attention_cuda`` (and
-    ``shadowkv::decode_gather`` to ``gather_step``, ``shadowkv::sparse_attention`` to
+    ``shadowkv::decode_gather`` to ``gather_step``, ``shadowkv::decode_load`` to ``load_step``,
+    ``shadowkv::landmark_scores`` to ``landmark_scores``, ``shadowkv::sparse_attention`` to
     ``sparse_decode``).
 
     Idempotent; ``enabled=False`` routes CUDA back to the reference implementation (tests use
@@ -438,6 +482,8 @@ def register_cuda_kernel(enabled: bool = True) -> None:
         ops.decode.register_kernel("cuda")(_decode_op_cuda)
         ops.decode_gather.register_kernel("cuda")(_decode_gather_op_cuda)
         ops.sparse_attention.register_kernel("cuda")(_sparse_attention_op_cuda)
+        ops.decode_load.register_kernel("cuda")(_decode_load_op_cuda)
+        ops.landmark_scores.register_kernel("cuda")(_landmark_scores_op_cuda)
         _ROUTE["registered"] = True
     _ROUTE["enabled"] = enabled
     log.debug("shadowkv::decode on CUDA: %s", "Triton kernels" if enabled else "reference")

@@ -172,6 +172,61 @@ def _(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk,
     return None
 
 
+@torch.library.custom_op("shadowkv::landmark_scores", mutates_args=())
+def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
+                    scale: float, radius: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The chunk scores a split decode step takes its top-k of (reference.selection_scores):
+    [B, Hkv, N] fp32, unselectable chunks at -1. Functional, so Inductor can lower it:
+    shadowpass.lowering turns it into two Triton templates on CUDA; the CPU runs the reference.
+    radius: [B, Hkv, N, d] for the policies that score by Quest's bound, else None."""
+    _check_scores_inputs(q, landmarks, selectable, radius)
+    return ref.selection_scores(q, landmarks, selectable, scale, radius)
+
+
+@landmark_scores.register_fake
+def _(q, landmarks, selectable, scale, radius=None):
+    _check_scores_inputs(q, landmarks, selectable, radius)
+    return q.new_empty(q.shape[0], landmarks.shape[1], landmarks.shape[2], dtype=torch.float32)
+
+
+def _check_scores_inputs(q, landmarks, selectable, radius):
+    B, Hq, T, d = q.shape
+    H = landmarks.shape[1]
+    torch._check(H > 0 and Hq % H == 0,
+                 lambda: f"query heads ({Hq}) must be a multiple of KV heads ({H})")
+    torch._check(landmarks.dim() == 4 and landmarks.shape[0] == B and landmarks.shape[3] == d,
+                 lambda: "landmarks must be [B, Hkv, N, d] with q's batch and head dim")
+    torch._check(selectable.shape == landmarks.shape[:3], lambda: "selectable must be [B, Hkv, N]")
+    torch._check(radius is None or radius.shape == landmarks.shape,
+                 lambda: "radius must have the landmarks' shape")
+
+
+@torch.library.custom_op("shadowkv::decode_load", mutates_args=(
+    "gen_k", "gen_v", "gen_len", "sel_k", "sel_v", "slot_chunk", "chunk_slot", "n_load"))
+def decode_load(idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
+                cos: torch.Tensor, sin: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
+                gen_len: torch.Tensor, sel_k: torch.Tensor, sel_v: torch.Tensor,
+                slot_chunk: torch.Tensor, chunk_slot: torch.Tensor, n_load: torch.Tensor,
+                chunk_size: int, rope_style: str) -> None:
+    """The part of a split decode step after the selection (reference.decode_load): append the
+    new tokens, rebuild the keys and fetch the values of the chunks idx [B, Hkv, K] (top-k of
+    ``shadowkv::landmark_scores``) into the workspace. On CUDA only the chunks the workspace
+    does not hold are loaded, the values over PCIe on a side stream (shadowpass.kernels)."""
+    ref.decode_load(idx, k, v, ref.PrefillState(*state), cos, sin, gen_k, gen_v, gen_len, sel_k,
+                    sel_v, slot_chunk, chunk_slot, n_load, chunk_size, rope_style)
+
+
+@decode_load.register_fake
+def _(idx, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
+      n_load, chunk_size, rope_style):
+    torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
+    torch._check(idx.shape == slot_chunk.shape,
+                 lambda: "idx must be [B, Hkv, K] for a workspace of K slots")
+    torch._check(sel_k.shape[2] == slot_chunk.shape[2] * chunk_size,
+                 lambda: "sel_k must be [B, Hkv, K*C, d] for slot_chunk [B, Hkv, K]")
+    return None
+
+
 @torch.library.custom_op("shadowkv::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, scale: float, outlier_k: torch.Tensor,
                      outlier_v: torch.Tensor, outlier_valid: torch.Tensor, sel_k: torch.Tensor,

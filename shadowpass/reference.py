@@ -474,6 +474,16 @@ def append_generated(k, v, gen_k, gen_v, gen_len) -> torch.Tensor:
     return pos
 
 
+def select(q, scale: float, state: PrefillState, chunk_size: int, budget_chunks: int,
+           policy: str = "shadowkv") -> torch.Tensor:
+    """A step's top-k chunks [B, Hkv, K] under a selection policy."""
+    if policy == "shadowkv":
+        scores = score_chunks(q, state.landmarks, state.selectable, scale)
+    else:  # a baseline on the same machinery (accuracy comparisons)
+        scores = policies.chunk_scores(policy, q, state, scale, chunk_size)
+    return select_chunks(scores, state.selectable, budget_chunks)[0]
+
+
 def select_and_load(q, scale: float, state: PrefillState, cos, sin, chunk_size: int,
                     budget_chunks: int, rope_style: str, policy: str = "shadowkv"):
     """A step's chunk selection and the selected chunks' keys and values.
@@ -481,11 +491,7 @@ def select_and_load(q, scale: float, state: PrefillState, cos, sin, chunk_size: 
     Returns idx [B, Hkv, K] chunk ids, sel_k [B, Hkv, K*C, d] rebuilt post-RoPE keys (fp32) and
     sel_v [B, Hkv, K*C, dv] fetched values (on q's device).
     """
-    if policy == "shadowkv":
-        scores = score_chunks(q, state.landmarks, state.selectable, scale)
-    else:  # a baseline on the same machinery (accuracy comparisons)
-        scores = policies.chunk_scores(policy, q, state, scale, chunk_size)
-    idx, _ = select_chunks(scores, state.selectable, budget_chunks)
+    idx = select(q, scale, state, chunk_size, budget_chunks, policy)
     sel_k = rebuild_keys(state.U, state.SV, cos, sin, idx, chunk_size, rope_style)
     sel_v = fetch_values(state.values, idx, q.device)
     return idx, sel_k, sel_v
@@ -576,13 +582,33 @@ def decode_gather(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, g
         raise ValueError(f"shadowkv: the workspace holds {slot_chunk.shape[-1]} slots; this state "
                          f"selects {K} chunks a step (allocate it with ops.workspace(..., "
                          "gather=True))")
+    # K == 0: a prompt no longer than the local window, nothing to select
+    idx = select(q, scale, state, chunk_size, budget_chunks, policy) if K else slot_chunk.long()
+    decode_load(idx, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk,
+                chunk_slot, n_load, chunk_size, rope_style)
+
+
+def selection_scores(q, landmarks, selectable, scale: float, radius=None) -> torch.Tensor:
+    """The scores a decode step takes its top-k of (``shadowkv::landmark_scores``): the
+    landmark scores of ``policies.landmark_scores`` (Quest's bound with ``radius``), with the
+    unselectable chunks at -1, below every softmax probability. [B, Hkv, N] fp32."""
+    return policies.landmark_scores(q, landmarks, selectable, scale, radius).masked_fill(
+        ~selectable, -1.0)
+
+
+def decode_load(idx, k, v, state: PrefillState, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v,
+                slot_chunk, chunk_slot, n_load, chunk_size: int, rope_style: str) -> None:
+    """The part of ``decode_gather`` after the selection: append the new tokens and write the
+    chunks idx [B, Hkv, K] into the workspace (``DecodeWorkspace`` layout): sel_k, sel_v
+    [B, Hkv, K*C, d] (rounded to their dtype), slot_chunk [B, Hkv, K], chunk_slot
+    [B, Hkv, N], n_load [B, Hkv] = K (the reference loads every selected chunk; the CUDA
+    kernels reuse the chunks already held)."""
     append_generated(k, v, gen_k, gen_v, gen_len)
-    if K == 0:  # a prompt no longer than the local window: nothing to select
+    K = idx.shape[-1]
+    if K == 0:
         return
-    idx, keys, vals = select_and_load(q, scale, state, cos, sin, chunk_size, budget_chunks,
-                                      rope_style, policy)
-    sel_k.copy_(keys)
-    sel_v.copy_(vals)
+    sel_k.copy_(rebuild_keys(state.U, state.SV, cos, sin, idx, chunk_size, rope_style))
+    sel_v.copy_(fetch_values(state.values, idx, idx.device))
     slot_chunk.copy_(idx)
     chunk_slot.fill_(-1).scatter_(2, idx, torch.arange(K, device=idx.device, dtype=chunk_slot.dtype)
                                   .expand_as(idx).contiguous())

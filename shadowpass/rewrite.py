@@ -4,9 +4,10 @@ A prefill graph keeps its dense attention and gains one ``shadowkv.prefill_state
 whose outputs (the site's state) become extra graph outputs, plus one ``shadowkv.rope_tables``
 per distinct pair of rotary tables (shared by the sites that use it). A decode graph gains the state as
 extra graph inputs and each site's attention becomes ``shadowkv.decode`` (config
-``decode_route="fused"``), or ``shadowkv.decode_gather`` (new tokens, selection, key rebuild,
-value fetch into the workspace) followed by ``shadowkv.sparse_attention`` over the workspace,
-which Inductor lowers to our Triton template (``decode_route="split"``). A prefill graph run on
+``decode_route="fused"``), or (``decode_route="split"``) ``shadowkv.landmark_scores`` and
+``torch.topk`` (the selection), ``shadowkv.decode_load`` (new tokens, key rebuild, value fetch
+into the workspace) and ``shadowkv.sparse_attention`` over the workspace; Inductor lowers the
+scores and the attention to our Triton templates. A prefill graph run on
 a sequence that has state (a follow-up turn with the old cache) is rewritten a second time,
 with ``extend=True``: its sites become ``shadowkv.decode_extend``, decode steps over the new
 tokens in turn. In every phase the model's own cat-style cache receives a zero-stride stub
@@ -26,7 +27,7 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (registers torch.ops.shadowkv)
 from .config import ShadowKVConfig
 from .detect import Site, concrete, example, find_sites, shape
-from .policies import CALIBRATION
+from .policies import BOUNDED, CALIBRATION, KERNEL_POLICIES
 from .reference import PrefillState, mask_validity, new_tokens_causal
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,23 @@ def attention_op(device: torch.device):
 
 def split_decode(graph: fx.Graph, site: Site, q, k_post, v, state: List[fx.Node], rest,
                  cfg: ShadowKVConfig) -> fx.Node:
-    """decode_gather (mutates the generated tokens and the workspace), then the attention over
-    [outliers | selected | local | generated] read from the state and the workspace."""
+    """The landmark scores (Inductor lowers them to our templates), top-k, decode_load
+    (mutates the generated tokens and the workspace), then the attention over
+    [outliers | selected | local | generated] read from the state and the workspace. A policy
+    that does not score by landmarks selects inside decode_gather instead."""
     cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot, n_load = rest
-    call(graph, torch.ops.shadowkv.decode_gather.default, q, k_post, v, state, *rest,
-         float(site.scale), cfg.chunk_size, cfg.budget_chunks, site.rope.style, cfg.policy)
     st = dict(zip(STATE_FIELDS, state))
+    if cfg.policy in KERNEL_POLICIES:
+        radius = st["aux"] if cfg.policy in BOUNDED else None
+        scores = call(graph, torch.ops.shadowkv.landmark_scores.default, q, st["landmarks"],
+                      st["selectable"], float(site.scale), radius)
+        slots = graph.call_method("size", (slot_chunk, 2))  # K: the workspace has K slots
+        top = call(graph, torch.topk, scores, slots, dim=-1, sorted=False)
+        call(graph, torch.ops.shadowkv.decode_load.default, call(graph, operator.getitem, top, 1),
+             k_post, v, state, *rest, cfg.chunk_size, site.rope.style)
+    else:
+        call(graph, torch.ops.shadowkv.decode_gather.default, q, k_post, v, state, *rest,
+             float(site.scale), cfg.chunk_size, cfg.budget_chunks, site.rope.style, cfg.policy)
     device = example(q).device if isinstance(example(q), torch.Tensor) else torch.device("cpu")
     return call(graph, attention_op(device), q, float(site.scale), st["outlier_k"],
                 st["outlier_v"], st["outlier_valid"], sel_k, sel_v, slot_chunk,

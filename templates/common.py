@@ -7,13 +7,15 @@ Sub notation:
 """
 from __future__ import annotations
 
+import inspect
 import os
+import textwrap
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "as_bytes", "dot", "is_fake", "launch", "next_pow2"]
+__all__ = ["INTERPRET", "as_bytes", "dot", "is_fake", "jit_source", "launch", "next_pow2"]
 
 # Read at import: the interpreter is chosen per process by this variable, as Triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -59,3 +61,10 @@ def as_bytes(mask: torch.Tensor) -> torch.Tensor:
     if type(mask) is torch.Tensor and not torch.compiler.is_compiling():
         return mask.view(torch.uint8)
     return mask.to(torch.uint8)
+
+
+def jit_source(fn) -> str:
+    """Source of a @triton.jit function, decorator included, without its module's indentation
+    (an Inductor template's source carries the helpers its kernel calls)."""
+    inner = getattr(fn, "fn", fn)  # JITFunction / InterpretedFunction keep the Python function
+    return "@triton.jit\n" + textwrap.dedent(inspect.getsource(inner)).split("\n", 1)[1]

@@ -13,28 +13,32 @@ fills the GPU. Pass 1 reads each landmark once, writes masked logits [B, H, M, N
 bytes per chunk against d*2 bytes of landmark) and per-block softmax statistics (max, sum of
 exp). Pass 2 merges the block statistics of its (b, h), normalizes its block of logits and
 reduces max over g, sum over t.
+
+The same two passes are Inductor templates (``landmark_logits.py.jinja``,
+``landmark_softmax.py.jinja``; ``logits_source`` / ``softmax_source``), which
+``shadowpass.lowering`` registers for ``shadowkv::landmark_scores``: both the kernels here and
+the templates call the ``@triton.jit`` tiles below, so the two routes compute alike.
 """
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, as_bytes, dot, launch, next_pow2
+from .common import INTERPRET, as_bytes, dot, jit_source, launch, next_pow2
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _landmark_logits_kernel(
-    lm_ptr, rad_ptr, q_ptr, sel_ptr, logit_ptr, bmax_ptr, bsum_ptr,
-    qk_scale, H, G, T, N, NB,
-    D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_RADIUS: tl.constexpr, UPCAST: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # b * H + h; int64 offsets for large caches
-    M = G * T
+def _logits_tile(q_ptr, lm_ptr, rad_ptr, sel_ptr, bh, pid_n, qk_scale, M, N,
+                 D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_RADIUS: tl.constexpr, UPCAST: tl.constexpr):
+    """Masked logits (log2 units) [M_PAD, BLOCK_N] of block pid_n of (b, h) = bh, contiguous
+    inputs; unselectable chunks are -inf. Returns (s, rows, n)."""
     rows = tl.arange(0, M_PAD)
     cols = tl.arange(0, D_PAD)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,12 +56,17 @@ def _landmark_logits_kernel(
                       mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s += dot(tl.abs(q).to(rad.dtype), tl.trans(rad), UPCAST)
     # .to: Inductor may pass the float scale as fp64, which would make s fp64
-    s = (s * qk_scale).to(tl.float32)  # log2 units
+    s = (s * qk_scale).to(tl.float32)
     sel = tl.load(sel_ptr + bh * N + n, mask=n_ok, other=0) != 0
-    s = tl.where(sel[None, :], s, float("-inf"))
-    tl.store(logit_ptr + (bh * M + rows)[:, None] * N + n[None, :], s,
-             mask=row_ok[:, None] & n_ok[None, :])
-    m_blk = tl.max(s, axis=1)  # [M_PAD]
+    return tl.where(sel[None, :], s, float("-inf")), rows, n
+
+
+@triton.jit
+def _store_block_stats(s, bmax_ptr, bsum_ptr, bh, pid_n, rows, M, NB):
+    """This block's softmax statistics per query row: max and sum of exp2 (an all-masked row:
+    -inf and 0)."""
+    row_ok = rows < M
+    m_blk = tl.max(s, axis=1)
     m_safe = tl.where(m_blk == float("-inf"), 0.0, m_blk)
     l_blk = tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
     tl.store(bmax_ptr + (bh * M + rows) * NB + pid_n, m_blk, mask=row_ok)
@@ -65,13 +74,11 @@ def _landmark_logits_kernel(
 
 
 @triton.jit
-def _landmark_softmax_kernel(
-    logit_ptr, bmax_ptr, bsum_ptr, sel_ptr, score_ptr,
-    fill, G, T, N, NB,
-    G_PAD: tl.constexpr, T_PAD: tl.constexpr, NB_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+def _scores_tile(logit_ptr, bmax_ptr, bsum_ptr, sel_ptr, bh, pid_n, fill, G, T, N, NB,
+                 G_PAD: tl.constexpr, T_PAD: tl.constexpr, NB_TILE: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Scores [BLOCK_N] of block pid_n of (b, h) = bh from the logits and block statistics
+    (contiguous); unselectable chunks score ``fill``. Returns (score, n)."""
     M = G * T
     g = tl.arange(0, G_PAD)[:, None, None]
     t = tl.arange(0, T_PAD)[None, :, None]
@@ -101,9 +108,46 @@ def _landmark_softmax_kernel(
     p = tl.exp2(s - gmax_safe[:, :, None]) * inv[:, :, None]
     p = tl.where(ok, p, 0.0)
     score = tl.sum(tl.max(p, axis=0), axis=0)  # max over the group, sum over positions
-    n_ok = n < N
-    sel = tl.load(sel_ptr + bh * N + n, mask=n_ok, other=0) != 0
-    tl.store(score_ptr + bh * N + n, tl.where(sel, score, fill), mask=n_ok)
+    sel = tl.load(sel_ptr + bh * N + n, mask=n < N, other=0) != 0
+    return tl.where(sel, score, fill), n
+
+
+@triton.jit
+def _landmark_logits_kernel(
+    lm_ptr, rad_ptr, q_ptr, sel_ptr, logit_ptr, bmax_ptr, bsum_ptr,
+    qk_scale, H, G, T, N, NB,
+    D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RADIUS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h; int64 offsets for large caches
+    M = G * T
+    s, rows, n = _logits_tile(q_ptr, lm_ptr, rad_ptr, sel_ptr, bh, pid_n, qk_scale, M, N,
+                              D, D_PAD, M_PAD, BLOCK_N, HAS_RADIUS, UPCAST)
+    tl.store(logit_ptr + (bh * M + rows)[:, None] * N + n[None, :], s,
+             mask=(rows < M)[:, None] & (n < N)[None, :])
+    _store_block_stats(s, bmax_ptr, bsum_ptr, bh, pid_n, rows, M, NB)
+
+
+@triton.jit
+def _landmark_softmax_kernel(
+    logit_ptr, bmax_ptr, bsum_ptr, sel_ptr, score_ptr,
+    fill, G, T, N, NB,
+    G_PAD: tl.constexpr, T_PAD: tl.constexpr, NB_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    score, n = _scores_tile(logit_ptr, bmax_ptr, bsum_ptr, sel_ptr, bh, pid_n, fill, G, T, N,
+                            NB, G_PAD, T_PAD, NB_TILE, BLOCK_N)
+    tl.store(score_ptr + bh * N + n, score, mask=n < N)
+
+
+NB_TILE = 64  # block statistics merged per step of the softmax pass
+
+
+def block_chunks(elem_bytes: int) -> int:
+    """Chunks per program: 128 of 2-byte landmarks; fp32 halves it (register spills at d=128)."""
+    return 32 if INTERPRET else (128 if elem_bytes == 2 else 64)
 
 
 def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
@@ -133,8 +177,7 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     scores = torch.empty(B, H, N, dtype=torch.float32, device=landmarks.device)
     if N == 0 or B * H == 0:
         return scores
-    # 128 chunks of 2-byte landmarks per program; fp32 halves it (register spills at d=128)
-    BLOCK_N = block_n or (32 if INTERPRET else (128 if landmarks.element_size() == 2 else 64))
+    BLOCK_N = block_n or block_chunks(landmarks.element_size())
     if isinstance(N, int) and N < BLOCK_N:  # small prompts (tests); SymInt N keeps the default
         BLOCK_N = next_pow2(N, 16)
     NB = triton.cdiv(N, BLOCK_N)
@@ -153,7 +196,7 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     launch(_landmark_softmax_kernel)[grid](
         logits, bmax, bsum, sel, scores,
         float(fill), G, T, N, NB,
-        G_PAD=next_pow2(G), T_PAD=next_pow2(T), NB_TILE=64, BLOCK_N=BLOCK_N,
+        G_PAD=next_pow2(G), T_PAD=next_pow2(T), NB_TILE=NB_TILE, BLOCK_N=BLOCK_N,
         num_warps=4)
     return scores
 
@@ -173,4 +216,27 @@ def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torc
     return scores.topk(k, dim=-1, sorted=False).indices, scores
 
 
-__all__ = ["landmark_scores", "select_top_chunks"]
+# Names only our templates' generated code contains (tests look for them in Inductor's output).
+LOGITS_MARKER = "shadowkv_landmark_logits"
+SOFTMAX_MARKER = "shadowkv_landmark_softmax"
+
+
+@functools.lru_cache(maxsize=None)
+def logits_source() -> str:
+    """Pass 1's template: the Jinja kernel, then the helpers it calls."""
+    helpers = [jit_source(dot), jit_source(_logits_tile), jit_source(_store_block_stats)]
+    return _read("landmark_logits.py.jinja") + "\n\n" + "\n\n".join(helpers)
+
+
+@functools.lru_cache(maxsize=None)
+def softmax_source() -> str:
+    """Pass 2's template: the Jinja kernel, then the helper it calls."""
+    return _read("landmark_softmax.py.jinja") + "\n\n" + jit_source(_scores_tile)
+
+
+def _read(name: str) -> str:
+    return (Path(__file__).parent / name).read_text()
+
+
+__all__ = ["LOGITS_MARKER", "NB_TILE", "SOFTMAX_MARKER", "block_chunks", "landmark_scores",
+           "logits_source", "select_top_chunks", "softmax_source"]

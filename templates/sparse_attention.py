@@ -16,8 +16,6 @@ source is followed by the ``@triton.jit`` helpers it calls (``templates.sparse_d
 from __future__ import annotations
 
 import functools
-import inspect
-import textwrap
 from pathlib import Path
 
 from . import common, sparse_decode
@@ -32,16 +30,10 @@ COMBINE_MARKER = "shadowkv_sparse_attention_combine"
 _HERE = Path(__file__).parent
 
 
-def _jit_source(fn) -> str:
-    """Source of a @triton.jit function, decorator included, without its module's indentation."""
-    inner = getattr(fn, "fn", fn)  # JITFunction / InterpretedFunction keep the Python function
-    return "@triton.jit\n" + textwrap.dedent(inspect.getsource(inner)).split("\n", 1)[1]
-
-
 @functools.lru_cache(maxsize=None)
 def split_source() -> str:
     """The split kernel's template: the Jinja kernel, then the helpers it calls."""
-    helpers = [_jit_source(common.dot), _jit_source(sparse_decode._attend)]
+    helpers = [common.jit_source(common.dot), common.jit_source(sparse_decode._attend)]
     return (_HERE / "sparse_attention.py.jinja").read_text() + "\n\n" + "\n\n".join(helpers)
 
 

@@ -26,3 +26,31 @@ def fresh_dynamo():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Inductor emitting Triton for CPU tensors, run by the interpreter. Triton has no driver on
+    a machine without a GPU; Inductor only asks it for a target while generating code, so a
+    stub naming sm_90 stands in for the test's duration."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU template route runs under the Triton interpreter")
+    pytest.importorskip("triton", reason="the templates need Triton (pip install triton numpy)")
+    from torch._inductor import config as inductor_config
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class StubDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    monkeypatch.setattr(driver, "_active", StubDriver())
+    # the FX graph cache keys do not cover our lowering's sources: compile afresh
+    with inductor_config.patch(cpu_backend="triton", force_disable_caches=True):
+        yield

@@ -1,5 +1,5 @@
 """shadowkv::sparse_attention: the op, its Inductor lowering (Triton templates) and the split
-decode route that uses it.
+decode route that uses it (with shadowkv::landmark_scores, tests/test_scores_lowering.py).
 
 CPU (CI): the op's reference against the flash-decoding kernels under the Triton interpreter;
 fake/opcheck; the lowering registered on import; and the whole template route compiled by
@@ -32,6 +32,7 @@ import shadowpass  # noqa: E402,F401  (registers the ops and their lowerings)
 from shadowpass import lowering, ops  # noqa: E402
 from shadowpass import reference as ref  # noqa: E402
 from shadowpass.lowering import compat  # noqa: E402
+from shadowpass.templates import landmark_scores as scores_tmpl  # noqa: E402
 from shadowpass.templates import sparse_attention as tmpl  # noqa: E402
 from shadowpass.templates.common import INTERPRET  # noqa: E402
 from shadowpass.templates.sparse_decode import sparse_decode  # noqa: E402
@@ -203,7 +204,7 @@ def test_opcheck_decode_gather():
 def test_import_registers_the_lowering():
     from torch._inductor.lowering import lowerings
     assert compat.TEMPLATE_ROUTE, compat.REASON
-    assert lowering.REGISTERED == ["shadowkv::sparse_attention"]
+    assert lowering.REGISTERED == ["shadowkv::sparse_attention", "shadowkv::landmark_scores"]
     assert OP in lowerings
     assert lowering.sparse_attention.register()  # idempotent
 
@@ -231,32 +232,6 @@ def test_configs(d, m_pad, elem):
 
 
 # ----------------------------------------------------------------------------- Inductor, CPU
-@pytest.fixture
-def triton_on_cpu(monkeypatch):
-    """Inductor emitting Triton for CPU tensors, run by the interpreter. Triton has no driver on
-    a machine without a GPU; Inductor only asks it for a target while generating code, so a
-    stub naming sm_90 stands in for the test's duration."""
-    if not INTERPRET:
-        pytest.skip("the CPU template route runs under the Triton interpreter")
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
-
-    class StubDriver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    monkeypatch.setattr(driver, "_active", StubDriver())
-    # the FX graph cache keys do not cover our lowering's sources: compile afresh
-    with inductor_config.patch(cpu_backend="triton", force_disable_caches=True):
-        yield
-
-
 def epilogue(*args):
     """The op followed by pointwise work that Inductor fuses into the merge kernel."""
     return (OP(*args) * 2).to(torch.bfloat16)
@@ -367,8 +342,10 @@ def split_step(q, k, v, state, cos, sin, gk, gv, gl, sel_k, sel_v, slot_chunk, c
                n_load):
     """A split decode step as the rewrite emits it (scale 0.125, C 8, budget 5 chunks)."""
     st = ref.PrefillState(*state)
-    torch.ops.shadowkv.decode_gather(q, k, v, state, cos, sin, gk, gv, gl, sel_k, sel_v,
-                                     slot_chunk, chunk_slot, n_load, 0.125, 8, 5, "rotate_half")
+    scores = torch.ops.shadowkv.landmark_scores(q, st.landmarks, st.selectable, 0.125, None)
+    idx = torch.topk(scores, slot_chunk.size(2), dim=-1, sorted=False).indices
+    torch.ops.shadowkv.decode_load(idx, k, v, state, cos, sin, gk, gv, gl, sel_k, sel_v,
+                                   slot_chunk, chunk_slot, n_load, 8, "rotate_half")
     out = OP(q, 0.125, st.outlier_k, st.outlier_v, st.outlier_valid, sel_k, sel_v, slot_chunk,
              st.sparse_valid, st.selectable, st.local_k, st.local_v, st.local_valid, gk, gv, gl,
              8)
@@ -377,9 +354,9 @@ def split_step(q, k, v, state, cos, sin, gk, gv, gl, sel_k, sel_v, slot_chunk, c
 
 @pytest.mark.parametrize("template", [False, True], ids=["reference", "template"])
 def test_split_step_compiled_updates_state_in_place(template, request):
-    """decode_gather mutates the generated tokens and the workspace, the attention reads them:
+    """decode_load mutates the generated tokens and the workspace, the attention reads them:
     compiled, the order holds, the mutation lands in the caller's tensors, and no cache-sized
-    buffer is cloned."""
+    buffer is cloned. With the templates, the scores' and the attention's kernels are ours."""
     if template:
         request.getfixturevalue("triton_on_cpu")
     from test_kernels import split, synthetic_state
@@ -405,6 +382,8 @@ def test_split_step_compiled_updates_state_in_place(template, request):
             if code is not None:
                 code = generated(code)
                 assert (tmpl.SPLIT_MARKER in code) == template
+                assert (scores_tmpl.LOGITS_MARKER in code) == template
+                assert (scores_tmpl.SOFTMAX_MARKER in code) == template
                 assert not copies(code), copies(code)
 
 
@@ -461,8 +440,8 @@ def test_gpu_triton_op_fallback_sees_the_kernels():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_model_split_route(dtype):
     """A tiny HF model compiled with decode_route="split": the decode step's generated code
-    holds our template kernels and clones no cache-sized buffer, and the greedy tokens equal
-    dense decoding (full rank, full budget)."""
+    holds our template kernels (scores and attention) and clones no cache-sized buffer, and the
+    greedy tokens equal dense decoding (full rank, full budget)."""
     from cases import hf_model
     model = hf_model("llama").to("cuda", dtype)
     ids = torch.randint(0, 256, (2, 300), device="cuda")
@@ -475,7 +454,8 @@ def test_gpu_model_split_route(dtype):
         with inductor_config.patch(force_disable_caches=True):
             out, code = run_and_get_code(lambda: model.generate(ids, **kw))
     decode = generated(c for c in code if tmpl.SPLIT_MARKER in c)  # the decode step's graph
-    assert tmpl.COMBINE_MARKER in decode and "shadowkv.decode_gather" in decode
+    assert tmpl.COMBINE_MARKER in decode and "shadowkv.decode_load" in decode
+    assert scores_tmpl.LOGITS_MARKER in decode and scores_tmpl.SOFTMAX_MARKER in decode
     assert not copies(decode), copies(decode)
     assert torch.equal(out, dense)
 
@@ -520,14 +500,21 @@ def test_split_route_on_a_model_equals_fused_route(options):
         assert torch.equal(split.sequences, dense.sequences)
 
 
-def test_split_route_rewrite_emits_gather_and_attention(tmp_path, monkeypatch):
+@pytest.mark.parametrize("policy,gather", [("shadowkv", False), ("streaming", True)])
+def test_split_route_rewrite_emits_its_ops(tmp_path, monkeypatch, policy, gather):
+    """Landmark policies: scores, top-k, decode_load, attention. Others select inside
+    decode_gather."""
     from cases import hf_model
     monkeypatch.setenv("SHADOWPASS_DUMP_DIR", str(tmp_path))
     model = hf_model("llama")
-    model.compile(backend="shadowkv", options={**EXACT, "decode_route": "split"})
+    model.compile(backend="shadowkv", options={**EXACT, "decode_route": "split",
+                                               "policy": policy})
     with torch.no_grad():
         model.generate(torch.randint(0, 256, (1, 300)), max_new_tokens=3, do_sample=False)
     after = "\n".join(p.read_text() for p in tmp_path.glob("graph_*_after.py"))
-    assert "shadowkv.decode_gather.default" in after
+    assert ("shadowkv.decode_gather.default" in after) == gather
+    assert ("shadowkv.landmark_scores.default" in after) != gather
+    assert ("shadowkv.decode_load.default" in after) != gather
+    assert ("torch.topk" in after) != gather
     assert "shadowkv.sparse_attention.default" in after
     assert "shadowkv.decode.default" not in after

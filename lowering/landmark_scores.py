@@ -1,0 +1,132 @@
+"""Inductor lowering of ``shadowkv::landmark_scores``: IR logic only (the kernel sources are
+``templates/landmark_logits.py.jinja`` and ``templates/landmark_softmax.py.jinja``).
+
+On a device Inductor emits Triton for (CUDA; or a CPU with ``cpu_backend="triton"``, which the
+CPU tests use under the Triton interpreter), the op lowers to the two passes of
+``templates.landmark_scores`` as templates:
+
+1. logits: masked q . landmark logits [B, H, M, N] (its store_output) and per-block softmax
+   statistics BMAX, BSUM [B, H, M, NB] (mutated buffers);
+2. softmax: scores [B, H, N] fp32 through its store_output, which ``torch.topk`` reads.
+
+Both read contiguous inputs (q is a few KB a step; the landmarks and masks are state buffers
+that are contiguous already). One configuration each: the passes are bandwidth-bound and
+their block size was chosen on the GPU (``block_chunks``). Anywhere else the op stays an
+opaque call: the reference on the CPU, the same kernels launched directly on CUDA.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from shadowpass.templates import landmark_scores as tmpl
+from shadowpass.templates.common import next_pow2
+from shadowpass.templates.landmark_scores import LOG2E
+
+from . import compat
+
+log = logging.getLogger("shadowpass")
+
+LOGITS_NAME = tmpl.LOGITS_MARKER
+SOFTMAX_NAME = tmpl.SOFTMAX_MARKER
+MAX_ROWS = 128  # G * T query rows per KV head that one program holds
+_STATE = {"enabled": True, "warned": set()}
+
+
+@compat.symbolic_grid
+def grid(batch, kv_heads, chunks, meta, *, cdiv):
+    """(NB, B * H, 1): one program per block of chunks of each (sequence, KV head)."""
+    return (cdiv(chunks, meta["BLOCK_N"]), batch * kv_heads, 1)
+
+
+LOGITS = compat.make_template(name=LOGITS_NAME, grid=grid, source=tmpl.logits_source())
+SOFTMAX = compat.make_template(name=SOFTMAX_NAME, grid=grid, source=tmpl.softmax_source())
+
+
+def enable(template: bool = True) -> None:
+    """Use the templates where they apply (default), or always the opaque op."""
+    _STATE["enabled"] = template
+
+
+def why_not_template(q, landmarks) -> Optional[str]:
+    """None if the templates can lower this call, else the reason they cannot."""
+    if not compat.TEMPLATE_ROUTE:
+        return compat.REASON
+    if not _STATE["enabled"]:
+        return "disabled (shadowpass.lowering.landmark_scores.enable(False))"
+    device = q.get_device()
+    if not compat.template_device(device):
+        return f"Inductor does not emit Triton for {device}"
+    Hq, T = (compat.guard_int(x) for x in q.get_size()[1:3])
+    H = compat.guard_int(landmarks.get_size()[1])
+    if H == 0 or Hq % H:
+        return f"query heads ({Hq}) are not a multiple of KV heads ({H})"
+    if (Hq // H) * T > MAX_ROWS:
+        return f"{Hq // H} x {T} query rows per KV head exceed {MAX_ROWS}"
+    if landmarks.get_dtype() not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"landmark dtype {landmarks.get_dtype()}"
+    return None
+
+
+def _template(q, landmarks, selectable, scale, radius):
+    contiguous = [compat.contiguous(x) for x in (q, landmarks, selectable)]
+    if radius is not None:
+        radius = compat.contiguous(radius)
+    q, landmarks, selectable = contiguous
+    device = landmarks.get_device()
+    B, Hq, T, d = q.get_size()
+    _, H, N, _ = landmarks.get_size()
+    Hq, H, T, d = (compat.guard_int(x) for x in (Hq, H, T, d))
+    G = Hq // H
+    M = G * T
+    block_n = tmpl.block_chunks(landmarks.get_dtype().itemsize)
+    NB = compat.ceildiv(N, block_n)
+    bmax = compat.realize_frozen(compat.empty([B, H, M, NB], torch.float32, device))
+    bsum = compat.realize_frozen(compat.empty([B, H, M, NB], torch.float32, device))
+
+    inputs = [q, landmarks] + ([radius] if radius is not None else []) + [selectable, bmax, bsum]
+    logits_layout = compat.fixed_layout(device, torch.float32, [B, H, M, N])
+    choices: list = []
+    err = compat.append_choice(
+        LOGITS, choices, input_nodes=inputs, layout=logits_layout, num_stages=1, num_warps=4,
+        mutated_inputs=[bmax, bsum], call_sizes=[B, H, N], G=G, T=T, D=d,
+        D_PAD=next_pow2(d, 16), M_PAD=next_pow2(M, 16), BLOCK_N=block_n,
+        QK_SCALE=float(scale) * LOG2E, HAS_RADIUS=radius is not None, UPCAST=compat.interpret())
+    if not choices:
+        raise NotImplementedError(f"no logits-kernel choice could be generated: {err}")
+    logits = compat.realize_frozen(compat.select(LOGITS_NAME, choices, inputs, logits_layout, {}))
+
+    inputs = [logits, bmax, bsum, selectable]
+    layout = compat.fixed_layout(device, torch.float32, [B, H, N])
+    choices = []
+    err = compat.append_choice(
+        SOFTMAX, choices, input_nodes=inputs, layout=layout, num_stages=1, num_warps=4,
+        mutated_inputs=None, call_sizes=[B, H, N], G=G, T=T, G_PAD=next_pow2(G),
+        T_PAD=next_pow2(T), NB_TILE=tmpl.NB_TILE, BLOCK_N=block_n, FILL=-1.0)
+    if not choices:
+        raise NotImplementedError(f"no softmax-kernel choice could be generated: {err}")
+    return compat.select(SOFTMAX_NAME, choices, inputs, layout, {})
+
+
+def lower_landmark_scores(q, landmarks, selectable, scale, radius=None):
+    """The lowering registered for ``shadowkv::landmark_scores`` (arguments: its schema)."""
+    why = why_not_template(q, landmarks)
+    if why is None:
+        try:
+            return _template(q, landmarks, selectable, scale, radius)
+        except Exception as e:  # the model must compile anyway: the opaque op is correct
+            why = f"the template failed ({type(e).__name__}: {e})"
+            if why not in _STATE["warned"]:
+                _STATE["warned"].add(why)
+                log.warning("shadowpass: shadowkv::landmark_scores stays an opaque op: %s", why,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+    log.debug("shadowpass: shadowkv::landmark_scores not lowered to the templates: %s", why)
+    return compat.fallback(torch.ops.shadowkv.landmark_scores.default)(
+        q, landmarks, selectable, scale, radius)
+
+
+def register() -> bool:
+    """Register the lowering (idempotent); False where this torch has no template route."""
+    return compat.register(torch.ops.shadowkv.landmark_scores.default, lower_landmark_scores)

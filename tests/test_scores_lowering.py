@@ -1,0 +1,217 @@
+"""shadowkv::landmark_scores and shadowkv::decode_load: the ops, the scores' Inductor lowering
+(two Triton templates) and the split decode step they make with top-k and the attention.
+
+CPU (CI): the op against its reference and the launched kernels (interpreter); fake/opcheck;
+the lowering compiled by Inductor for the CPU with ``cpu_backend="triton"`` (fixture
+``triton_on_cpu``) and run by the interpreter. GPU (``-m gpu``): the same at a Llama-3.1-8B
+layer's size at 128K context, with ``run_and_get_code`` checks:
+
+    pytest -m gpu tests/test_scores_lowering.py
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton", reason="the kernels need Triton (pip install triton numpy)")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
+
+from torch._inductor import config as inductor_config  # noqa: E402
+from torch._inductor.utils import run_and_get_code  # noqa: E402
+from tolerances import SCORES  # noqa: E402
+
+import shadowpass  # noqa: E402,F401  (registers the ops and their lowerings)
+from shadowpass import lowering, ops  # noqa: E402
+from shadowpass import reference as ref  # noqa: E402
+from shadowpass.templates import landmark_scores as tmpl  # noqa: E402
+from shadowpass.templates.common import INTERPRET  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+OP = torch.ops.shadowkv.landmark_scores.default
+
+
+def inputs(B=2, H=2, G=2, T=1, d=64, N=45, dtype=torch.float32, radius=False, device=DEV,
+           seed=0):
+    """landmark_scores' arguments: N not a multiple of any block, a fifth of the chunks
+    unselectable and one head with none selectable (its scores are all -1)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H * G, T, d, generator=g).to(device, dtype)
+    lm = torch.randn(B, H, N, d, generator=g).to(device, dtype)
+    sel = torch.rand(B, H, N, generator=g) > 0.2
+    sel[-1, 0] = False
+    rad = torch.rand(B, H, N, d, generator=g).to(device, dtype) if radius else None
+    if rad is not None and H > 1:
+        rad[:, 1] = 0  # a landmark head beside a Quest-bound head
+    return q, lm, sel.to(device), 1 / math.sqrt(d), rad
+
+
+def expected(q, lm, sel, scale, rad):
+    return ref.selection_scores(q.cpu(), lm.cpu(), sel.cpu(), scale,
+                                None if rad is None else rad.cpu())
+
+
+def close(got, want):
+    torch.testing.assert_close(got.float().cpu(), want.float(), atol=SCORES[0], rtol=SCORES[1])
+
+
+def top(q, lm, sel, scale, rad, k=7):
+    """Scores and their top-k, as the split decode step runs them."""
+    scores = OP(q, lm, sel, scale, rad)
+    return scores, torch.topk(scores, k, dim=-1, sorted=False).indices
+
+
+def same_selection(idx, scores, k):
+    """idx holds a top-k of scores (ties may pick either chunk): its scores are the k largest."""
+    picked = scores.gather(-1, idx.cpu()).sort(-1).values
+    torch.testing.assert_close(picked, scores.topk(k, -1).values.sort(-1).values)
+
+
+def generated(code) -> str:
+    return "\n".join(code)
+
+
+CASES = [  # G, T, d, dtype, radius
+    pytest.param(1, 1, 64, torch.float32, False, id="mha-fp32"),
+    pytest.param(4, 1, 128, torch.bfloat16, False, id="gqa4-bf16-d128"),
+    pytest.param(2, 3, 64, torch.float16, False, id="gqa2-T3-fp16"),
+    pytest.param(2, 1, 128, torch.float32, True, id="quest-bound-fp32"),
+    pytest.param(4, 2, 64, torch.bfloat16, True, id="quest-bound-bf16-T2"),
+]
+
+
+# ----------------------------------------------------------------------------- the ops
+def test_reference_ranks_unselectable_chunks_last():
+    q, lm, sel, scale, rad = inputs()
+    scores = ops.landmark_scores(q.cpu(), lm.cpu(), sel.cpu(), scale)
+    assert (scores[~sel.cpu()] == -1).all() and (scores[sel.cpu()] >= 0).all()
+    close(scores, ref.score_chunks(q.cpu(), lm.cpu(), sel.cpu(), scale).masked_fill(~sel.cpu(), -1))
+
+
+@pytest.mark.parametrize("G,T,d,dtype,radius", CASES)
+def test_launched_kernels_match_reference(G, T, d, dtype, radius):
+    args = inputs(G=G, T=T, d=d, dtype=dtype, radius=radius)
+    q, lm, sel, scale, rad = args
+    close(tmpl.landmark_scores(q, lm, sel, scale, fill=-1.0, radius=rad), expected(*args))
+
+
+@pytest.mark.parametrize("radius", [False, True])
+def test_opcheck_landmark_scores(radius):
+    q, lm, sel, scale, rad = inputs(device="cpu", radius=radius)
+    torch.library.opcheck(OP, (q, lm, sel, scale, rad))
+
+
+def test_fake_checks_shapes():
+    q, lm, sel, scale, _ = inputs(device="cpu")
+    with pytest.raises(Exception, match="multiple of KV heads"):
+        OP(q[:, :3], lm, sel, scale, None)
+    with pytest.raises(Exception, match=r"selectable must be \[B, Hkv, N\]"):
+        torch.library.opcheck(OP, (q, lm, sel[:, :, :-1], scale, None))
+
+
+def load_args(B=2, H=2, N=12, C=8, d=64, K=5, seed=0):
+    from test_kernels import split, synthetic_state
+    st = synthetic_state(B, H, N, C, d, 16, d, 2, 13, "rotate_half", torch.float32,
+                         device="cpu", pad=5)
+    prefill, cos, sin = split(st)
+    ws = ops.workspace(prefill, K, C, gather=True)
+    gk, gv = (torch.zeros(B, H, 6, d) for _ in range(2))
+    return prefill, cos, sin, ws, gk, gv, torch.zeros(1, dtype=torch.long)
+
+
+def test_decode_load_writes_the_chosen_chunks():
+    """decode_load of the top-k equals decode_gather, which selects itself."""
+    prefill, cos, sin, ws, gk, gv, gl = load_args()
+    B, H, d = 2, 2, 64
+    q, k, v = torch.randn(B, 2 * H, 1, d), torch.randn(B, H, 1, d), torch.randn(B, H, 1, d)
+    scores = ops.landmark_scores(q, prefill.landmarks, prefill.selectable, 0.125)
+    idx = scores.topk(5, -1).indices
+    ops.decode_load(idx, k, v, list(prefill), cos, sin, gk, gv, gl, *ws, 8, "rotate_half")
+    ws2 = ops.workspace(prefill, 5, 8, gather=True)
+    gk2, gv2, gl2 = torch.zeros_like(gk), torch.zeros_like(gv), torch.zeros_like(gl)
+    ops.decode_gather(q, k, v, list(prefill), cos, sin, gk2, gv2, gl2, *ws2, 0.125, 8, 5,
+                      "rotate_half")
+    for a, b in zip((gk, gv, gl, *ws), (gk2, gv2, gl2, *ws2)):
+        assert torch.equal(a, b)
+    assert gl.item() == 1 and torch.equal(ws[2], idx.to(ws[2].dtype))
+
+
+def test_opcheck_decode_load():
+    prefill, cos, sin, ws, gk, gv, gl = load_args()
+    idx = torch.stack([torch.randperm(12)[:5] for _ in range(4)]).view(2, 2, 5)
+    k, v = torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64)
+    torch.library.opcheck(torch.ops.shadowkv.decode_load.default,
+                          (idx, k, v, list(prefill), cos, sin, gk, gv, gl, *ws, 8, "rotate_half"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- Inductor, CPU
+def check_compiled(fn, args, k=7, **compile_kw):
+    (scores, idx), code = run_and_get_code(torch.compile(fn, **compile_kw), *args)
+    code = generated(code)
+    assert tmpl.LOGITS_MARKER in code and tmpl.SOFTMAX_MARKER in code
+    want = expected(*args)
+    close(scores, want)
+    same_selection(idx, want, k)
+    return code
+
+
+@pytest.mark.parametrize("G,T,d,dtype,radius", CASES)
+def test_templates_compiled_on_cpu(triton_on_cpu, G, T, d, dtype, radius):
+    check_compiled(top, inputs(G=G, T=T, d=d, dtype=dtype, radius=radius), fullgraph=True)
+
+
+def test_templates_with_a_dynamic_prompt_length(triton_on_cpu):
+    """The chunk count N and the batch as symbols: one compiled graph serves both prompts."""
+    for n, b in ((45, 2), (70, 3)):
+        check_compiled(top, inputs(B=b, N=n, G=2), dynamic=True)
+
+
+def test_non_contiguous_query(triton_on_cpu):
+    """q as the model makes it (a transposed view) is copied to contiguous, a few KB."""
+    q, lm, sel, scale, rad = inputs(G=2, T=2)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qt.is_contiguous()
+    check_compiled(top, (qt, lm, sel, scale, rad))
+
+
+def test_cpu_default_backend_keeps_the_reference():
+    args = inputs(device="cpu")
+    with inductor_config.patch(force_disable_caches=True):
+        (scores, _), code = run_and_get_code(torch.compile(top), *args)
+    code = generated(code)
+    assert tmpl.LOGITS_MARKER not in code and "shadowkv.landmark_scores" in code
+    close(scores, expected(*args))
+
+
+def test_disabled_template_falls_back(triton_on_cpu):
+    args = inputs()
+    lowering.landmark_scores.enable(False)
+    try:
+        (scores, _), code = run_and_get_code(torch.compile(top), *args)
+    finally:
+        lowering.landmark_scores.enable(True)
+    assert tmpl.LOGITS_MARKER not in generated(code)
+    close(scores, expected(*args))
+
+
+# ----------------------------------------------------------------------------- GPU
+def gpu(fn):
+    fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn)
+    return pytest.mark.gpu(fn)
+
+
+@gpu
+@pytest.mark.parametrize("dtype,radius", [(torch.bfloat16, False), (torch.float16, False),
+                                          (torch.bfloat16, True), (torch.float32, False)])
+def test_gpu_templates_at_128k(dtype, radius):
+    """Llama-3.1-8B layer at 128K context (8 KV heads, G = 4, chunks of 8), batch 8, budget
+    2048: the templates run in the generated code and pick the reference's top-k scores."""
+    assert not INTERPRET, "GPU tests must run compiled kernels: unset TRITON_INTERPRET"
+    args = inputs(B=8, H=8, G=4, d=128, N=16384, dtype=dtype, radius=radius, device="cuda")
+    with inductor_config.patch(force_disable_caches=True):
+        check_compiled(lambda *a: top(*a, k=256), args, k=256, fullgraph=True)
