@@ -55,6 +55,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode_lanes values run side by side at each shadowkv batch of 4 or more "
                         "(batch lanes interleaved site by site: shadowpass/lanes.py; values above "
                         "1 compile with dynamic=True, which lanes need; smaller batches run whole)")
+    p.add_argument("--routes", nargs="+", choices=("fused", "split"), default=["fused"],
+                   help="decode_route values run side by side at each shadowkv batch: fused "
+                        "(one opaque op per site) or split (Inductor's templates for the scores "
+                        "and the attention, decode_load between them)")
     p.add_argument("--check", action="store_true",
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")
@@ -463,22 +467,24 @@ def shadow_side(model, T: int, opts: dict, cfg, bw, args) -> list[Row]:
     print(f"T={T}: prefill (1 sequence) dense {dense}, shadowkv {t_prefill:.2f} s "
           f"(with SVD, landmarks, outliers and the value offload)", flush=True)
     largest = shadow_max_batch(model, session, args.gpu_reserve_gib, args.host_fraction)
-    for B in batch_sizes(args, largest):
-        # lanes need 2+ sequences each, and the backend runs a smaller batch whole
-        for lanes in (args.lanes if B >= 4 else [1]):
-            if lanes != opts.get("decode_lanes", 1):  # a fresh decode graph, same prefill state
-                opts = {**opts, "decode_lanes": lanes}
-                torch._dynamo.reset()
-                # lanes run one graph on parts of the batch: its batch must be symbolic
-                model.compile(backend="shadowkv", dynamic=True if lanes > 1 else None,
-                              options=opts)
-            row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile)
-            gc.collect()
-            row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill, lanes=lanes)
-            if lanes > 1:
-                row.method = row.method.replace("shadowkv", f"shadowkv ({lanes} lanes)", 1)
-            rows.append(row)
-            print(json.dumps(asdict(row)), flush=True)
+    # lanes need 2+ sequences each, and the backend runs a smaller batch whole
+    runs = [(B, route, lanes) for B in batch_sizes(args, largest) for route in args.routes
+            for lanes in (args.lanes if B >= 4 else [1])]
+    for B, route, lanes in runs:
+        if (route, lanes) != (opts.get("decode_route", "fused"), opts.get("decode_lanes", 1)):
+            opts = {**opts, "decode_route": route, "decode_lanes": lanes}
+            torch._dynamo.reset()  # a fresh decode graph, same prefill state
+            # lanes run one graph on parts of the batch: its batch must be symbolic
+            model.compile(backend="shadowkv", dynamic=True if lanes > 1 else None, options=opts)
+        row = shadow_run(model, session, B, T, args.gen, cfg, bw, args.profile)
+        gc.collect()
+        row.extra.update(prefill_s=t_prefill, dense_prefill_s=t_dense_prefill, lanes=lanes,
+                         route=route)
+        labels = ([f"{lanes} lanes"] if lanes > 1 else []) + ([route] if route != "fused" else [])
+        if labels:
+            row.method = row.method.replace("shadowkv", f"shadowkv ({', '.join(labels)})", 1)
+        rows.append(row)
+        print(json.dumps(asdict(row)), flush=True)
     del session, cache
     release()
     return rows

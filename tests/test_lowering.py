@@ -288,12 +288,6 @@ def test_template_kernels_compile_for_hopper_without_a_gpu(triton_on_cpu, monkey
     """The interpreter does not compile kernels: generate the template kernels for every
     max-autotune configuration (Llama-8B head shape, bf16 and fp32) and compile them for sm_90
     with Triton's own ptxas (scripts/compile_kernels.py --inductor-kernels)."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip(f"this Triton install has no NVIDIA ptxas ({ptxas})")
-    import json
-    import subprocess
-    import sys
     kernels, all_configs = {}, tmpl.configs
     for G, d, dtype in ((4, 128, torch.bfloat16), (1, 64, torch.float32)):
         elem = torch.empty(0, dtype=dtype).element_size()
@@ -301,12 +295,29 @@ def test_template_kernels_compile_for_hopper_without_a_gpu(triton_on_cpu, monkey
             monkeypatch.setattr(tmpl, "configs", lambda *a, cfg=cfg: [cfg])
             args = segments(B=1, H=1, G=G, d=d, dtype=dtype, N=16, K=4, Ll=9, Gcap=8)
             _, code = run_and_get_code(torch.compile(epilogue), *args)
-            for name, src in re.findall(r"async_compile\.triton\('(\w+)', '''(.*?)''', device_str",
-                                        generated(code), re.S):
-                if "_tem_" in name:
-                    kernels[f"{name} G={G} d={d} {str(dtype)[6:]} {cfg}"] = src
+            for name, src in template_kernels(code):
+                kernels[f"{name} G={G} d={d} {str(dtype)[6:]} {cfg}"] = src
             torch._dynamo.reset()
     assert len(kernels) == 2 * (len(all_configs(128, 16, 2, True)) + len(all_configs(64, 16, 4, True)))
+    compile_for_sm90(kernels, tmp_path)
+
+
+def template_kernels(code) -> list:
+    """(name, source) of the template kernels in Inductor's generated code."""
+    return [(name, src) for name, src in re.findall(
+        r"async_compile\.triton\('(\w+)', '''(.*?)''', device_str", generated(code), re.S)
+        if "_tem_" in name]
+
+
+def compile_for_sm90(kernels: dict, tmp_path) -> None:
+    """Compile generated kernels for sm_90 with Triton's own ptxas (no GPU needed):
+    scripts/compile_kernels.py --inductor-kernels."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"this Triton install has no NVIDIA ptxas ({ptxas})")
+    import json
+    import subprocess
+    import sys
     path = tmp_path / "kernels.json"
     path.write_text(json.dumps(kernels))
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "compile_kernels.py")

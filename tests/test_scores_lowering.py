@@ -179,6 +179,21 @@ def test_non_contiguous_query(triton_on_cpu):
     check_compiled(top, (qt, lm, sel, scale, rad))
 
 
+def test_templates_compile_for_hopper_without_a_gpu(triton_on_cpu, tmp_path):
+    """The interpreter does not compile kernels: generate both templates at the Llama-8B head
+    shape (bf16; fp32 with a radius) and compile them for sm_90 with Triton's ptxas."""
+    from test_lowering import compile_for_sm90, template_kernels
+    kernels = {}
+    for dtype, radius in ((torch.bfloat16, False), (torch.float32, True)):
+        _, code = run_and_get_code(torch.compile(top), *inputs(B=1, H=2, G=4, d=128, N=300,
+                                                               dtype=dtype, radius=radius))
+        for name, src in template_kernels(code):
+            kernels[f"{name} {str(dtype)[6:]} radius={radius}"] = src
+        torch._dynamo.reset()
+    assert len(kernels) == 4, list(kernels)
+    compile_for_sm90(kernels, tmp_path)
+
+
 def test_cpu_default_backend_keeps_the_reference():
     args = inputs(device="cpu")
     with inductor_config.patch(force_disable_caches=True):
