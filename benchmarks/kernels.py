@@ -165,6 +165,21 @@ def main():
               f"than dense; its bytes allow {most:.1f}x with one selection{mark}")
 
 
+def split_step(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, ws, scale, C, rope_style):
+    """A decode step as decode_route="split" emits it (shadowpass.rewrite.split_decode)."""
+    from shadowpass.reference import PrefillState
+    st = PrefillState(*state)
+    sel_k, sel_v, slot_chunk, chunk_slot, n_load = ws
+    scores = torch.ops.shadowkv.landmark_scores(q, st.landmarks, st.selectable, scale, None)
+    idx = torch.topk(scores, slot_chunk.size(2), dim=-1, sorted=False).indices
+    torch.ops.shadowkv.decode_load(idx, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k,
+                                   sel_v, slot_chunk, chunk_slot, n_load, C, rope_style)
+    return torch.ops.shadowkv.sparse_attention(
+        q, scale, st.outlier_k, st.outlier_v, st.outlier_valid, sel_k, sel_v, slot_chunk,
+        st.sparse_valid, st.selectable, st.local_k, st.local_v, st.local_valid, gen_k, gen_v,
+        gen_len, C)
+
+
 def bench_config(ctx, B, env):
     """Time every kernel and the whole step for one (context, batch) at the Llama layer shape."""
     from shadowpass.templates.chunk_gather import (
@@ -225,6 +240,12 @@ def bench_config(ctx, B, env):
     nb = (B * H * N * (D * EB + 1 + 4) + B * H * G * N * 4 * 2 + q.numel() * EB) / 1e6
     summary.setdefault("scores", []).append(
         (ctx, B, report(ctx, B, "landmark scores", t, nb, hbm, err)))
+    # the same op as Inductor lowers it in a compiled model (the split route's templates)
+    inductor_scores = torch.compile(torch.ops.shadowkv.landmark_scores.default, fullgraph=True)
+    got = inductor_scores(q, st.landmarks, st.selectable, scale, None)
+    err = (got - scores).abs().max().item()
+    t = timed(lambda: inductor_scores(q, st.landmarks, st.selectable, scale, None), graph=True)
+    report(ctx, B, "  the same, Inductor templates", t, nb, hbm, err, "err against the kernels")
     # the same with a radius (Quest's bound: quest, shadowkv_hybrid's fallback heads)
     radius = rnd(B, H, N, D).abs()
     t = timed(lambda: landmark_scores(q, st.landmarks, st.selectable, scale, fill=-1.0,
@@ -336,6 +357,29 @@ def bench_config(ctx, B, env):
     for parts in [p for p in (1, 2, 8) if B > 1 and p <= B]:  # the pipeline's other depths
         t = timed(lambda p=parts: shadow_step(p), graph=True)
         report(ctx, B, f"  the same, {parts} batch slice{'s' if parts > 1 else ''}", t)
+    # decode_route="split": Inductor's code runs the scores and attention templates around
+    # top-k and decode_load (rebuild and fetch, replayed as a CUDA graph of its own)
+    split_ws = DecodeWorkspace.allocate(st, K, C)
+    split = torch.compile(split_step, fullgraph=True)
+
+    def inductor_step():
+        gen_len.fill_(GEN - 1)
+        it.add_(1).remainder_(ring.shape[0])
+        return split(ring.index_select(0, it)[0], k_new, v_new, list(st), cos, sin, gen_k, gen_v,
+                     gen_len, split_ws.tensors(), scale, C, "rotate_half")
+
+    for _ in range(2 * ring.shape[0]):  # compile, then reach the steady hit rate
+        inductor_step()
+    rk, rv, rl = gen_k.clone(), gen_v.clone(), torch.tensor([GEN - 1], device=dev)
+    got = inductor_step()
+    want_o = ref.decode_attention(ring[it.item()], k_new, v_new, scale, st, cos, sin, rk, rv, rl,
+                                  C, K, "rotate_half")
+    err = (got.float() - want_o.float()).abs().max().item()
+    t = timed(inductor_step)
+    report(ctx, B, "split step, Inductor", t, err=err,
+           note=f"hit rate {split_ws.hit_rate():.0%}, templates + topk + decode_load")
+    t = timed(inductor_step, graph=True)
+    report(ctx, B, "  the same, CUDA graph", t)
     Ld = ctx + GEN
     dk = dense_pool[:B * H * Ld * D].view(B, H, Ld, D)
     dv = dense_pool[B * H * Ld * D:2 * B * H * Ld * D].view(B, H, Ld, D)
