@@ -10,9 +10,12 @@ CPU tests use under the Triton interpreter), the op lowers to the two passes of
 2. softmax: scores [B, H, N] fp32 through its store_output, which ``torch.topk`` reads.
 
 Both read contiguous inputs (q is a few KB a step; the landmarks and masks are state buffers
-that are contiguous already). One configuration each: the passes are bandwidth-bound and
-their block size was chosen on the GPU (``block_chunks``). Anywhere else the op stays an
-opaque call: the reference on the CPU, the same kernels launched directly on CUDA.
+that are contiguous already). Inductor autotunes the logits pass over warps and pipeline
+stages (``templates.landmark_scores.LOGITS_CONFIGS``, more with max-autotune); the chunk block
+is fixed (``block_chunks``, chosen on the GPU) since it sizes the statistics buffers. The
+softmax pass reads 1/16 of the bytes and has one configuration, the direct launch's. Anywhere
+else the op stays an opaque call: the reference on the CPU, the same kernels launched directly
+on CUDA.
 """
 from __future__ import annotations
 
@@ -89,20 +92,26 @@ def _template(q, landmarks, selectable, scale, radius):
     inputs = [q, landmarks] + ([radius] if radius is not None else []) + [selectable, bmax, bsum]
     logits_layout = compat.fixed_layout(device, torch.float32, [B, H, M, N])
     choices: list = []
-    err = compat.append_choice(
-        LOGITS, choices, input_nodes=inputs, layout=logits_layout, num_stages=1, num_warps=4,
-        mutated_inputs=[bmax, bsum], call_sizes=[B, H, N], G=G, T=T, D=d,
-        D_PAD=next_pow2(d, 16), M_PAD=next_pow2(M, 16), BLOCK_N=block_n,
-        QK_SCALE=float(scale) * LOG2E, HAS_RADIUS=radius is not None, UPCAST=compat.interpret())
+    errors = []
+    configs = tmpl.LOGITS_CONFIGS + (tmpl.LOGITS_CONFIGS_MORE if compat.max_autotune() else [])
+    for num_warps, num_stages in configs:
+        err = compat.append_choice(
+            LOGITS, choices, input_nodes=inputs, layout=logits_layout, num_stages=num_stages,
+            num_warps=num_warps, mutated_inputs=[bmax, bsum], call_sizes=[B, H, N], G=G, T=T,
+            D=d, D_PAD=next_pow2(d, 16), M_PAD=next_pow2(M, 16), BLOCK_N=block_n,
+            QK_SCALE=float(scale) * LOG2E, HAS_RADIUS=radius is not None,
+            UPCAST=compat.interpret())
+        if err is not None:
+            errors.append(f"{num_warps} warps, {num_stages} stages: {err}")
     if not choices:
-        raise NotImplementedError(f"no logits-kernel choice could be generated: {err}")
+        raise NotImplementedError("no logits-kernel choice could be generated: " + "; ".join(errors))
     logits = compat.realize_frozen(compat.select(LOGITS_NAME, choices, inputs, logits_layout, {}))
 
     inputs = [logits, bmax, bsum, selectable]
     layout = compat.fixed_layout(device, torch.float32, [B, H, N])
     choices = []
     err = compat.append_choice(
-        SOFTMAX, choices, input_nodes=inputs, layout=layout, num_stages=1, num_warps=4,
+        SOFTMAX, choices, input_nodes=inputs, layout=layout, num_stages=3, num_warps=4,
         mutated_inputs=None, call_sizes=[B, H, N], G=G, T=T, G_PAD=next_pow2(G),
         T_PAD=next_pow2(T), NB_TILE=tmpl.NB_TILE, BLOCK_N=block_n, FILL=-1.0)
     if not choices:

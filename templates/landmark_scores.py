@@ -145,6 +145,13 @@ def _landmark_softmax_kernel(
 NB_TILE = 64  # block statistics merged per step of the softmax pass
 
 
+# (num_warps, num_stages) choices of the logits template, which Inductor autotunes; the first
+# is the launch of _landmark_logits_kernel above (Triton's default of 3 stages). The block of
+# chunks stays fixed: it sizes the block-statistics buffers that every choice writes.
+LOGITS_CONFIGS = [(4, 3), (8, 3)]
+LOGITS_CONFIGS_MORE = [(4, 1), (8, 1), (2, 3)]
+
+
 def block_chunks(elem_bytes: int) -> int:
     """Chunks per program: 128 of 2-byte landmarks; fp32 halves it (register spills at d=128)."""
     return 32 if INTERPRET else (128 if elem_bytes == 2 else 64)
@@ -238,5 +245,5 @@ def _read(name: str) -> str:
     return (Path(__file__).parent / name).read_text()
 
 
-__all__ = ["LOGITS_MARKER", "NB_TILE", "SOFTMAX_MARKER", "block_chunks", "landmark_scores",
+__all__ = ["LOGITS_CONFIGS", "LOGITS_CONFIGS_MORE", "LOGITS_MARKER", "NB_TILE", "SOFTMAX_MARKER", "block_chunks", "landmark_scores",
            "logits_source", "select_top_chunks", "softmax_source"]

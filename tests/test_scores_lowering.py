@@ -165,6 +165,12 @@ def test_templates_compiled_on_cpu(triton_on_cpu, G, T, d, dtype, radius):
     check_compiled(top, inputs(G=G, T=T, d=d, dtype=dtype, radius=radius), fullgraph=True)
 
 
+def test_templates_with_max_autotune(triton_on_cpu):
+    """Every logits choice is generated and benchmarked; the chosen one computes the scores."""
+    with inductor_config.patch(max_autotune=True):
+        check_compiled(top, inputs(G=4, d=128, radius=True))
+
+
 def test_templates_with_a_dynamic_prompt_length(triton_on_cpu):
     """The chunk count N and the batch as symbols: one compiled graph serves both prompts."""
     for n, b in ((45, 2), (70, 3)):
