@@ -76,7 +76,7 @@ elif not any(str(TORCH).startswith(v) for v in TESTED):
 __all__ = ["REASON", "TEMPLATE_ROUTE", "TORCH", "append_choice", "ceildiv", "contiguous",
            "empty", "fallback", "fixed_layout", "guard_int", "hint", "interpret", "lowerings",
            "make_template", "max_autotune", "realize_frozen", "register", "register_lowering",
-           "select", "symbolic_grid", "template_device"]
+           "select", "symbolic_grid", "template_device", "why_not_lowered"]
 
 
 def make_template(name: str, grid: Callable, source: str):
@@ -172,6 +172,28 @@ def template_device(device: Optional[torch.device]) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and inductor_config.cpu_backend == "triton"
+
+
+def why_not_lowered(module: str, enabled: bool, q, kv_heads, max_rows: int) -> Optional[str]:
+    """The reasons, shared by our lowerings, that a call cannot use its template: no template
+    route, disabled by ``shadowpass.lowering.<module>.enable(False)``, a device Inductor emits
+    no Triton for, or a GQA shape the kernels do not take (G * T query rows per KV head, held
+    in registers, above max_rows). Head counts and T are guarded: the kernels specialize on
+    them. None if none applies."""
+    if not TEMPLATE_ROUTE:
+        return REASON
+    if not enabled:
+        return f"disabled (shadowpass.lowering.{module}.enable(False))"
+    device = q.get_device()
+    if not template_device(device):
+        return f"Inductor does not emit Triton for {device}"
+    Hq, T = (guard_int(x) for x in q.get_size()[1:3])
+    H = guard_int(kv_heads)
+    if H == 0 or Hq % H:
+        return f"query heads ({Hq}) are not a multiple of KV heads ({H})"
+    if (Hq // H) * T > max_rows:
+        return f"{Hq // H} x {T} query rows per KV head exceed {max_rows}"
+    return None
 
 
 def interpret() -> bool:

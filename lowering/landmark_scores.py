@@ -55,19 +55,10 @@ def enable(template: bool = True) -> None:
 
 def why_not_template(q, landmarks) -> Optional[str]:
     """None if the templates can lower this call, else the reason they cannot."""
-    if not compat.TEMPLATE_ROUTE:
-        return compat.REASON
-    if not _STATE["enabled"]:
-        return "disabled (shadowpass.lowering.landmark_scores.enable(False))"
-    device = q.get_device()
-    if not compat.template_device(device):
-        return f"Inductor does not emit Triton for {device}"
-    Hq, T = (compat.guard_int(x) for x in q.get_size()[1:3])
-    H = compat.guard_int(landmarks.get_size()[1])
-    if H == 0 or Hq % H:
-        return f"query heads ({Hq}) are not a multiple of KV heads ({H})"
-    if (Hq // H) * T > MAX_ROWS:
-        return f"{Hq // H} x {T} query rows per KV head exceed {MAX_ROWS}"
+    why = compat.why_not_lowered("landmark_scores", _STATE["enabled"], q,
+                                 landmarks.get_size()[1], MAX_ROWS)
+    if why is not None:
+        return why
     if landmarks.get_dtype() not in (torch.float32, torch.float16, torch.bfloat16):
         return f"landmark dtype {landmarks.get_dtype()}"
     return None

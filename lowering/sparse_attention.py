@@ -63,20 +63,11 @@ def enable(template: bool = True) -> None:
 
 def why_not_template(q, outlier_k, outlier_v) -> Optional[str]:
     """None if the template can lower this call, else the reason it cannot."""
-    if not compat.TEMPLATE_ROUTE:
-        return compat.REASON
-    if not _STATE["enabled"]:
-        return "disabled (shadowpass.lowering.sparse_attention.enable(False))"
-    device = q.get_device()
-    if not compat.template_device(device):
-        return f"Inductor does not emit Triton for {device}"
-    # the kernels specialize on these (constexprs): a symbolic one is guarded, as flex does
-    Hq, T, d = (compat.guard_int(x) for x in q.get_size()[1:])
-    H = compat.guard_int(outlier_k.get_size()[1])
-    if H == 0 or Hq % H:
-        return f"query heads ({Hq}) are not a multiple of KV heads ({H})"
-    if (Hq // H) * T > MAX_ROWS:
-        return f"{Hq // H} x {T} query rows per KV head exceed {MAX_ROWS}"
+    why = compat.why_not_lowered("sparse_attention", _STATE["enabled"], q,
+                                 outlier_k.get_size()[1], MAX_ROWS)
+    if why is not None:
+        return why
+    d = compat.guard_int(q.get_size()[3])
     if compat.guard_int(outlier_v.get_size()[-1]) != d:
         return "value head dim differs from the key head dim"
     if q.get_dtype() not in (torch.float32, torch.float16, torch.bfloat16):

@@ -200,6 +200,17 @@ def test_templates_compile_for_hopper_without_a_gpu(triton_on_cpu, tmp_path):
     compile_for_sm90(kernels, tmp_path)
 
 
+def test_too_many_query_rows_fall_back(triton_on_cpu, caplog):
+    """G * T above the rows a program holds: the op stays opaque (the reference here) and the
+    debug log says why."""
+    args = inputs(G=4, T=40, N=20)
+    with caplog.at_level("DEBUG", logger="shadowpass"):
+        (scores, _), code = run_and_get_code(torch.compile(top), *args)
+    assert tmpl.LOGITS_MARKER not in generated(code)
+    assert "4 x 40 query rows per KV head exceed 128" in caplog.text
+    close(scores, expected(*args))
+
+
 def test_cpu_default_backend_keeps_the_reference():
     args = inputs(device="cpu")
     with inductor_config.patch(force_disable_caches=True):
