@@ -8,13 +8,16 @@ Importing this package (``import shadowpass`` does) registers them:
 - ``shadowkv::landmark_scores`` -> two Triton templates (``templates/landmark_*.jinja``: the
   logits with per-block softmax statistics, then the scores that ``torch.topk`` reads); see
   ``landmark_scores.py``.
+- ``shadowkv::rebuild_keys`` -> one Triton template (``templates/key_rebuild.py.jinja``) that
+  rebuilds the missed chunks' keys into the selected-K workspace in place; see
+  ``key_rebuild.py``.
 
 Registered only where ``compat.TEMPLATE_ROUTE`` holds (Triton present, an Inductor whose
 template API these calls were checked against); used per call on devices Inductor emits Triton
 for, so the CPU keeps the reference ops. ``compat`` is the one module that touches Inductor
 internals and knows the version differences. The other ShadowKV ops stay opaque custom ops:
-``decode_load`` (key rebuild and value fetch from pinned host memory on a side stream, which
-Inductor's generated code cannot run) and the prefill ops.
+``decode_plan`` (reuse plan, and the value fetch from pinned host memory started on a side
+stream, which Inductor's generated code cannot express), ``fetch_wait`` and the prefill ops.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ REGISTERED: list[str] = []
 
 if compat.TEMPLATE_ROUTE:
     for module, op in (("sparse_attention", "shadowkv::sparse_attention"),
-                       ("landmark_scores", "shadowkv::landmark_scores")):
+                       ("landmark_scores", "shadowkv::landmark_scores"),
+                       ("key_rebuild", "shadowkv::rebuild_keys")):
         try:
             if importlib.import_module(f"{__name__}.{module}").register():
                 REGISTERED.append(op)

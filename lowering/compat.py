@@ -74,9 +74,10 @@ elif not any(str(TORCH).startswith(v) for v in TESTED):
               TORCH, ", ".join(TESTED))
 
 __all__ = ["REASON", "TEMPLATE_ROUTE", "TORCH", "append_choice", "ceildiv", "contiguous",
-           "empty", "fallback", "fixed_layout", "guard_int", "hint", "interpret", "lowerings",
-           "make_template", "max_autotune", "realize_frozen", "register", "register_lowering",
-           "select", "symbolic_grid", "template_device", "why_not_lowered"]
+           "empty", "fallback", "fixed_layout", "gqa_reason", "guard_int", "hint", "interpret",
+           "is_contiguous", "known_one", "lowerings", "make_template", "max_autotune",
+           "realize_frozen", "register", "register_lowering", "select", "symbolic_grid",
+           "template_device", "why_not_lowered"]
 
 
 def make_template(name: str, grid: Callable, source: str):
@@ -154,6 +155,11 @@ def guard_int(expr) -> int:
     return int(V.graph.sizevars.guard_int(expr))
 
 
+def known_one(expr) -> bool:
+    """The size is 1 for every value of its symbols (no guard added)."""
+    return bool(V.graph.sizevars.statically_known_equals(expr, 1))
+
+
 def fallback(op):
     """A lowering that calls ``op`` as an opaque kernel (Inductor's default for custom ops)."""
     return fallback_handler(op, add_to_fallback_set=False)
@@ -174,19 +180,23 @@ def template_device(device: Optional[torch.device]) -> bool:
     return device.type == "cpu" and inductor_config.cpu_backend == "triton"
 
 
-def why_not_lowered(module: str, enabled: bool, q, kv_heads, max_rows: int) -> Optional[str]:
+def why_not_lowered(module: str, enabled: bool, device) -> Optional[str]:
     """The reasons, shared by our lowerings, that a call cannot use its template: no template
-    route, disabled by ``shadowpass.lowering.<module>.enable(False)``, a device Inductor emits
-    no Triton for, or a GQA shape the kernels do not take (G * T query rows per KV head, held
-    in registers, above max_rows). Head counts and T are guarded: the kernels specialize on
-    them. None if none applies."""
+    route, disabled by ``shadowpass.lowering.<module>.enable(False)``, or a device Inductor
+    emits no Triton for. None if none applies."""
     if not TEMPLATE_ROUTE:
         return REASON
     if not enabled:
         return f"disabled (shadowpass.lowering.{module}.enable(False))"
-    device = q.get_device()
     if not template_device(device):
         return f"Inductor does not emit Triton for {device}"
+    return None
+
+
+def gqa_reason(q, kv_heads, max_rows: int) -> Optional[str]:
+    """Why the query heads of q [B, Hq, T, d] do not fit kernels that hold a KV head's G * T
+    query rows in registers (at most max_rows), or None. Head counts and T are guarded: the
+    kernels specialize on them."""
     Hq, T = (guard_int(x) for x in q.get_size()[1:3])
     H = guard_int(kv_heads)
     if H == 0 or Hq % H:
@@ -194,6 +204,13 @@ def why_not_lowered(module: str, enabled: bool, q, kv_heads, max_rows: int) -> O
     if (Hq // H) * T > max_rows:
         return f"{Hq // H} x {T} query rows per KV head exceed {max_rows}"
     return None
+
+
+def is_contiguous(x) -> bool:
+    """x's layout is the contiguous one (a buffer a template may write in place)."""
+    size = x.get_size()
+    return list(x.get_stride()) == list(ir.FlexibleLayout.contiguous_strides(size)) and \
+        x.get_layout().offset == 0
 
 
 def interpret() -> bool:

@@ -55,8 +55,8 @@ def enable(template: bool = True) -> None:
 
 def why_not_template(q, landmarks) -> Optional[str]:
     """None if the templates can lower this call, else the reason they cannot."""
-    why = compat.why_not_lowered("landmark_scores", _STATE["enabled"], q,
-                                 landmarks.get_size()[1], MAX_ROWS)
+    why = (compat.why_not_lowered("landmark_scores", _STATE["enabled"], q.get_device())
+           or compat.gqa_reason(q, landmarks.get_size()[1], MAX_ROWS))
     if why is not None:
         return why
     if landmarks.get_dtype() not in (torch.float32, torch.float16, torch.bfloat16):

@@ -63,8 +63,8 @@ def enable(template: bool = True) -> None:
 
 def why_not_template(q, outlier_k, outlier_v) -> Optional[str]:
     """None if the template can lower this call, else the reason it cannot."""
-    why = compat.why_not_lowered("sparse_attention", _STATE["enabled"], q,
-                                 outlier_k.get_size()[1], MAX_ROWS)
+    why = (compat.why_not_lowered("sparse_attention", _STATE["enabled"], q.get_device())
+           or compat.gqa_reason(q, outlier_k.get_size()[1], MAX_ROWS))
     if why is not None:
         return why
     d = compat.guard_int(q.get_size()[3])

@@ -57,8 +57,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "1 compile with dynamic=True, which lanes need; smaller batches run whole)")
     p.add_argument("--routes", nargs="+", choices=("fused", "split"), default=["fused"],
                    help="decode_route values run side by side at each shadowkv batch: fused "
-                        "(one opaque op per site) or split (Inductor's templates for the scores "
-                        "and the attention, decode_load between them)")
+                        "(one opaque op per site) or split (Inductor's templates for the scores, "
+                        "the key rebuild and the attention; the value fetch opaque)")
     p.add_argument("--check", action="store_true",
                    help="only check that the benchmarked path is the real one: full rank and "
                         "budget on a short context give dense's tokens")

@@ -39,10 +39,11 @@ class ShadowKVConfig:
         "oracle" (see shadowpass/policies.py). CUDA runs the kernels for all but the last two.
     decode_route: how a decode step enters the compiled graph: "fused" (one opaque
         shadowkv::decode op per site; on CUDA its Triton kernels replay as one CUDA graph per
-        site) or "split" (shadowkv::landmark_scores, torch.topk, shadowkv::decode_load, still
-        opaque: key rebuild and value fetch, then shadowkv::sparse_attention; Inductor lowers
-        the scores and the attention to our Triton templates on CUDA and fuses the attention
-        with what follows; the CPU runs the reference either way).
+        site) or "split" (landmark scores, torch.topk, shadowkv::decode_plan, opaque: reuse
+        plan and the value fetch from pinned host memory on a side stream, the key rebuild,
+        then the attention; Inductor lowers the scores, the rebuild and the attention to our
+        Triton templates on CUDA and fuses the attention with what follows; the CPU runs the
+        reference either way).
     decode_lanes: a CUDA decode step runs its batch as this many sub-batches interleaved layer
         by layer, so one's value fetch crosses PCIe while another computes
         (``shadowpass/lanes.py``); 1 runs the batch whole. Needs a decode graph traced with a

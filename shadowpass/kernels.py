@@ -12,14 +12,14 @@ routes use it:
   workspace tensors (declared mutated), so Inductor sees into the kernels and reuse works.
 
 The split decode route (``ShadowKVConfig.decode_route="split"``) cuts the step into
-``shadowkv::landmark_scores`` and ``shadowkv::sparse_attention``, which Inductor lowers to the
-templates of ``shadowpass.lowering``, with ``torch.topk`` and ``shadowkv::decode_load`` (CUDA
-kernel: ``load_step``, replayed as a CUDA graph: the key rebuild, and the value fetch from
-pinned host memory on a side stream) between them. Their opaque CUDA kernels (eager calls,
-fallback) are ``landmark_scores`` and ``sparse_decode``; ``shadowkv::sparse_attention_triton``
-is the attention's triton_op twin for a torch without the template API. Policies without
-landmark scores use ``shadowkv::decode_gather`` (``gather_step``) for the part before the
-attention.
+``shadowkv::landmark_scores``, ``torch.topk``, ``shadowkv::decode_plan`` (append, reuse plan,
+and the value fetch from pinned host memory started on a side stream), ``shadowkv::rebuild_keys``
+(overlapping the fetch), ``shadowkv::fetch_wait`` and ``shadowkv::sparse_attention``. Inductor
+lowers the scores, the rebuild and the attention to the templates of ``shadowpass.lowering``;
+the CUDA kernels here are their opaque implementations (eager calls, fallback), and
+``shadowkv::sparse_attention_triton`` is the attention's triton_op twin for a torch without the
+template API. Policies without landmark scores use ``shadowkv::decode_gather`` (``gather_step``)
+for the part before the attention.
 
 CPU stays on the reference path; these functions need Triton (on CPU only under
 ``TRITON_INTERPRET=1``, for tests).
@@ -343,21 +343,50 @@ def _decode_gather_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_
               ("gather", scale, chunk_size, budget_chunks, rope_style, policy))
 
 
-def _decode_load_op_cuda(idx, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v,
-                         slot_chunk, chunk_slot, n_load, chunk_size, rope_style):
-    """``shadowkv::decode_load`` on CUDA: ``load_step`` with reuse, replayed as a CUDA graph
-    like ``shadowkv::decode_gather`` (the scores and the attention around it are Inductor's)."""
+def _decode_plan_op_cuda(idx, k, v, state, gen_k, gen_v, gen_len, sel_v, slot_chunk,
+                         chunk_slot, n_load):
+    """``shadowkv::decode_plan`` on CUDA: append the new tokens, plan the loads with reuse and
+    start the value fetch on the side stream (``_PENDING`` holds its event until
+    ``shadowkv::fetch_wait``); without a side stream the fetch runs now."""
     st = PrefillState(*state)
     if not _ROUTE["enabled"]:
-        return ref.decode_load(idx, k, v, st, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v,
-                               slot_chunk, chunk_slot, n_load, chunk_size, rope_style)
-    ws = DecodeWorkspace(sel_k, sel_v, slot_chunk, chunk_slot, n_load)
+        return ref.plan_loads(idx, k, v, st, gen_k, gen_v, gen_len, sel_v, slot_chunk,
+                              chunk_slot, n_load)
+    ref.append_generated(k, v, gen_k, gen_v, gen_len)
+    load_chunk, load_slot, n = reuse_plan(idx, slot_chunk, chunk_slot)
+    n_load.copy_(n)
+    if idx.numel() == 0:
+        return load_chunk, load_slot
+    if _pageable(st.values):
+        sel_v.copy_(ref.fetch_values(st.values, slot_chunk.long(), idx.device))
+    else:
+        done = _fetch_async(sel_v, st.values, load_chunk, load_slot, n, _can_fork(idx))
+        if done is not None:
+            _PENDING[(sel_v.device, sel_v.data_ptr())] = done
+    return load_chunk, load_slot
 
-    def step(idx, k, v):
-        load_step(idx, k, v, st, cos, sin, gen_k, gen_v, gen_len, chunk_size, rope_style, ws)
 
-    _replayed(step, idx, k, v, st, gen_len, [cos, sin, gen_k, gen_v, *ws.tensors()],
-              ("load", chunk_size, rope_style))
+def _rebuild_keys_op_cuda(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load, chunk_size,
+                          rope_style):
+    """``shadowkv::rebuild_keys`` on CUDA where Inductor does not lower it: the kernel."""
+    if not _ROUTE["enabled"]:
+        return ref.rebuild_into(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load,
+                                chunk_size, rope_style)
+    rebuild_keys_into(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load, chunk_size,
+                      rope_style)
+
+
+def _fetch_wait_op_cuda(sel_v, sel_k):
+    """``shadowkv::fetch_wait`` on CUDA: the current stream waits for the pending fetch into
+    sel_v, if any (a batch lane first hands the stream on, as ``load_step`` does)."""
+    done = _PENDING.pop((sel_v.device, sel_v.data_ptr()), None)
+    if done is not None:
+        lanes.handoff()
+        torch.cuda.current_stream(sel_v.device).wait_event(done)
+
+
+# the split route's fetches in flight: (device, sel_v address) -> event recorded when done
+_PENDING = {}
 
 
 def _landmark_scores_op_cuda(q, landmarks, selectable, scale, radius=None):
@@ -470,9 +499,8 @@ _STEP_GRAPHS = StepGraphs()
 
 def register_cuda_kernel(enabled: bool = True) -> None:
     """Route ``shadowkv::decode`` on CUDA tensors to ``decode_attention_cuda`` (and
-    ``shadowkv::decode_gather`` to ``gather_step``, ``shadowkv::decode_load`` to ``load_step``,
-    ``shadowkv::landmark_scores`` to ``landmark_scores``, ``shadowkv::sparse_attention`` to
-    ``sparse_decode``).
+    ``shadowkv::decode_gather`` to ``gather_step``, the split route's ops to the kernels of the
+    same parts, ``shadowkv::sparse_attention`` to ``sparse_decode``).
 
     Idempotent; ``enabled=False`` routes CUDA back to the reference implementation (tests use
     it to compare the two routes).
@@ -482,7 +510,9 @@ def register_cuda_kernel(enabled: bool = True) -> None:
         ops.decode.register_kernel("cuda")(_decode_op_cuda)
         ops.decode_gather.register_kernel("cuda")(_decode_gather_op_cuda)
         ops.sparse_attention.register_kernel("cuda")(_sparse_attention_op_cuda)
-        ops.decode_load.register_kernel("cuda")(_decode_load_op_cuda)
+        ops.decode_plan.register_kernel("cuda")(_decode_plan_op_cuda)
+        ops.rebuild_keys.register_kernel("cuda")(_rebuild_keys_op_cuda)
+        ops.fetch_wait.register_kernel("cuda")(_fetch_wait_op_cuda)
         ops.landmark_scores.register_kernel("cuda")(_landmark_scores_op_cuda)
         _ROUTE["registered"] = True
     _ROUTE["enabled"] = enabled

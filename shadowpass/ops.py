@@ -4,7 +4,7 @@ Only these run-style ops enter graphs; state reaches them as tensors (never hand
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -201,29 +201,57 @@ def _check_scores_inputs(q, landmarks, selectable, radius):
                  lambda: "radius must have the landmarks' shape")
 
 
-@torch.library.custom_op("shadowkv::decode_load", mutates_args=(
-    "gen_k", "gen_v", "gen_len", "sel_k", "sel_v", "slot_chunk", "chunk_slot", "n_load"))
-def decode_load(idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
-                cos: torch.Tensor, sin: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor,
-                gen_len: torch.Tensor, sel_k: torch.Tensor, sel_v: torch.Tensor,
-                slot_chunk: torch.Tensor, chunk_slot: torch.Tensor, n_load: torch.Tensor,
-                chunk_size: int, rope_style: str) -> None:
-    """The part of a split decode step after the selection (reference.decode_load): append the
-    new tokens, rebuild the keys and fetch the values of the chunks idx [B, Hkv, K] (top-k of
-    ``shadowkv::landmark_scores``) into the workspace. On CUDA only the chunks the workspace
-    does not hold are loaded, the values over PCIe on a side stream (shadowpass.kernels)."""
-    ref.decode_load(idx, k, v, ref.PrefillState(*state), cos, sin, gen_k, gen_v, gen_len, sel_k,
-                    sel_v, slot_chunk, chunk_slot, n_load, chunk_size, rope_style)
+@torch.library.custom_op("shadowkv::decode_plan", mutates_args=(
+    "gen_k", "gen_v", "gen_len", "sel_v", "slot_chunk", "chunk_slot", "n_load"))
+def decode_plan(idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: List[torch.Tensor],
+                gen_k: torch.Tensor, gen_v: torch.Tensor, gen_len: torch.Tensor,
+                sel_v: torch.Tensor, slot_chunk: torch.Tensor, chunk_slot: torch.Tensor,
+                n_load: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A split decode step after its top-k idx [B, Hkv, K] (reference.plan_loads): append the
+    new tokens, plan which chunks to load into which slots of the workspace, and fetch their
+    values into sel_v. Returns the load list (load_chunk, load_slot) for
+    ``shadowkv::rebuild_keys``. On CUDA only the chunks the workspace does not hold are loaded,
+    and the fetch reads pinned host memory on a side stream until ``shadowkv::fetch_wait``."""
+    return ref.plan_loads(idx, k, v, ref.PrefillState(*state), gen_k, gen_v, gen_len, sel_v,
+                          slot_chunk, chunk_slot, n_load)
 
 
-@decode_load.register_fake
-def _(idx, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot,
-      n_load, chunk_size, rope_style):
+@decode_plan.register_fake
+def _(idx, k, v, state, gen_k, gen_v, gen_len, sel_v, slot_chunk, chunk_slot, n_load):
     torch._check(len(state) == len(_STATE_FIELDS), lambda: "state must hold every PrefillState field")
     torch._check(idx.shape == slot_chunk.shape,
                  lambda: "idx must be [B, Hkv, K] for a workspace of K slots")
-    torch._check(sel_k.shape[2] == slot_chunk.shape[2] * chunk_size,
-                 lambda: "sel_k must be [B, Hkv, K*C, d] for slot_chunk [B, Hkv, K]")
+    return torch.empty_like(slot_chunk), torch.empty_like(slot_chunk)
+
+
+@torch.library.custom_op("shadowkv::rebuild_keys", mutates_args=("sel_k",))
+def rebuild_keys(sel_k: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, load_chunk: torch.Tensor, load_slot: torch.Tensor,
+                 n_load: torch.Tensor, chunk_size: int, rope_style: str) -> None:
+    """Rebuild the post-RoPE keys of the load list's chunks (``shadowkv::decode_plan``) into
+    their slots of sel_k [B, Hkv, K*C, d] (reference.rebuild_into): U[rows] @ SV[head], RoPE at
+    the rows' prompt positions. shadowpass.lowering turns it into a Triton template on CUDA."""
+    ref.rebuild_into(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load, chunk_size,
+                     rope_style)
+
+
+@rebuild_keys.register_fake
+def _(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load, chunk_size, rope_style):
+    torch._check(sel_k.shape[2] == load_chunk.shape[2] * chunk_size,
+                 lambda: "sel_k must be [B, Hkv, K*C, d] for a load list [B, Hkv, K]")
+    torch._check(SV.shape[-1] == sel_k.shape[-1], lambda: "SV must be [B, Hkv, r, d]")
+    return None
+
+
+@torch.library.custom_op("shadowkv::fetch_wait", mutates_args=("sel_v",))
+def fetch_wait(sel_v: torch.Tensor, sel_k: torch.Tensor) -> None:
+    """The values that ``shadowkv::decode_plan`` fetches into sel_v are in: on CUDA the
+    current stream waits for the side stream's fetch (a no-op elsewhere). It takes sel_k so
+    that it follows the key rebuild, which overlaps the fetch."""
+
+
+@fetch_wait.register_fake
+def _(sel_v, sel_k):
     return None
 
 

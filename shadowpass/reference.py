@@ -599,17 +599,44 @@ def selection_scores(q, landmarks, selectable, scale: float, radius=None) -> tor
 def decode_load(idx, k, v, state: PrefillState, cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v,
                 slot_chunk, chunk_slot, n_load, chunk_size: int, rope_style: str) -> None:
     """The part of ``decode_gather`` after the selection: append the new tokens and write the
-    chunks idx [B, Hkv, K] into the workspace (``DecodeWorkspace`` layout): sel_k, sel_v
-    [B, Hkv, K*C, d] (rounded to their dtype), slot_chunk [B, Hkv, K], chunk_slot
-    [B, Hkv, N], n_load [B, Hkv] = K (the reference loads every selected chunk; the CUDA
-    kernels reuse the chunks already held)."""
+    chunks idx [B, Hkv, K] into the workspace (``DecodeWorkspace`` layout): ``plan_loads``,
+    then ``rebuild_into``."""
+    load_chunk, load_slot = plan_loads(idx, k, v, state, gen_k, gen_v, gen_len, sel_v,
+                                       slot_chunk, chunk_slot, n_load)
+    rebuild_into(sel_k, state.U, state.SV, cos, sin, load_chunk, load_slot, n_load, chunk_size,
+                 rope_style)
+
+
+def plan_loads(idx, k, v, state: PrefillState, gen_k, gen_v, gen_len, sel_v, slot_chunk,
+               chunk_slot, n_load):
+    """Append the new tokens and plan the loads of the chunks idx [B, Hkv, K]: the reference
+    loads every one (slot j takes idx[..., j]: slot_chunk = idx, chunk_slot its inverse
+    [B, Hkv, N], n_load [B, Hkv] = K; the CUDA kernels keep the chunks already held) and
+    fetches their values into sel_v [B, Hkv, K*C, dv] at once (CUDA: on a side stream, joined by
+    ``shadowkv::fetch_wait``). Returns the load list (load_chunk, load_slot) [B, Hkv, K] int32:
+    entry j < n_load puts chunk load_chunk[j] into slot load_slot[j]."""
     append_generated(k, v, gen_k, gen_v, gen_len)
-    K = idx.shape[-1]
+    B, H, K = idx.shape
+    load_slot = torch.arange(K, device=idx.device, dtype=torch.int32).expand(B, H, K).contiguous()
+    if K:
+        sel_v.copy_(fetch_values(state.values, idx, idx.device))
+        slot_chunk.copy_(idx)
+        chunk_slot.fill_(-1).scatter_(2, idx, load_slot.to(chunk_slot.dtype))
+        n_load.fill_(K)
+    return idx.to(torch.int32), load_slot
+
+
+def rebuild_into(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load, chunk_size: int,
+                 rope_style: str) -> None:
+    """Rebuild the keys of load-list entries j < n_load[b, h] (``plan_loads``) into their
+    slots of sel_k [B, Hkv, K*C, d] (``rebuild_keys``, rounded to sel_k's dtype); the other
+    slots keep what they hold."""
+    B, H, KC, d = sel_k.shape
+    K, C = load_chunk.shape[-1], chunk_size
     if K == 0:
         return
-    sel_k.copy_(rebuild_keys(state.U, state.SV, cos, sin, idx, chunk_size, rope_style))
-    sel_v.copy_(fetch_values(state.values, idx, idx.device))
-    slot_chunk.copy_(idx)
-    chunk_slot.fill_(-1).scatter_(2, idx, torch.arange(K, device=idx.device, dtype=chunk_slot.dtype)
-                                  .expand_as(idx).contiguous())
-    n_load.fill_(K)
+    N = U.shape[1] // C
+    keys = rebuild_keys(U, SV, cos, sin, load_chunk.long().clamp(0, N - 1), C, rope_style)
+    b, h, j = (torch.arange(K, device=n_load.device) < n_load[..., None]).nonzero(as_tuple=True)
+    sel_k.view(B, H, K, C, d)[b, h, load_slot[b, h, j].long()] = \
+        keys.view(B, H, K, C, d)[b, h, j].to(sel_k.dtype)

@@ -5,9 +5,10 @@ whose outputs (the site's state) become extra graph outputs, plus one ``shadowkv
 per distinct pair of rotary tables (shared by the sites that use it). A decode graph gains the state as
 extra graph inputs and each site's attention becomes ``shadowkv.decode`` (config
 ``decode_route="fused"``), or (``decode_route="split"``) ``shadowkv.landmark_scores`` and
-``torch.topk`` (the selection), ``shadowkv.decode_load`` (new tokens, key rebuild, value fetch
-into the workspace) and ``shadowkv.sparse_attention`` over the workspace; Inductor lowers the
-scores and the attention to our Triton templates. A prefill graph run on
+``torch.topk`` (the selection), ``shadowkv.decode_plan`` (new tokens, reuse plan, value fetch
+into the workspace), ``shadowkv.rebuild_keys``, ``shadowkv.fetch_wait`` and
+``shadowkv.sparse_attention`` over the workspace; Inductor lowers the scores, the key rebuild
+and the attention to our Triton templates. A prefill graph run on
 a sequence that has state (a follow-up turn with the old cache) is rewritten a second time,
 with ``extend=True``: its sites become ``shadowkv.decode_extend``, decode steps over the new
 tokens in turn. In every phase the model's own cat-style cache receives a zero-stride stub
@@ -150,10 +151,11 @@ def attention_op(device: torch.device):
 
 def split_decode(graph: fx.Graph, site: Site, q, k_post, v, state: List[fx.Node], rest,
                  cfg: ShadowKVConfig) -> fx.Node:
-    """The landmark scores (Inductor lowers them to our templates), top-k, decode_load
-    (mutates the generated tokens and the workspace), then the attention over
-    [outliers | selected | local | generated] read from the state and the workspace. A policy
-    that does not score by landmarks selects inside decode_gather instead."""
+    """The landmark scores, top-k, decode_plan (appends the new tokens, plans the loads into
+    the workspace and starts the value fetch), the key rebuild, fetch_wait, then the attention
+    over [outliers | selected | local | generated] read from the state and the workspace.
+    Inductor lowers the scores, the rebuild and the attention to our templates. A policy that
+    does not score by landmarks selects, rebuilds and fetches inside decode_gather instead."""
     cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot, n_load = rest
     st = dict(zip(STATE_FIELDS, state))
     if cfg.policy in KERNEL_POLICIES:
@@ -162,8 +164,13 @@ def split_decode(graph: fx.Graph, site: Site, q, k_post, v, state: List[fx.Node]
                       st["selectable"], float(site.scale), radius)
         slots = graph.call_method("size", (slot_chunk, 2))  # K: the workspace has K slots
         top = call(graph, torch.topk, scores, slots, dim=-1, sorted=False)
-        call(graph, torch.ops.shadowkv.decode_load.default, call(graph, operator.getitem, top, 1),
-             k_post, v, state, *rest, cfg.chunk_size, site.rope.style)
+        plan = call(graph, torch.ops.shadowkv.decode_plan.default,
+                    call(graph, operator.getitem, top, 1), k_post, v, state, gen_k, gen_v,
+                    gen_len, sel_v, slot_chunk, chunk_slot, n_load)
+        load_chunk, load_slot = (call(graph, operator.getitem, plan, i) for i in range(2))
+        call(graph, torch.ops.shadowkv.rebuild_keys.default, sel_k, st["U"], st["SV"], cos, sin,
+             load_chunk, load_slot, n_load, cfg.chunk_size, site.rope.style)
+        call(graph, torch.ops.shadowkv.fetch_wait.default, sel_v, sel_k)
     else:
         call(graph, torch.ops.shadowkv.decode_gather.default, q, k_post, v, state, *rest,
              float(site.scale), cfg.chunk_size, cfg.budget_chunks, site.rope.style, cfg.policy)

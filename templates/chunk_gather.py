@@ -16,15 +16,21 @@ n_load[b, h]*C return at once. The fetch is persistent: a fixed number
 of programs loop over the same tiles, so that it leaves SMs free for the rebuild it overlaps
 (a full grid fills every SM with programs that wait on PCIe, and the rebuild queues behind
 them). The plan runs one program per (b, h).
+
+The rebuild is also an Inductor template (``key_rebuild.py.jinja``, ``rebuild_source``) that
+``shadowpass.lowering`` registers for ``shadowkv::rebuild_keys``; both call ``_rebuild_rows``.
 """
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
 from ..hostmem import is_pinned
-from .common import INTERPRET, dot, is_fake, launch, next_pow2
+from .common import INTERPRET, dot, is_fake, jit_source, launch, next_pow2
 
 ROPE_CODES = {"none": 0, "rotate_half": 1, "interleaved": 2}
 # Persistent value-fetch programs. H100, 128K B8 (scripts/fetch_programs.py): 33 to 1M programs
@@ -94,8 +100,22 @@ def _rebuild_keys_kernel(
     n_load = tl.load(nload_ptr + bh)
     if tl.program_id(0) * BLOCK_ROWS >= n_load * C:
         return  # past this head's misses (most programs when most chunks hit)
-    ok, chunk, slot, c = _load_rows(bh, tl.program_id(0), load_chunk_ptr, load_slot_ptr,
-                                    n_load, K, C, BLOCK_ROWS)
+    _rebuild_rows(out_ptr, u_ptr, sv_ptr, cos_ptr, sin_ptr, load_chunk_ptr, load_slot_ptr,
+                  n_load, tl.program_id(0), bh, H, N, K, C, R, RD, tab_bstride, RD // 2, 1,
+                  D, D_PAD, BLOCK_ROWS, BLOCK_R, ROPE, ROTATE_ALL, UPCAST)
+
+
+@triton.jit
+def _rebuild_rows(out_ptr, u_ptr, sv_ptr, cos_ptr, sin_ptr, load_chunk_ptr, load_slot_ptr,
+                  n_load, block, bh, H, N, K, C, R, RD, tab_bstride, tab_rstride, tab_estride,
+                  D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK_R: tl.constexpr, ROPE: tl.constexpr, ROTATE_ALL: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """Rebuild row block `block` of the (b, h) = bh load list (n_load chunks) into its slots of
+    out: the rank GEMM, RoPE at the rows' prompt positions, the store (contiguous buffers; the
+    tables [., N*C, RD/2] at strides tab_bstride, tab_rstride, tab_estride)."""
+    ok, chunk, slot, c = _load_rows(bh, block, load_chunk_ptr, load_slot_ptr, n_load, K, C,
+                                    BLOCK_ROWS)
     b = bh // H
     pos = chunk * C + c  # the token's prompt position
     tok = b * N * C + pos  # its row of U
@@ -134,7 +154,8 @@ def _rebuild_keys_kernel(
         else:  # pair i is (dim 2i, dim 2i + 1)
             x = tl.reshape(acc, [BLOCK_ROWS, D // 2, 2])
         x1, x2 = tl.split(x)
-        tab = b * tab_bstride + pos[:, None] * HALF + tl.arange(0, D // 2)[None, :]
+        tab = (b * tab_bstride + pos[:, None] * tab_rstride
+               + tl.arange(0, D // 2)[None, :] * tab_estride)
         cs = tl.load(cos_ptr + tab, mask=ok[:, None], other=1.0).to(tl.float32)
         sn = tl.load(sin_ptr + tab, mask=ok[:, None], other=0.0).to(tl.float32)
         y = tl.join(x1 * cs - x2 * sn, x2 * cs + x1 * sn)  # [rows, D/2, 2]
@@ -142,7 +163,7 @@ def _rebuild_keys_kernel(
             y = tl.permute(y, [0, 2, 1])
         acc = tl.reshape(y, [BLOCK_ROWS, D])
     elif ROPE != 0:
-        tab = b * tab_bstride + pos[:, None] * HALF + pair[None, :]
+        tab = b * tab_bstride + pos[:, None] * tab_rstride + pair[None, :] * tab_estride
         t_ok = ok[:, None] & rot_ok[None, :]
         cs = tl.load(cos_ptr + tab, mask=t_ok, other=1.0).to(tl.float32)  # dims >= rd pass through
         sn = tl.load(sin_ptr + tab, mask=t_ok, other=0.0).to(tl.float32)
@@ -208,6 +229,30 @@ def full_load(idx: torch.Tensor):
     return idx.to(torch.int32), slots.contiguous(), n_load
 
 
+def rebuild_config(rotate_all: bool) -> tuple[int, int]:
+    """(rows a program, warps) of the key rebuild. 32 rows x 8 warps: two fp32 [rows, d]
+    accumulators fit in registers at d=128 (sm_90, scripts/compile_kernels.py: 64 rows x 4
+    warps spilled 2 KB); one accumulator (every dim rotated): 64 rows."""
+    return (64 if rotate_all else 32), 8
+
+
+def rotates_all(rope: int, rotary_dims: int, head_dim: int) -> bool:
+    """Every dim rotated and d a power of two: one GEMM, the pairs rotated in registers."""
+    return rope != 0 and rotary_dims == head_dim == next_pow2(head_dim, 16)
+
+
+@functools.lru_cache(maxsize=None)
+def rebuild_source() -> str:
+    """The rebuild's Inductor template: the Jinja kernel, then the helpers it calls."""
+    helpers = [jit_source(dot), jit_source(_load_rows), jit_source(_rebuild_rows)]
+    return (Path(__file__).parent / "key_rebuild.py.jinja").read_text() + "\n\n" + \
+        "\n\n".join(helpers)
+
+
+# A name only the template's generated code contains (tests look for it in Inductor's output).
+REBUILD_MARKER = "shadowkv_key_rebuild"
+
+
 def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, load_chunk: torch.Tensor, load_slot: torch.Tensor,
                       n_load: torch.Tensor, chunk_size: int, rope_style: str,
@@ -241,17 +286,16 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
         cos, sin, tab_bstride = cos[:1].contiguous(), sin[:1].contiguous(), 0
     else:
         cos, sin, tab_bstride = cos.contiguous(), sin.contiguous(), N * C * RD // 2
-    rotate_all = rope != 0 and RD == d == next_pow2(d, 16)
-    # 32 rows x 8 warps: two fp32 [rows, d] accumulators fit in registers at d=128 (sm_90,
-    # scripts/compile_kernels.py: 64 rows x 4 warps spilled 2 KB); one accumulator: 64 rows
-    BLOCK_ROWS = block_rows or (64 if rotate_all else 32)
+    rotate_all = rotates_all(rope, RD, d)
+    BLOCK_ROWS, warps = rebuild_config(rotate_all)
+    BLOCK_ROWS = block_rows or BLOCK_ROWS
     grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
     launch(_rebuild_keys_kernel)[grid](
         out, U.contiguous(), SV.contiguous(), cos, sin,
         load_chunk, load_slot, n_load, H, N, K, C, R, RD, tab_bstride,
         D=d, D_PAD=next_pow2(d, 16), BLOCK_ROWS=BLOCK_ROWS,
         BLOCK_R=min(32, next_pow2(R, 16)), ROPE=rope, ROTATE_ALL=rotate_all, UPCAST=INTERPRET,
-        num_warps=8)
+        num_warps=warps)
     return out
 
 
@@ -294,4 +338,5 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
     return out
 
 
-__all__ = ["ROPE_CODES", "fetch_values_into", "full_load", "rebuild_keys_into", "reuse_plan"]
+__all__ = ["REBUILD_MARKER", "ROPE_CODES", "fetch_values_into", "full_load", "rebuild_config",
+           "rebuild_keys_into", "rebuild_source", "reuse_plan", "rotates_all"]

@@ -1,5 +1,5 @@
 """shadowkv::sparse_attention: the op, its Inductor lowering (Triton templates) and the split
-decode route that uses it (with shadowkv::landmark_scores, tests/test_scores_lowering.py).
+decode route that uses it (its other ops: tests/test_split_step.py).
 
 CPU (CI): the op's reference against the flash-decoding kernels under the Triton interpreter;
 fake/opcheck; the lowering registered on import; and the whole template route compiled by
@@ -32,6 +32,7 @@ import shadowpass  # noqa: E402,F401  (registers the ops and their lowerings)
 from shadowpass import lowering, ops  # noqa: E402
 from shadowpass import reference as ref  # noqa: E402
 from shadowpass.lowering import compat  # noqa: E402
+from shadowpass.templates import chunk_gather  # noqa: E402
 from shadowpass.templates import landmark_scores as scores_tmpl  # noqa: E402
 from shadowpass.templates import sparse_attention as tmpl  # noqa: E402
 from shadowpass.templates.common import INTERPRET  # noqa: E402
@@ -204,7 +205,8 @@ def test_opcheck_decode_gather():
 def test_import_registers_the_lowering():
     from torch._inductor.lowering import lowerings
     assert compat.TEMPLATE_ROUTE, compat.REASON
-    assert lowering.REGISTERED == ["shadowkv::sparse_attention", "shadowkv::landmark_scores"]
+    assert lowering.REGISTERED == ["shadowkv::sparse_attention", "shadowkv::landmark_scores",
+                                   "shadowkv::rebuild_keys"]
     assert OP in lowerings
     assert lowering.sparse_attention.register()  # idempotent
 
@@ -355,8 +357,11 @@ def split_step(q, k, v, state, cos, sin, gk, gv, gl, sel_k, sel_v, slot_chunk, c
     st = ref.PrefillState(*state)
     scores = torch.ops.shadowkv.landmark_scores(q, st.landmarks, st.selectable, 0.125, None)
     idx = torch.topk(scores, slot_chunk.size(2), dim=-1, sorted=False).indices
-    torch.ops.shadowkv.decode_load(idx, k, v, state, cos, sin, gk, gv, gl, sel_k, sel_v,
-                                   slot_chunk, chunk_slot, n_load, 8, "rotate_half")
+    lc, ls = torch.ops.shadowkv.decode_plan(idx, k, v, state, gk, gv, gl, sel_v, slot_chunk,
+                                            chunk_slot, n_load)
+    torch.ops.shadowkv.rebuild_keys(sel_k, st.U, st.SV, cos, sin, lc, ls, n_load, 8,
+                                    "rotate_half")
+    torch.ops.shadowkv.fetch_wait(sel_v, sel_k)
     out = OP(q, 0.125, st.outlier_k, st.outlier_v, st.outlier_valid, sel_k, sel_v, slot_chunk,
              st.sparse_valid, st.selectable, st.local_k, st.local_v, st.local_valid, gk, gv, gl,
              8)
@@ -365,9 +370,10 @@ def split_step(q, k, v, state, cos, sin, gk, gv, gl, sel_k, sel_v, slot_chunk, c
 
 @pytest.mark.parametrize("template", [False, True], ids=["reference", "template"])
 def test_split_step_compiled_updates_state_in_place(template, request):
-    """decode_load mutates the generated tokens and the workspace, the attention reads them:
-    compiled, the order holds, the mutation lands in the caller's tensors, and no cache-sized
-    buffer is cloned. With the templates, the scores' and the attention's kernels are ours."""
+    """decode_plan and the rebuild mutate the generated tokens and the workspace, the attention
+    reads them: compiled, the order holds, the mutation lands in the caller's tensors, and no
+    cache-sized buffer is cloned. With the templates, the scores', the rebuild's and the
+    attention's kernels are ours."""
     if template:
         request.getfixturevalue("triton_on_cpu")
     from test_kernels import split, synthetic_state
@@ -395,6 +401,7 @@ def test_split_step_compiled_updates_state_in_place(template, request):
                 assert (tmpl.SPLIT_MARKER in code) == template
                 assert (scores_tmpl.LOGITS_MARKER in code) == template
                 assert (scores_tmpl.SOFTMAX_MARKER in code) == template
+                assert (chunk_gather.REBUILD_MARKER in code) == template
                 assert not copies(code), copies(code)
 
 
@@ -465,8 +472,9 @@ def test_gpu_model_split_route(dtype):
         with inductor_config.patch(force_disable_caches=True):
             out, code = run_and_get_code(lambda: model.generate(ids, **kw))
     decode = generated(c for c in code if tmpl.SPLIT_MARKER in c)  # the decode step's graph
-    assert tmpl.COMBINE_MARKER in decode and "shadowkv.decode_load" in decode
+    assert tmpl.COMBINE_MARKER in decode and "shadowkv.decode_plan" in decode
     assert scores_tmpl.LOGITS_MARKER in decode and scores_tmpl.SOFTMAX_MARKER in decode
+    assert chunk_gather.REBUILD_MARKER in decode
     assert not copies(decode), copies(decode)
     assert torch.equal(out, dense)
 
@@ -513,8 +521,8 @@ def test_split_route_on_a_model_equals_fused_route(options):
 
 @pytest.mark.parametrize("policy,gather", [("shadowkv", False), ("streaming", True)])
 def test_split_route_rewrite_emits_its_ops(tmp_path, monkeypatch, policy, gather):
-    """Landmark policies: scores, top-k, decode_load, attention. Others select inside
-    decode_gather."""
+    """Landmark policies: scores, top-k, decode_plan, rebuild, fetch_wait, attention. Others
+    select, rebuild and fetch inside decode_gather."""
     from cases import hf_model
     monkeypatch.setenv("SHADOWPASS_DUMP_DIR", str(tmp_path))
     model = hf_model("llama")
@@ -524,8 +532,8 @@ def test_split_route_rewrite_emits_its_ops(tmp_path, monkeypatch, policy, gather
         model.generate(torch.randint(0, 256, (1, 300)), max_new_tokens=3, do_sample=False)
     after = "\n".join(p.read_text() for p in tmp_path.glob("graph_*_after.py"))
     assert ("shadowkv.decode_gather.default" in after) == gather
-    assert ("shadowkv.landmark_scores.default" in after) != gather
-    assert ("shadowkv.decode_load.default" in after) != gather
+    for op in ("landmark_scores", "decode_plan", "rebuild_keys", "fetch_wait"):
+        assert (f"shadowkv.{op}.default" in after) != gather
     assert ("torch.topk" in after) != gather
     assert "shadowkv.sparse_attention.default" in after
     assert "shadowkv.decode.default" not in after

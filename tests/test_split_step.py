@@ -1,12 +1,16 @@
-"""shadowkv::landmark_scores and shadowkv::decode_load: the ops, the scores' Inductor lowering
-(two Triton templates) and the split decode step they make with top-k and the attention.
+"""The ops of a split decode step (``decode_route="split"``) and their Inductor lowerings:
+``shadowkv::landmark_scores`` (two Triton templates), ``torch.topk``, ``shadowkv::decode_plan``
+(opaque: reuse plan, value fetch on a side stream), ``shadowkv::rebuild_keys`` (one template,
+writing the workspace in place) and ``shadowkv::fetch_wait``; the attention is
+tests/test_lowering.py's.
 
-CPU (CI): the op against its reference and the launched kernels (interpreter); fake/opcheck;
-the lowering compiled by Inductor for the CPU with ``cpu_backend="triton"`` (fixture
-``triton_on_cpu``) and run by the interpreter. GPU (``-m gpu``): the same at a Llama-3.1-8B
-layer's size at 128K context, with ``run_and_get_code`` checks:
+CPU (CI): the ops against their references and the launched kernels (interpreter); fake/
+opcheck; the lowerings compiled by Inductor for the CPU with ``cpu_backend="triton"`` (fixture
+``triton_on_cpu``) and run by the interpreter, and compiled for sm_90 with ptxas. GPU
+(``-m gpu``): the same at a Llama-3.1-8B layer's size at 128K context, with
+``run_and_get_code`` checks:
 
-    pytest -m gpu tests/test_scores_lowering.py
+    pytest -m gpu tests/test_split_step.py
 """
 import math
 import os
@@ -28,6 +32,7 @@ from tolerances import SCORES  # noqa: E402
 import shadowpass  # noqa: E402,F401  (registers the ops and their lowerings)
 from shadowpass import lowering, ops  # noqa: E402
 from shadowpass import reference as ref  # noqa: E402
+from shadowpass.templates import chunk_gather  # noqa: E402
 from shadowpass.templates import landmark_scores as tmpl  # noqa: E402
 from shadowpass.templates.common import INTERPRET  # noqa: E402
 
@@ -123,30 +128,100 @@ def load_args(B=2, H=2, N=12, C=8, d=64, K=5, seed=0):
     return prefill, cos, sin, ws, gk, gv, torch.zeros(1, dtype=torch.long)
 
 
-def test_decode_load_writes_the_chosen_chunks():
-    """decode_load of the top-k equals decode_gather, which selects itself."""
+def test_plan_then_rebuild_equals_decode_gather():
+    """decode_plan + rebuild_keys + fetch_wait of the top-k equal decode_gather, which selects
+    itself."""
     prefill, cos, sin, ws, gk, gv, gl = load_args()
     B, H, d = 2, 2, 64
     q, k, v = torch.randn(B, 2 * H, 1, d), torch.randn(B, H, 1, d), torch.randn(B, H, 1, d)
     scores = ops.landmark_scores(q, prefill.landmarks, prefill.selectable, 0.125)
     idx = scores.topk(5, -1).indices
-    ops.decode_load(idx, k, v, list(prefill), cos, sin, gk, gv, gl, *ws, 8, "rotate_half")
+    sel_k, sel_v, slot_chunk, chunk_slot, n_load = ws
+    lc, ls = ops.decode_plan(idx, k, v, list(prefill), gk, gv, gl, sel_v, slot_chunk,
+                             chunk_slot, n_load)
+    ops.rebuild_keys(sel_k, prefill.U, prefill.SV, cos, sin, lc, ls, n_load, 8, "rotate_half")
+    ops.fetch_wait(sel_v, sel_k)
     ws2 = ops.workspace(prefill, 5, 8, gather=True)
     gk2, gv2, gl2 = torch.zeros_like(gk), torch.zeros_like(gv), torch.zeros_like(gl)
     ops.decode_gather(q, k, v, list(prefill), cos, sin, gk2, gv2, gl2, *ws2, 0.125, 8, 5,
                       "rotate_half")
     for a, b in zip((gk, gv, gl, *ws), (gk2, gv2, gl2, *ws2)):
         assert torch.equal(a, b)
-    assert gl.item() == 1 and torch.equal(ws[2], idx.to(ws[2].dtype))
+    assert gl.item() == 1 and torch.equal(slot_chunk, idx.to(slot_chunk.dtype))
 
 
-def test_opcheck_decode_load():
+def test_opcheck_plan_rebuild_wait():
     prefill, cos, sin, ws, gk, gv, gl = load_args()
+    sel_k, sel_v, slot_chunk, chunk_slot, n_load = ws
     idx = torch.stack([torch.randperm(12)[:5] for _ in range(4)]).view(2, 2, 5)
     k, v = torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64)
-    torch.library.opcheck(torch.ops.shadowkv.decode_load.default,
-                          (idx, k, v, list(prefill), cos, sin, gk, gv, gl, *ws, 8, "rotate_half"),
+    plan_args = (idx, k, v, list(prefill), gk, gv, gl, sel_v, slot_chunk, chunk_slot, n_load)
+    torch.library.opcheck(torch.ops.shadowkv.decode_plan.default, plan_args,
                           test_utils=("test_schema", "test_faketensor"))
+    lc, ls = ops.decode_plan(*plan_args)
+    torch.library.opcheck(torch.ops.shadowkv.rebuild_keys.default,
+                          (sel_k, prefill.U, prefill.SV, cos, sin, lc, ls, n_load, 8,
+                           "rotate_half"))
+    torch.library.opcheck(torch.ops.shadowkv.fetch_wait.default, (sel_v, sel_k))
+
+
+def rebuild_args(B=2, H=2, N=11, C=8, d=64, r=40, K=5, rd=None, style="rotate_half",
+                 dtype=torch.float32, hits=2, device=DEV, seed=0):
+    """rebuild_keys' arguments: a workspace of K slots that already holds keys (nan, so a slot
+    written by mistake shows), a load list of K - hits missed chunks into distinct slots."""
+    from test_kernels import distinct_chunks, synthetic_state
+    st = synthetic_state(B, H, N, C, d, r, d if rd is None else rd, 0, 0, style, dtype,
+                         device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    chunks = distinct_chunks(B, H, N, K, seed=seed).to(torch.int32)
+    slots = torch.stack([torch.randperm(K, generator=g) for _ in range(B * H)]).view(B, H, K)
+    n_load = torch.full((B, H), K - hits, dtype=torch.int32)
+    n_load[0, 0] = 0  # a head with every chunk a hit
+    n_load[-1, -1] = K  # and one with none
+    sel_k = torch.full((B, H, K * C, d), float("nan"), dtype=dtype)
+    args = (sel_k, st.U, st.SV, st.cos, st.sin, chunks, slots.to(torch.int32), n_load, C, style)
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def rebuilt(args):
+    """The reference's workspace after rebuild_keys (on the CPU)."""
+    cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    cpu[0] = cpu[0].clone()
+    ref.rebuild_into(*cpu)
+    return cpu[0]
+
+
+def close_keys(got, want, dtype):
+    from tolerances import KERNEL_BF16, KERNEL_FP32
+    atol, rtol = KERNEL_FP32 if dtype == torch.float32 else KERNEL_BF16
+    torch.testing.assert_close(got.float().cpu(), want.float(), atol=atol, rtol=rtol,
+                               equal_nan=True)
+
+
+REBUILD_CASES = [  # d, rotary dims, style, dtype
+    pytest.param(64, None, "rotate_half", torch.float32, id="full-rotary-fp32"),
+    pytest.param(128, None, "rotate_half", torch.bfloat16, id="full-rotary-bf16-d128"),
+    pytest.param(64, 32, "rotate_half", torch.float32, id="partial-rotary"),
+    pytest.param(64, None, "interleaved", torch.bfloat16, id="interleaved-bf16"),
+    pytest.param(64, 0, "none", torch.float32, id="no-rope"),
+]
+
+
+@pytest.mark.parametrize("d,rd,style,dtype", REBUILD_CASES)
+def test_rebuild_reference_matches_the_kernel(d, rd, style, dtype):
+    """Only the listed slots change (the nan of the others stays), in both."""
+    args = rebuild_args(d=d, rd=rd, style=style, dtype=dtype)
+    want = rebuilt(args)
+    assert want.isnan().any() and not want.isnan().all()
+    chunk_gather.rebuild_keys_into(*args)
+    close_keys(args[0], want, dtype)
+
+
+def test_fetch_wait_without_a_pending_fetch_is_a_no_op():
+    sel_v, sel_k = torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4)
+    before = sel_v.clone()
+    ops.fetch_wait(sel_v, sel_k)
+    assert torch.equal(sel_v, before)
 
 
 # ----------------------------------------------------------------------------- Inductor, CPU
@@ -186,8 +261,9 @@ def test_non_contiguous_query(triton_on_cpu):
 
 
 def test_templates_compile_for_hopper_without_a_gpu(triton_on_cpu, tmp_path):
-    """The interpreter does not compile kernels: generate both templates at the Llama-8B head
-    shape (bf16; fp32 with a radius) and compile them for sm_90 with Triton's ptxas."""
+    """The interpreter does not compile kernels: generate the scores' templates at the
+    Llama-8B head shape (bf16; fp32 with a radius) and the rebuild's (full and partial rotary)
+    and compile them for sm_90 with Triton's ptxas."""
     from test_lowering import compile_for_sm90, template_kernels
     kernels = {}
     for dtype, radius in ((torch.bfloat16, False), (torch.float32, True)):
@@ -196,7 +272,13 @@ def test_templates_compile_for_hopper_without_a_gpu(triton_on_cpu, tmp_path):
         for name, src in template_kernels(code):
             kernels[f"{name} {str(dtype)[6:]} radius={radius}"] = src
         torch._dynamo.reset()
-    assert len(kernels) == 4, list(kernels)
+    for dtype, rd in ((torch.bfloat16, None), (torch.float32, 64)):  # full and partial rotary
+        _, code = run_and_get_code(torch.compile(rebuild_step),
+                                   *rebuild_args(B=1, d=128, r=160, rd=rd, dtype=dtype)[:-2])
+        for name, src in template_kernels(code):
+            kernels[f"{name} {str(dtype)[6:]} rd={rd}"] = src
+        torch._dynamo.reset()
+    assert len(kernels) == 6, list(kernels)
     compile_for_sm90(kernels, tmp_path)
 
 
@@ -209,6 +291,56 @@ def test_too_many_query_rows_fall_back(triton_on_cpu, caplog):
     assert tmpl.LOGITS_MARKER not in generated(code)
     assert "4 x 40 query rows per KV head exceed 128" in caplog.text
     close(scores, expected(*args))
+
+
+def rebuild_step(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load):
+    """The rebuild as the split route emits it, then a read of the workspace."""
+    torch.ops.shadowkv.rebuild_keys(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load,
+                                    REBUILD_C, REBUILD_STYLE[0])
+    return sel_k.sum(-1)
+
+
+REBUILD_C, REBUILD_STYLE = 8, ["rotate_half"]
+
+
+def check_rebuild_compiled(args, **compile_kw):
+    want = rebuilt(args)
+    REBUILD_STYLE[0] = args[-1]
+    total, code = run_and_get_code(torch.compile(rebuild_step, **compile_kw), *args[:-2])
+    code = generated(code)
+    assert chunk_gather.REBUILD_MARKER in code
+    from test_lowering import copies
+    assert not copies(code), copies(code)  # the workspace is written in place
+    close_keys(args[0], want, args[0].dtype)
+    return code
+
+
+@pytest.mark.parametrize("d,rd,style,dtype", REBUILD_CASES)
+def test_rebuild_template_compiled_on_cpu(triton_on_cpu, d, rd, style, dtype):
+    check_rebuild_compiled(rebuild_args(d=d, rd=rd, style=style, dtype=dtype), fullgraph=True)
+
+
+def test_rebuild_template_with_max_autotune(triton_on_cpu):
+    with inductor_config.patch(max_autotune=True):
+        check_rebuild_compiled(rebuild_args(d=128, dtype=torch.bfloat16))
+
+
+def test_rebuild_template_with_dynamic_sizes(triton_on_cpu):
+    """The prompt's chunk count and the batch as symbols."""
+    for n, b in ((11, 2), (17, 3)):
+        check_rebuild_compiled(rebuild_args(B=b, N=n), dynamic=True)
+
+
+def test_rebuild_template_disabled_falls_back(triton_on_cpu):
+    args = rebuild_args()
+    want = rebuilt(args)
+    lowering.key_rebuild.enable(False)
+    try:
+        _, code = run_and_get_code(torch.compile(rebuild_step), *args[:-2])
+    finally:
+        lowering.key_rebuild.enable(True)
+    assert chunk_gather.REBUILD_MARKER not in generated(code)
+    close_keys(args[0], want, args[0].dtype)
 
 
 def test_cpu_default_backend_keeps_the_reference():
