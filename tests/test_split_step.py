@@ -379,3 +379,16 @@ def test_gpu_templates_at_128k(dtype, radius):
     args = inputs(B=8, H=8, G=4, d=128, N=16384, dtype=dtype, radius=radius, device="cuda")
     with inductor_config.patch(force_disable_caches=True):
         check_compiled(lambda *a: top(*a, k=256), args, k=256, fullgraph=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype,rd", [(torch.bfloat16, None), (torch.bfloat16, 64),
+                                      (torch.float16, None)])
+def test_gpu_rebuild_template_at_128k(dtype, rd):
+    """Llama-3.1-8B layer at 128K (rank 160, 256 slots of 8), batch 4, 40% of the chunks
+    missed: the template writes only the missed slots, as the reference does."""
+    assert not INTERPRET, "GPU tests must run compiled kernels: unset TRITON_INTERPRET"
+    args = rebuild_args(B=4, H=8, N=16384, C=8, d=128, r=160, K=256, rd=rd, dtype=dtype,
+                        hits=154, device="cuda")
+    with inductor_config.patch(force_disable_caches=True):
+        check_rebuild_compiled(args, fullgraph=True)
