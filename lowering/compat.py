@@ -77,7 +77,7 @@ __all__ = ["REASON", "TEMPLATE_ROUTE", "TORCH", "append_choice", "ceildiv", "con
            "empty", "fallback", "fixed_layout", "gqa_reason", "guard_int", "hint", "interpret",
            "is_contiguous", "known_one", "lowerings", "make_template", "max_autotune",
            "realize_frozen", "register", "register_lowering", "select", "symbolic_grid",
-           "template_device", "why_not_lowered"]
+           "template_device", "template_or_fallback", "why_not_lowered"]
 
 
 def make_template(name: str, grid: Callable, source: str):
@@ -158,6 +158,24 @@ def guard_int(expr) -> int:
 def known_one(expr) -> bool:
     """The size is 1 for every value of its symbols (no guard added)."""
     return bool(V.graph.sizevars.statically_known_equals(expr, 1))
+
+
+def template_or_fallback(op, why: Optional[str], build: Callable, args: tuple, warned: set):
+    """A lowering's result for a call of op: build() (its templates) where why is None and the
+    build succeeds, else op as an opaque kernel; a failed build is a warning, once per reason
+    (the model compiles anyway: the opaque op is correct), a reason is a debug line."""
+    name = op._schema.name
+    if why is None:
+        try:
+            return build()
+        except Exception as e:
+            why = f"the template failed ({type(e).__name__}: {e})"
+            if why not in warned:
+                warned.add(why)
+                log.warning("shadowpass: %s stays an opaque op: %s", name, why,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+    log.debug("shadowpass: %s not lowered to its template: %s", name, why)
+    return fallback(op)(*args)
 
 
 def fallback(op):

@@ -11,7 +11,6 @@ that is not a contiguous buffer, the op stays an opaque call.
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -20,8 +19,6 @@ from shadowpass.templates import chunk_gather as tmpl
 from shadowpass.templates.common import next_pow2
 
 from . import compat
-
-log = logging.getLogger("shadowpass")
 
 NAME = tmpl.REBUILD_MARKER
 _STATE = {"enabled": True, "warned": set()}
@@ -112,19 +109,9 @@ def lower_rebuild_keys(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load, ch
                        rope_style):
     """The lowering registered for ``shadowkv::rebuild_keys`` (arguments: its schema)."""
     args = (sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load, chunk_size, rope_style)
-    why = why_not_template(sel_k, cos, sin)
-    if why is None:
-        try:
-            _template(*args)
-            return None
-        except Exception as e:  # the model must compile anyway: the opaque op is correct
-            why = f"the template failed ({type(e).__name__}: {e})"
-            if why not in _STATE["warned"]:
-                _STATE["warned"].add(why)
-                log.warning("shadowpass: shadowkv::rebuild_keys stays an opaque op: %s", why,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
-    log.debug("shadowpass: shadowkv::rebuild_keys not lowered to the template: %s", why)
-    return compat.fallback(torch.ops.shadowkv.rebuild_keys.default)(*args)
+    return compat.template_or_fallback(
+        torch.ops.shadowkv.rebuild_keys.default, why_not_template(sel_k, cos, sin),
+        lambda: _template(*args), args, _STATE["warned"])
 
 
 def register() -> bool:

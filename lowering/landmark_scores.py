@@ -19,7 +19,6 @@ on CUDA.
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -29,8 +28,6 @@ from shadowpass.templates.common import next_pow2
 from shadowpass.templates.landmark_scores import LOG2E
 
 from . import compat
-
-log = logging.getLogger("shadowpass")
 
 LOGITS_NAME = tmpl.LOGITS_MARKER
 SOFTMAX_NAME = tmpl.SOFTMAX_MARKER
@@ -112,19 +109,10 @@ def _template(q, landmarks, selectable, scale, radius):
 
 def lower_landmark_scores(q, landmarks, selectable, scale, radius=None):
     """The lowering registered for ``shadowkv::landmark_scores`` (arguments: its schema)."""
-    why = why_not_template(q, landmarks)
-    if why is None:
-        try:
-            return _template(q, landmarks, selectable, scale, radius)
-        except Exception as e:  # the model must compile anyway: the opaque op is correct
-            why = f"the template failed ({type(e).__name__}: {e})"
-            if why not in _STATE["warned"]:
-                _STATE["warned"].add(why)
-                log.warning("shadowpass: shadowkv::landmark_scores stays an opaque op: %s", why,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
-    log.debug("shadowpass: shadowkv::landmark_scores not lowered to the templates: %s", why)
-    return compat.fallback(torch.ops.shadowkv.landmark_scores.default)(
-        q, landmarks, selectable, scale, radius)
+    args = (q, landmarks, selectable, scale, radius)
+    return compat.template_or_fallback(
+        torch.ops.shadowkv.landmark_scores.default, why_not_template(q, landmarks),
+        lambda: _template(*args), args, _STATE["warned"])
 
 
 def register() -> bool:

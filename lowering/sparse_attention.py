@@ -18,7 +18,6 @@ reference on the CPU, the Triton kernels of ``templates.sparse_decode`` on CUDA
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -27,8 +26,6 @@ from shadowpass.templates import sparse_attention as tmpl
 from shadowpass.templates.sparse_decode import LOG2E, default_splits
 
 from . import compat
-
-log = logging.getLogger("shadowpass")
 
 NAME = tmpl.SPLIT_MARKER  # the TritonTemplates are named by the markers their code holds
 COMBINE_NAME = tmpl.COMBINE_MARKER
@@ -155,18 +152,9 @@ def lower_sparse_attention(q, scale, outlier_k, outlier_v, outlier_valid, sel_k,
     args = (q, scale, outlier_k, outlier_v, outlier_valid, sel_k, sel_v, slot_chunk,
             sparse_valid, selectable, local_k, local_v, local_valid, gen_k, gen_v, gen_len,
             chunk_size)
-    why = why_not_template(q, outlier_k, outlier_v)
-    if why is None:
-        try:
-            return _template(*args)
-        except Exception as e:  # the model must compile anyway: the opaque op is correct
-            why = f"the template failed ({type(e).__name__}: {e})"
-            if why not in _STATE["warned"]:
-                _STATE["warned"].add(why)
-                log.warning("shadowpass: shadowkv::sparse_attention stays an opaque op: %s", why,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
-    log.debug("shadowpass: shadowkv::sparse_attention not lowered to the template: %s", why)
-    return compat.fallback(torch.ops.shadowkv.sparse_attention.default)(*args)
+    return compat.template_or_fallback(
+        torch.ops.shadowkv.sparse_attention.default, why_not_template(q, outlier_k, outlier_v),
+        lambda: _template(*args), args, _STATE["warned"])
 
 
 def register() -> bool:
