@@ -49,7 +49,7 @@ from .templates.sparse_decode import sparse_decode
 log = logging.getLogger(__name__)
 
 __all__ = ["DecodeWorkspace", "decode_attention_cuda", "decode_triton", "gather_step",
-           "load_chunks", "load_step", "register_cuda_kernel", "sparse_attention_triton"]
+           "load_chunks", "register_cuda_kernel", "sparse_attention_triton"]
 
 
 _SIDE_STREAMS = {}
@@ -147,35 +147,21 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
     Hq, H = q.shape[1], k.shape[1]
     if Hq % H:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
-    idx = workspace.slot_chunk
-    if idx.shape[-1]:
-        # one selection for the whole batch: top-k's cost hardly depends on its row count. A
-        # selection per batch slice, to overlap slice i+1's scores and top-k with slice i's
-        # fetch, was slower (H100, 128K batch 8, one layer in a CUDA graph: 458 -> 709 us at 4
-        # slices).
-        radius = state.aux if policy in BOUNDED else None
-        idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks,
-                                   radius)
-    return load_step(idx, k, v, state, cos, sin, gen_k, gen_v, gen_len, chunk_size, rope_style,
-                     workspace, reuse, overlap, parts, attend)
-
-
-def load_step(idx, k, v, state: PrefillState, cos, sin, gen_k, gen_v, gen_len, chunk_size: int,
-              rope_style: str, workspace: DecodeWorkspace, reuse: bool = True,
-              overlap: bool = True, parts: int | None = None, attend=None):
-    """The part of ``gather_step`` after the selection (``reference.decode_load``): append the
-    new tokens and load the chunks idx [B, Hkv, K] that the workspace does not hold. Arguments
-    and result as ``gather_step``."""
     ref.append_generated(k, v, gen_k, gen_v, gen_len)
-    B, K = idx.shape[0], workspace.slot_chunk.shape[-1]
+    B, K = q.shape[0], workspace.slot_chunk.shape[-1]
     if K == 0:
         return workspace.slot_chunk, attend(ALL_ROWS, workspace.slot_chunk) if attend else None
-    if idx.is_cuda and _pageable(state.values):
+    # one selection for the whole batch: top-k's cost hardly depends on its row count. A
+    # selection per batch slice, to overlap slice i+1's scores and top-k with slice i's fetch,
+    # was slower (H100, 128K batch 8, one layer in a CUDA graph: 458 -> 709 us at 4 slices).
+    radius = state.aux if policy in BOUNDED else None
+    idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks, radius)
+    if q.is_cuda and _pageable(state.values):
         slot_chunk = _gather_on_host(idx, state, cos, sin, chunk_size, rope_style, workspace,
                                      reuse)
         return slot_chunk, attend(ALL_ROWS, slot_chunk) if attend else None
 
-    streams = overlap and _can_fork(idx)
+    streams = overlap and _can_fork(q)
     n = parts or ((LANE_PARTS if lanes.in_lane() else PIPELINE_PARTS) if streams else 1)
     if n > 1 and B > 1:
         n = min(n, B)
@@ -194,7 +180,7 @@ def load_step(idx, k, v, state: PrefillState, cos, sin, gen_k, gen_v, gen_len, c
     attended = []
     for rows, fetched in zip(slices, done):
         if fetched is not None:
-            torch.cuda.current_stream(idx.device).wait_event(fetched)
+            torch.cuda.current_stream(q.device).wait_event(fetched)
         if attend is not None:
             attended.append(attend(rows, _rows(slot_chunk, rows)))
     if attend is None:
@@ -343,6 +329,10 @@ def _decode_gather_op_cuda(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, sel_
               ("gather", scale, chunk_size, budget_chunks, rope_style, policy))
 
 
+# the split route's fetches in flight: (device, sel_v address) -> event recorded when done
+_PENDING = {}
+
+
 def _decode_plan_op_cuda(idx, k, v, state, gen_k, gen_v, gen_len, sel_v, slot_chunk,
                          chunk_slot, n_load):
     """``shadowkv::decode_plan`` on CUDA: append the new tokens, plan the loads with reuse and
@@ -378,15 +368,11 @@ def _rebuild_keys_op_cuda(sel_k, U, SV, cos, sin, load_chunk, load_slot, n_load,
 
 def _fetch_wait_op_cuda(sel_v, sel_k):
     """``shadowkv::fetch_wait`` on CUDA: the current stream waits for the pending fetch into
-    sel_v, if any (a batch lane first hands the stream on, as ``load_step`` does)."""
+    sel_v, if any (a batch lane first hands the stream on, as ``gather_step`` does)."""
     done = _PENDING.pop((sel_v.device, sel_v.data_ptr()), None)
     if done is not None:
         lanes.handoff()
         torch.cuda.current_stream(sel_v.device).wait_event(done)
-
-
-# the split route's fetches in flight: (device, sel_v address) -> event recorded when done
-_PENDING = {}
 
 
 def _landmark_scores_op_cuda(q, landmarks, selectable, scale, radius=None):
@@ -397,16 +383,16 @@ def _landmark_scores_op_cuda(q, landmarks, selectable, scale, radius=None):
     return landmark_scores(q, landmarks, selectable, scale, fill=-1.0, radius=radius)
 
 
-def _replayed(step, first, k, v, st: PrefillState, gen_len, buffers, config: tuple):
-    """step(first, k, v), replayed as the site's CUDA graph (StepGraphs) when the state allows
-    it: not while another graph captures, and only with page-locked values (the GPU reads them
+def _replayed(step, q, k, v, st: PrefillState, gen_len, buffers, config: tuple):
+    """step(q, k, v), replayed as the site's CUDA graph (StepGraphs) when the state allows it:
+    not while another graph captures, and only with page-locked values (the GPU reads them
     directly). The graph is keyed by every persistent buffer's address and shape."""
     if (torch.cuda.is_current_stream_capturing() or not is_pinned(st.values)
             or lanes.in_lane()):  # a lane hands the stream on inside the step
-        return step(first, k, v)
-    key = (tuple((t.data_ptr(), tuple(t.shape)) for t in (*st, gen_len, *buffers)), first.shape,
-           first.dtype, k.shape, *config)
-    return _STEP_GRAPHS.run(gen_len, key, step, (first, k, v))
+        return step(q, k, v)
+    key = (tuple((t.data_ptr(), tuple(t.shape)) for t in (*st, gen_len, *buffers)), q.shape,
+           q.dtype, k.shape, *config)
+    return _STEP_GRAPHS.run(gen_len, key, step, (q, k, v))
 
 
 def _kernel_takes(q, outlier_k, sel_v, gen_v) -> bool:

@@ -23,14 +23,13 @@ The rebuild is also an Inductor template (``key_rebuild.py.jinja``, ``rebuild_so
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
 from ..hostmem import is_pinned
-from .common import INTERPRET, dot, is_fake, jit_source, launch, next_pow2
+from .common import INTERPRET, dot, is_fake, launch, next_pow2, template_source
 
 ROPE_CODES = {"none": 0, "rotate_half": 1, "interleaved": 2}
 # Persistent value-fetch programs. H100, 128K B8 (scripts/fetch_programs.py): 33 to 1M programs
@@ -244,9 +243,7 @@ def rotates_all(rope: int, rotary_dims: int, head_dim: int) -> bool:
 @functools.lru_cache(maxsize=None)
 def rebuild_source() -> str:
     """The rebuild's Inductor template: the Jinja kernel, then the helpers it calls."""
-    helpers = [jit_source(dot), jit_source(_load_rows), jit_source(_rebuild_rows)]
-    return (Path(__file__).parent / "key_rebuild.py.jinja").read_text() + "\n\n" + \
-        "\n\n".join(helpers)
+    return template_source("key_rebuild.py.jinja", dot, _load_rows, _rebuild_rows)
 
 
 # A name only the template's generated code contains (tests look for it in Inductor's output).

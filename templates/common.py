@@ -10,12 +10,14 @@ from __future__ import annotations
 import inspect
 import os
 import textwrap
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "as_bytes", "dot", "is_fake", "jit_source", "launch", "next_pow2"]
+__all__ = ["INTERPRET", "as_bytes", "dot", "is_fake", "jit_source", "launch", "next_pow2",
+           "template_source"]
 
 # Read at import: the interpreter is chosen per process by this variable, as Triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -68,3 +70,10 @@ def jit_source(fn) -> str:
     (an Inductor template's source carries the helpers its kernel calls)."""
     inner = getattr(fn, "fn", fn)  # JITFunction / InterpretedFunction keep the Python function
     return "@triton.jit\n" + textwrap.dedent(inspect.getsource(inner)).split("\n", 1)[1]
+
+
+def template_source(name: str, *helpers) -> str:
+    """An Inductor template's source: the Jinja kernel ``name`` (beside this module), then the
+    ``@triton.jit`` helpers it calls."""
+    kernel = (Path(__file__).parent / name).read_text()
+    return "\n\n".join([kernel, *(jit_source(h) for h in helpers)])

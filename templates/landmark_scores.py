@@ -22,13 +22,12 @@ the templates call the ``@triton.jit`` tiles below, so the two routes compute al
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, as_bytes, dot, jit_source, launch, next_pow2
+from .common import INTERPRET, as_bytes, dot, launch, next_pow2, template_source
 
 LOG2E = 1.4426950408889634
 
@@ -231,18 +230,13 @@ SOFTMAX_MARKER = "shadowkv_landmark_softmax"
 @functools.lru_cache(maxsize=None)
 def logits_source() -> str:
     """Pass 1's template: the Jinja kernel, then the helpers it calls."""
-    helpers = [jit_source(dot), jit_source(_logits_tile), jit_source(_store_block_stats)]
-    return _read("landmark_logits.py.jinja") + "\n\n" + "\n\n".join(helpers)
+    return template_source("landmark_logits.py.jinja", dot, _logits_tile, _store_block_stats)
 
 
 @functools.lru_cache(maxsize=None)
 def softmax_source() -> str:
     """Pass 2's template: the Jinja kernel, then the helper it calls."""
-    return _read("landmark_softmax.py.jinja") + "\n\n" + jit_source(_scores_tile)
-
-
-def _read(name: str) -> str:
-    return (Path(__file__).parent / name).read_text()
+    return template_source("landmark_softmax.py.jinja", _scores_tile)
 
 
 __all__ = ["LOGITS_CONFIGS", "LOGITS_CONFIGS_MORE", "LOGITS_MARKER", "NB_TILE", "SOFTMAX_MARKER", "block_chunks", "landmark_scores",

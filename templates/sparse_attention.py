@@ -16,7 +16,6 @@ source is followed by the ``@triton.jit`` helpers it calls (``templates.sparse_d
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 from . import common, sparse_decode
 
@@ -27,20 +26,17 @@ __all__ = ["COMBINE_MARKER", "SPLIT_MARKER", "Config", "combine_source", "config
 SPLIT_MARKER = "shadowkv_sparse_attention_split"
 COMBINE_MARKER = "shadowkv_sparse_attention_combine"
 
-_HERE = Path(__file__).parent
-
 
 @functools.lru_cache(maxsize=None)
 def split_source() -> str:
     """The split kernel's template: the Jinja kernel, then the helpers it calls."""
-    helpers = [common.jit_source(common.dot), common.jit_source(sparse_decode._attend)]
-    return (_HERE / "sparse_attention.py.jinja").read_text() + "\n\n" + "\n\n".join(helpers)
+    return common.template_source("sparse_attention.py.jinja", common.dot, sparse_decode._attend)
 
 
 @functools.lru_cache(maxsize=None)
 def combine_source() -> str:
     """The merge kernel's template."""
-    return (_HERE / "sparse_attention_combine.py.jinja").read_text()
+    return common.template_source("sparse_attention_combine.py.jinja")
 
 
 class Config:

@@ -13,30 +13,27 @@ opcheck; the lowerings compiled by Inductor for the CPU with ``cpu_backend="trit
     pytest -m gpu tests/test_split_step.py
 """
 import math
-import os
 
 import pytest
 import torch
+from torch._inductor import config as inductor_config
+from torch._inductor.utils import run_and_get_code
+from test_lowering import (  # skips this module too where Triton is missing
+    DEV,
+    compile_for_sm90,
+    copies,
+    generated,
+    gpu,
+    template_kernels,
+)
+from tolerances import SCORES
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from shadowpass import lowering, ops
+from shadowpass import reference as ref
+from shadowpass.templates import chunk_gather
+from shadowpass.templates import landmark_scores as tmpl
+from shadowpass.templates.common import INTERPRET
 
-triton = pytest.importorskip("triton", reason="the kernels need Triton (pip install triton numpy)")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
-
-from torch._inductor import config as inductor_config  # noqa: E402
-from torch._inductor.utils import run_and_get_code  # noqa: E402
-from tolerances import SCORES  # noqa: E402
-
-import shadowpass  # noqa: E402,F401  (registers the ops and their lowerings)
-from shadowpass import lowering, ops  # noqa: E402
-from shadowpass import reference as ref  # noqa: E402
-from shadowpass.templates import chunk_gather  # noqa: E402
-from shadowpass.templates import landmark_scores as tmpl  # noqa: E402
-from shadowpass.templates.common import INTERPRET  # noqa: E402
-
-DEV = "cpu" if INTERPRET else "cuda"
 OP = torch.ops.shadowkv.landmark_scores.default
 
 
@@ -74,10 +71,6 @@ def same_selection(idx, scores, k):
     """idx holds a top-k of scores (ties may pick either chunk): its scores are the k largest."""
     picked = scores.gather(-1, idx.cpu()).sort(-1).values
     torch.testing.assert_close(picked, scores.topk(k, -1).values.sort(-1).values)
-
-
-def generated(code) -> str:
-    return "\n".join(code)
 
 
 CASES = [  # G, T, d, dtype, radius
@@ -264,7 +257,6 @@ def test_templates_compile_for_hopper_without_a_gpu(triton_on_cpu, tmp_path):
     """The interpreter does not compile kernels: generate the scores' templates at the
     Llama-8B head shape (bf16; fp32 with a radius) and the rebuild's (full and partial rotary)
     and compile them for sm_90 with Triton's ptxas."""
-    from test_lowering import compile_for_sm90, template_kernels
     kernels = {}
     for dtype, radius in ((torch.bfloat16, False), (torch.float32, True)):
         _, code = run_and_get_code(torch.compile(top), *inputs(B=1, H=2, G=4, d=128, N=300,
@@ -309,7 +301,6 @@ def check_rebuild_compiled(args, **compile_kw):
     total, code = run_and_get_code(torch.compile(rebuild_step, **compile_kw), *args[:-2])
     code = generated(code)
     assert chunk_gather.REBUILD_MARKER in code
-    from test_lowering import copies
     assert not copies(code), copies(code)  # the workspace is written in place
     close_keys(args[0], want, args[0].dtype)
     return code
@@ -364,11 +355,6 @@ def test_disabled_template_falls_back(triton_on_cpu):
 
 
 # ----------------------------------------------------------------------------- GPU
-def gpu(fn):
-    fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn)
-    return pytest.mark.gpu(fn)
-
-
 @gpu
 @pytest.mark.parametrize("dtype,radius", [(torch.bfloat16, False), (torch.float16, False),
                                           (torch.bfloat16, True), (torch.float32, False)])
