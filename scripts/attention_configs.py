@@ -1,13 +1,15 @@
 """Launch settings of the sparse decode attention (templates/sparse_decode.py) against SDPA.
 
-    python scripts/attention_configs.py      # GPU machine
+    python scripts/attention_configs.py [--batches 1 8 32]      # GPU machine
 
 At the Llama-3.1-8B layer shape (Hq 32, Hkv 8, d 128), 128K context, budget 2048 (48 outlier
 chunks, 32 local and 64 generated tokens: 2528 keys), batch 1/8/32: the split kernel's time
-for each BLOCK_N x num_warps x num_stages x split count (the default, half and twice), as a
+for each BLOCK_N x num_warps (1-8) x num_stages x split count (half, 1, 2 and 4 times the
+default), as a
 ratio to SDPA over a compact buffer of the same keys (issue 4's target: <= 1.3x). Times in us
 (median, CUDA graph); the last lines give the best setting per batch.
 """
+import argparse
 import itertools
 
 import torch
@@ -19,7 +21,9 @@ H, G, D, C, N, K, O, L, GEN, GCAP = 8, 4, 128, 8, 16380, 256, 48, 32, 64, 256
 dev, bf = "cuda", torch.bfloat16
 print(torch.cuda.get_device_name(), torch.__version__)
 best = {}
-for B in (1, 8, 32):
+ap = argparse.ArgumentParser()
+ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+for B in ap.parse_args().batches:
     def rnd(*shape):
         return torch.randn(*shape, device=dev, dtype=bf)
     q = rnd(B, H * G, 1, D)
@@ -40,16 +44,16 @@ for B in (1, 8, 32):
     t_ref = do_bench_cudagraph(lambda: sdpa(q, ck, cv, scale=D ** -0.5, enable_gqa=True), rep=100)
     print(f"\nB={B}: SDPA over a compact buffer of {P} keys: {t_ref * 1e3:.1f} us")
     print(f"{'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'us':>7} {'/ SDPA':>7}")
-    for block_n, warps, stages in itertools.product((32, 64), (4, 8), (2, 3, 4)):
+    for block_n, warps, stages in itertools.product((32, 64), (1, 2, 4, 8), (2, 3)):
         sd.SPLIT_LAUNCH = {"num_warps": warps, "num_stages": stages}
         default = sd.default_splits(B * H, O * C + K * C + GCAP, block_n, q.device)
-        for splits in sorted({max(1, default // 2), default, 2 * default}):
+        for splits in sorted({max(1, default // 2), default, 2 * default, 4 * default}):
             def run():
                 return sd.sparse_decode(q, D ** -0.5, ok_, ov, ovalid, sk, sv, slots, svalid,
                                         selectable, lk, lv, lvalid, gk, gv, glen, chunk_size=C,
                                         num_splits=splits, block_n=block_n)
             try:
-                t = do_bench_cudagraph(run, rep=100)
+                t = do_bench_cudagraph(run, rep=50)
             except Exception as e:  # e.g. out of shared memory for a setting
                 print(f"{block_n:>7} {warps:>5} {stages:>6} {splits:>6}  failed: {type(e).__name__}")
                 continue
