@@ -135,7 +135,7 @@ def main():
               f"{'M_PAD':>5} {'us':>7} {'/ SDPA':>7}")
         best = {}
         for gather, early, block_n, warps, stages in itertools.product(
-                (1, 0), (0, 1), (32, 64), (1, 2, 4), (2, 3)):
+                (1, 0), (0, 1), (32,), (1, 2, 4), (2, 3)):
             default = sd.default_splits(B * H, P, block_n, q.device)
             for S, m_pad in itertools.product(sorted({default, 2 * default, 4 * default}),
                                               sorted({16, 16 * warps})):
