@@ -125,6 +125,18 @@ def load_inductor_kernel(source: str):
     return getattr(mod, name), sig, warps, stages
 
 
+def divisibility(args) -> dict:
+    """The attrs a GPU launch would give these arguments: 16-byte aligned pointers and integers
+    divisible by 16 are marked so (Triton specializes on both), which decides whether loads
+    vectorize and pipeline through shared memory (cp.async); without them the report is of a
+    scalar-load kernel no launch compiles."""
+    def aligned(a):
+        if isinstance(a, torch.Tensor):
+            return a.data_ptr() % 16 == 0
+        return isinstance(a, int) and not isinstance(a, bool) and a % 16 == 0
+    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args) if aligned(a)}
+
+
 def compile_for(src, target, options):
     """Compile one kernel for the target: (registers, spilled bytes, shared memory bytes)."""
     k = triton_compile(src, target=target, options=options)
@@ -191,7 +203,8 @@ def main():
             name = kernel.__name__ + ("" if "ROPE" not in kwargs else f"[rope={kwargs['ROPE']}]")
             try:
                 regs, spill, shared = compile_for(
-                    ASTSource(fn=kernel, signature=sig, constexprs=kwargs), target, options)
+                    ASTSource(fn=kernel, signature=sig, constexprs=kwargs,
+                              attrs=divisibility(call_args)), target, options)
             except Exception as e:  # noqa: BLE001 (report every failing kernel, then fail)
                 failures += 1
                 print(f"{name:<32} {str(dtype)[6:]:<9} {d:>4}  FAILED: {type(e).__name__}: {e}")

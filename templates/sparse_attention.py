@@ -10,8 +10,9 @@ generated code:
   consumer's pointwise epilogue (a cast, a scale, ...) fused by Inductor.
 
 Sub notation and constexprs: see the block at the top of each ``.jinja`` file. The split
-source is followed by the ``@triton.jit`` helpers it calls (``templates.sparse_decode._attend``,
-``templates.common.dot``), copied from their definitions so both kernels share one inner step.
+source is followed by the ``@triton.jit`` helpers it calls (``templates.sparse_decode._attend``
+and ``_selected_valid``, ``templates.common.dot``), copied from their definitions so both
+kernels share one inner step.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ COMBINE_MARKER = "shadowkv_sparse_attention_combine"
 @functools.lru_cache(maxsize=None)
 def split_source() -> str:
     """The split kernel's template: the Jinja kernel, then the helpers it calls."""
-    return common.template_source("sparse_attention.py.jinja", common.dot, sparse_decode._attend)
+    return common.template_source("sparse_attention.py.jinja", common.dot, sparse_decode._attend,
+                                  sparse_decode._selected_valid)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,8 +58,13 @@ class Config:
 # d = 128; scripts/compile_kernels.py --inductor-kernels): with 16-bit data, 32 keys x 4 warps
 # (the hand-tuned setting of sparse_decode) uses 127 registers, 64 x 4 140, 64 x 8 255, none
 # spills; 128 x 8 and 32 x 8 spill a few bytes. 32-bit data spills at 4 warps, not at 32 x 8.
-_QUICK = {2: [(32, 4, 2), (64, 4, 2), (64, 8, 3)], 4: [(32, 8, 2), (32, 4, 2)]}
-_MORE = {2: [(128, 8, 3), (32, 8, 2), (16, 4, 2)], 4: [(64, 8, 2), (16, 4, 2)]}
+# The quick three are the best of scripts/attention_configs.py and attention_variants.py at
+# 128K, batch 8 (H100, 2026-12-07, results/h100/attention_probe/): 32 x 4 x 3 (1.31x SDPA
+# over a compact buffer), 64 x 4 x 2 (1.39x) and 32 x 1 x 3 (one warp: the probe's loop with
+# each block's validity loaded a step ahead, as both kernels now do, at 1.09x).
+_QUICK = {2: [(32, 4, 3), (32, 1, 3), (64, 4, 2)], 4: [(32, 8, 2), (32, 4, 2)]}
+_MORE = {2: [(32, 4, 2), (32, 2, 3), (64, 8, 3), (128, 8, 3), (16, 4, 2)],
+         4: [(64, 8, 2), (16, 4, 2)]}
 SHARED_BYTES = 200 * 1024  # below sm_90's 227 KB per block, with room for the compiler's own
 
 
