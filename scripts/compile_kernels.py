@@ -153,7 +153,11 @@ def compile_inductor_kernels(path: str, target) -> int:
     for label, source in kernels.items():
         try:
             fn, sig, warps, stages = load_inductor_kernel(source)
-            regs, spill, shared = compile_for(ASTSource(fn=fn, signature=sig, constexprs={}),
+            # Inductor's own buffers and our inputs are 16-byte aligned on a GPU
+            aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values())
+                       if t.startswith("*")}
+            regs, spill, shared = compile_for(ASTSource(fn=fn, signature=sig, constexprs={},
+                                                        attrs=aligned),
                                               target, {"num_warps": warps, "num_stages": stages})
         except Exception as e:  # noqa: BLE001 (report every failing kernel, then fail)
             failures += 1

@@ -54,10 +54,10 @@ class Config:
 
 
 # (BLOCK_N, num_warps, num_stages) for sm_90 (H100/H200: 228 KB shared memory, 64K registers
-# per SM), from ptxas's resource report of the generated kernels (Llama-8B layer, G = 4,
-# d = 128; scripts/compile_kernels.py --inductor-kernels): with 16-bit data, 32 keys x 4 warps
-# (the hand-tuned setting of sparse_decode) uses 127 registers, 64 x 4 140, 64 x 8 255, none
-# spills; 128 x 8 and 32 x 8 spill a few bytes. 32-bit data spills at 4 warps, not at 32 x 8.
+# per SM). ptxas's resource report of the generated kernels (Llama-8B layer, G = 4, d = 128,
+# 16-byte aligned arguments as on a GPU; scripts/compile_kernels.py --inductor-kernels): with
+# 16-bit data 32 keys x 4 warps x 3 stages uses 72 registers, 64 x 4 112, 64 x 8 86, 128 x 8
+# 158, and one warp 255 with 16 bytes spilled; 32-bit data (G = 1, d = 64) spills nowhere.
 # The quick three are the best of scripts/attention_configs.py and attention_variants.py at
 # 128K, batch 8 (H100, 2026-12-07, results/h100/attention_probe/): 32 x 4 x 3 (1.31x SDPA
 # over a compact buffer), 64 x 4 x 2 (1.39x) and 32 x 1 x 3 (one warp: the probe's loop with

@@ -259,7 +259,7 @@ def sparse_decode(q: torch.Tensor, scale: float,
                          "per step")
     if out is None:
         out = torch.empty(B, Hq, T, d, dtype=q.dtype, device=q.device)
-    # 32 keys per step keeps the split kernel near 128 registers (sm_90): 4 CTAs per SM
+    # 32 keys per step keeps the split kernel below 128 registers (98 on sm_90): 4 CTAs per SM
     BLOCK_N = block_n or (16 if INTERPRET else 32)
     # Ll (local tail) varies with the prompt length: leave it out so S does not
     S = num_splits or default_splits(B * H, Lo + Ls + Gcap, BLOCK_N, q.device)
