@@ -2,17 +2,16 @@
 
     python scripts/attention_variants.py [--batches 8]      # GPU machine
 
-The production kernel (templates/sparse_decode.py) is 1.6x SDPA over a compact buffer of the
-same keys at the Llama-3.1-8B layer shape, 128K context, budget 2048 (2528 keys), batch 8, and
-no launch setting closes the gap (scripts/attention_configs.py). This probe runs one split
-kernel over a single contiguous [B, H, P, d] buffer with two switches, to see which part of the
-loop costs the time:
+At the Llama-3.1-8B layer shape, 128K context, budget 2048 (2528 keys), batch 8, the
+attention kernel (templates/sparse_decode.py) was 1.3-1.6x SDPA over a compact buffer of the
+same keys, and no launch setting closed the gap (scripts/attention_configs.py). This probe runs
+one split kernel over a single contiguous [B, H, P, d] buffer, with the production step
+(``sparse_decode._attend``) and two switches, to see which part of the loop costs the time:
 
-- GATHER: each key's validity through the selected segment's chain (slot -> chunk ->
-  token and chunk flags, two dependent loads), as production does for 81% of the keys; off:
-  no masks at all;
-- EARLY: the step's K and V tiles loaded together at the top of the iteration (and the next
-  block's validity prefetched one iteration ahead), instead of V after the softmax.
+- GATHER: each key's validity through the selected segment's chain
+  (``sparse_decode._selected_valid``: slot -> chunk -> token and chunk flags, two dependent
+  loads), as production does for 81% of the keys; off: no masks at all;
+- PREFETCH: each block's validity loaded one step ahead, as production now does.
 
 With 16 padded query rows (G = 4), 4 warps split a score tile's columns between them, so
 each step's row max and sum cross warps through shared memory; 1 or 2 warps keep more of it
@@ -20,8 +19,11 @@ in one warp, with more programs (splits) to keep the memory busy; or M_PAD = 16 
 the warps along the rows (as FlashAttention's decode kernel does), each warp's reductions its
 own, for 4x the (idle) tensor-core work.
 
-Each variant over BLOCK_N x warps x stages x split counts; times in us (median, CUDA graph) and
-as a ratio to SDPA. Outputs are checked against SDPA before timing.
+Each variant over BLOCK_N x warps x stages x split counts x M_PAD; times in us (median, CUDA
+graph) and as a ratio to SDPA. Outputs are checked against SDPA before timing.
+The run in results/h100/attention_probe/variants.txt is of this probe at 6dc398f: its "early"
+column is PREFETCH with K and V loaded together, which ``_attend`` has done since (then it
+loaded V after the softmax).
 """
 import argparse
 import itertools
@@ -32,23 +34,18 @@ import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 from shadowpass.templates import sparse_decode as sd
-from shadowpass.templates.common import dot
 
-H, G, D, C, N, K, O, L, GEN, GCAP = 8, 4, 128, 8, 16380, 256, 48, 32, 64, 256
+H, G, D, C, N, K, O, L, GEN = 8, 4, 128, 8, 16380, 256, 48, 32, 64
 P = O * C + K * C + L + GEN
+SLOTS = triton.cdiv(P, C)
 
 
 @triton.jit
-def _validity(slot_chunk_ptr, tok_valid_ptr, selectable_ptr, bh, b, pos, pos_ok, N, C, K,
-              GATHER: tl.constexpr):
+def _validity(slot_base, tok_base, sel_base, pos, end, C, GATHER: tl.constexpr):
     if GATHER:
-        chunk = tl.load(slot_chunk_ptr + bh * K + (pos // C) % K, mask=pos_ok, other=-1).to(tl.int64)
-        have = pos_ok & (chunk >= 0)
-        tok_ok = tl.load(tok_valid_ptr + b * N * C + chunk * C + pos % C, mask=have, other=0)
-        chunk_ok = tl.load(selectable_ptr + bh * N + chunk, mask=have, other=0)
-        return (tok_ok != 0) & (chunk_ok != 0)
+        return sd._selected_valid(slot_base, tok_base, sel_base, pos, end, C, 1, 1, 1)
     else:
-        return pos_ok
+        return pos < end
 
 
 @triton.jit
@@ -56,7 +53,7 @@ def _probe_split(q_ptr, k_ptr, v_ptr, slot_chunk_ptr, tok_valid_ptr, selectable_
                  po_ptr, pm_ptr, pl_ptr, out_ptr, count_ptr, qk_scale, H, G, P, N, C, K, S,
                  D: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  M_ROWS: tl.constexpr, S_BLOCK: tl.constexpr, GATHER: tl.constexpr,
-                 EARLY: tl.constexpr):
+                 PREFETCH: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // H
@@ -70,39 +67,23 @@ def _probe_split(q_ptr, k_ptr, v_ptr, slot_chunk_ptr, tok_valid_ptr, selectable_
     m_i = tl.full([M_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([M_PAD], dtype=tl.float32)
     acc = tl.zeros([M_PAD, D], dtype=tl.float32)
-    k_base = k_ptr + bh * P * D
-    v_base = v_ptr + bh * P * D
-    if EARLY:
-        pos = start + tl.arange(0, BLOCK_N)
-        valid = _validity(slot_chunk_ptr, tok_valid_ptr, selectable_ptr, bh, b, pos, pos < end,
-                          N, C, K, GATHER)
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            pos_ok = pos < end
-            k = tl.load(k_base + pos[:, None] * D + cols[None, :], mask=pos_ok[:, None], other=0.0)
-            v = tl.load(v_base + pos[:, None] * D + cols[None, :], mask=pos_ok[:, None], other=0.0)
-            nxt = pos + BLOCK_N
-            valid_next = _validity(slot_chunk_ptr, tok_valid_ptr, selectable_ptr, bh, b, nxt,
-                                   nxt < end, N, C, K, GATHER)
-            s = (dot(q.to(k.dtype), tl.trans(k), False) * qk_scale).to(tl.float32)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, False)
-            m_i = m_new
+    every_row = rows[:, None] >= 0
+    slot_base = slot_chunk_ptr + bh * K  # K = cdiv(P, C) slots: every key is a selected one
+    tok_base = tok_valid_ptr + b * N * C
+    sel_base = selectable_ptr + bh * N
+    valid = _validity(slot_base, tok_base, sel_base, start + tl.arange(0, BLOCK_N), end, C,
+                      GATHER)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        if PREFETCH:
+            valid_next = _validity(slot_base, tok_base, sel_base, pos + BLOCK_N, end, C, GATHER)
+        else:
+            valid = _validity(slot_base, tok_base, sel_base, pos, end, C, GATHER)
+        m_i, l_i, acc = sd._attend(q, k_ptr + bh * P * D, v_ptr + bh * P * D, pos, pos < end,
+                                   every_row & valid[None, :], m_i, l_i, acc, qk_scale, cols,
+                                   cols < D, D, 1, D, 1, False)
+        if PREFETCH:
             valid = valid_next
-    else:
-        every_row = rows[:, None] >= 0
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            pos_ok = pos < end
-            valid = _validity(slot_chunk_ptr, tok_valid_ptr, selectable_ptr, bh, b, pos, pos_ok,
-                              N, C, K, GATHER)
-            m_i, l_i, acc = sd._attend(q, k_base, v_base, pos, pos_ok, every_row & valid[None, :],
-                                       m_i, l_i, acc, qk_scale, cols, cols < D, D, 1, D, 1, False)
     part = bh * S + split
     tl.store(po_ptr + (part * M_PAD + rows)[:, None] * D + cols[None, :], acc)
     tl.store(pm_ptr + part * M_PAD + rows, m_i)
@@ -122,8 +103,8 @@ def main():
     for B in args.batches:
         q = torch.randn(B, H * G, 1, D, device=dev, dtype=bf)
         k, v = (torch.randn(B, H, P, D, device=dev, dtype=bf) for _ in range(2))
-        slots = torch.stack([torch.randperm(N, device=dev)[:K] for _ in range(B * H)])
-        slots = slots.view(B, H, K).to(torch.int32)
+        slots = torch.stack([torch.randperm(N, device=dev)[:SLOTS] for _ in range(B * H)])
+        slots = slots.view(B, H, SLOTS).to(torch.int32)
         tok_valid = torch.ones(B, N * C, dtype=torch.uint8, device=dev)
         selectable = torch.ones(B, H, N, dtype=torch.uint8, device=dev)
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -131,10 +112,10 @@ def main():
         t_ref = do_bench_cudagraph(lambda: sdpa(q, k, v, scale=scale, enable_gqa=True), rep=100)
         print(f"\nB={B}: SDPA over {P} keys: {t_ref * 1e3:.1f} us "
               f"({2 * B * H * P * D * 2 / t_ref / 1e6:.0f} GB/s)")
-        print(f"{'gather':>6} {'early':>5} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} "
+        print(f"{'gather':>6} {'prefetch':>8} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} "
               f"{'M_PAD':>5} {'us':>7} {'/ SDPA':>7}")
         best = {}
-        for gather, early, block_n, warps, stages in itertools.product(
+        for gather, prefetch, block_n, warps, stages in itertools.product(
                 (1, 0), (0, 1), (32,), (1, 2, 4), (2, 3)):
             default = sd.default_splits(B * H, P, block_n, q.device)
             for S, m_pad in itertools.product(sorted({default, 2 * default, 4 * default}),
@@ -148,10 +129,10 @@ def main():
                     count.zero_()
                     _probe_split[(B * H, S)](
                         q, k, v, slots, tok_valid, selectable, po, pm, pl, out, count,
-                        scale * sd.LOG2E, H, G, P, N, C, K, S, D=D, M_PAD=m_pad,
+                        scale * sd.LOG2E, H, G, P, N, C, SLOTS, S, D=D, M_PAD=m_pad,
                         BLOCK_N=block_n, M_ROWS=4, S_BLOCK=triton.next_power_of_2(S),
-                        GATHER=gather, EARLY=early, num_warps=warps, num_stages=stages)
-                setting = (f"{gather:>6} {early:>5} {block_n:>7} {warps:>5} {stages:>6} {S:>6} "
+                        GATHER=gather, PREFETCH=prefetch, num_warps=warps, num_stages=stages)
+                setting = (f"{gather:>6} {prefetch:>8} {block_n:>7} {warps:>5} {stages:>6} {S:>6} "
                            f"{m_pad:>5}")
                 try:
                     run()
@@ -162,11 +143,11 @@ def main():
                     continue
                 flag = "" if err < 2e-2 else f"  WRONG (max err {err:.3g})"
                 print(f"{setting} {t * 1e3:>7.1f} {t / t_ref:>7.2f}{flag}")
-                key = (gather, early)
+                key = (gather, prefetch)
                 best[key] = min(best.get(key, (float("inf"),)),
                                 (t / t_ref, block_n, warps, stages, S, m_pad))
-        for (gather, early), (r, block_n, warps, stages, S, m_pad) in sorted(best.items()):
-            print(f"best B={B} gather={gather} early={early}: {r:.2f}x SDPA (BLOCK_N {block_n}, "
+        for (gather, prefetch), (r, block_n, warps, stages, S, m_pad) in sorted(best.items()):
+            print(f"best B={B} gather={gather} prefetch={prefetch}: {r:.2f}x SDPA (BLOCK_N {block_n}, "
                   f"{warps} warps, {stages} stages, {S} splits, M_PAD {m_pad})")
 
 
