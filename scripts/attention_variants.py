@@ -1,6 +1,6 @@
 """Where the sparse decode attention loses time against SDPA: variants of its inner loop.
 
-    python scripts/attention_variants.py [--batches 8]      # GPU machine
+    python scripts/attention_variants.py [--batches 8] [--warps 1 2 4] [--stages 2 3] [--merge 1 0]
 
 At the Llama-3.1-8B layer shape, 128K context, budget 2048 (2528 keys), batch 8, the
 attention kernel (templates/sparse_decode.py) was 1.3-1.6x SDPA over a compact buffer of the
@@ -11,7 +11,11 @@ one split kernel over a single contiguous [B, H, P, d] buffer, with the producti
 - GATHER: each key's validity through the selected segment's chain
   (``sparse_decode._selected_valid``: slot -> chunk -> token and chunk flags, two dependent
   loads), as production does for 81% of the keys; off: no masks at all;
-- PREFETCH: each block's validity loaded one step ahead, as production now does.
+- PREFETCH: each block's validity loaded one step ahead, as production now does;
+- MERGE: the last split of each head merges the partials (``sparse_decode._combine``), as
+  production does; off: the partials are only written (at batch 1, 18 us of the kernel's
+  ~23 us stay whatever the block, warps, stages and splits: is it the merge?). Off gives no
+  output, so only its time is printed.
 
 With 16 padded query rows (G = 4), 4 warps split a score tile's columns between them, so
 each step's row max and sum cross warps through shared memory; 1 or 2 warps keep more of it
@@ -53,7 +57,7 @@ def _probe_split(q_ptr, k_ptr, v_ptr, slot_chunk_ptr, tok_valid_ptr, selectable_
                  po_ptr, pm_ptr, pl_ptr, out_ptr, count_ptr, qk_scale, H, G, P, N, C, K, S,
                  D: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  M_ROWS: tl.constexpr, S_BLOCK: tl.constexpr, GATHER: tl.constexpr,
-                 PREFETCH: tl.constexpr):
+                 PREFETCH: tl.constexpr, MERGE: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // H
@@ -88,14 +92,18 @@ def _probe_split(q_ptr, k_ptr, v_ptr, slot_chunk_ptr, tok_valid_ptr, selectable_
     tl.store(po_ptr + (part * M_PAD + rows)[:, None] * D + cols[None, :], acc)
     tl.store(pm_ptr + part * M_PAD + rows, m_i)
     tl.store(pl_ptr + part * M_PAD + rows, l_i)
-    tl.debug_barrier()
-    if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu") == S - 1:
-        sd._combine(bh, out_ptr, po_ptr, pm_ptr, pl_ptr, G, 1, S, D, D, M_PAD, M_ROWS, S_BLOCK)
+    if MERGE:
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu") == S - 1:
+            sd._combine(bh, out_ptr, po_ptr, pm_ptr, pl_ptr, G, 1, S, D, D, M_PAD, M_ROWS, S_BLOCK)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[8])
+    ap.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--merge", type=int, nargs="+", default=[1], help="1, 0 or both")
     args = ap.parse_args()
     dev, bf = "cuda", torch.bfloat16
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
@@ -112,11 +120,11 @@ def main():
         t_ref = do_bench_cudagraph(lambda: sdpa(q, k, v, scale=scale, enable_gqa=True), rep=100)
         print(f"\nB={B}: SDPA over {P} keys: {t_ref * 1e3:.1f} us "
               f"({2 * B * H * P * D * 2 / t_ref / 1e6:.0f} GB/s)")
-        print(f"{'gather':>6} {'prefetch':>8} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} "
-              f"{'M_PAD':>5} {'us':>7} {'/ SDPA':>7}")
+        print(f"{'merge':>5} {'gather':>6} {'prefetch':>8} {'BLOCK_N':>7} {'warps':>5} "
+              f"{'stages':>6} {'splits':>6} {'M_PAD':>5} {'us':>7} {'/ SDPA':>7}")
         best = {}
-        for gather, prefetch, block_n, warps, stages in itertools.product(
-                (1, 0), (0, 1), (32,), (1, 2, 4), (2, 3)):
+        for merge, gather, prefetch, block_n, warps, stages in itertools.product(
+                args.merge, (1, 0), (0, 1), (32,), args.warps, args.stages):
             default = sd.default_splits(B * H, P, block_n, q.device)
             for S, m_pad in itertools.product(sorted({default, 2 * default, 4 * default}),
                                               sorted({16, 16 * warps})):
@@ -124,16 +132,17 @@ def main():
                 pm, pl = (torch.empty(B * H * S * m_pad, device=dev) for _ in range(2))
                 out = torch.empty_like(q)
                 count = torch.zeros(B * H, dtype=torch.int32, device=dev)
+                s_block = min(triton.next_power_of_2(S), 4096 // (4 * D))  # as sparse_decode
 
                 def run():
                     count.zero_()
                     _probe_split[(B * H, S)](
                         q, k, v, slots, tok_valid, selectable, po, pm, pl, out, count,
                         scale * sd.LOG2E, H, G, P, N, C, SLOTS, S, D=D, M_PAD=m_pad,
-                        BLOCK_N=block_n, M_ROWS=4, S_BLOCK=triton.next_power_of_2(S),
-                        GATHER=gather, PREFETCH=prefetch, num_warps=warps, num_stages=stages)
-                setting = (f"{gather:>6} {prefetch:>8} {block_n:>7} {warps:>5} {stages:>6} {S:>6} "
-                           f"{m_pad:>5}")
+                        BLOCK_N=block_n, M_ROWS=4, S_BLOCK=s_block, GATHER=gather,
+                        PREFETCH=prefetch, MERGE=merge, num_warps=warps, num_stages=stages)
+                setting = (f"{merge:>5} {gather:>6} {prefetch:>8} {block_n:>7} {warps:>5} "
+                           f"{stages:>6} {S:>6} {m_pad:>5}")
                 try:
                     run()
                     err = (out.float() - ref.float()).abs().max().item()
@@ -141,14 +150,15 @@ def main():
                 except Exception as e:  # e.g. out of shared memory
                     print(f"{setting}  failed: {type(e).__name__}")
                     continue
-                flag = "" if err < 2e-2 else f"  WRONG (max err {err:.3g})"
+                flag = "" if err < 2e-2 or not merge else f"  WRONG (max err {err:.3g})"
                 print(f"{setting} {t * 1e3:>7.1f} {t / t_ref:>7.2f}{flag}")
-                key = (gather, prefetch)
+                key = (merge, gather, prefetch)
                 best[key] = min(best.get(key, (float("inf"),)),
                                 (t / t_ref, block_n, warps, stages, S, m_pad))
-        for (gather, prefetch), (r, block_n, warps, stages, S, m_pad) in sorted(best.items()):
-            print(f"best B={B} gather={gather} prefetch={prefetch}: {r:.2f}x SDPA (BLOCK_N {block_n}, "
-                  f"{warps} warps, {stages} stages, {S} splits, M_PAD {m_pad})")
+        for (merge, gather, prefetch), (r, block_n, warps, stages, S, m_pad) in sorted(
+                best.items()):
+            print(f"best B={B} merge={merge} gather={gather} prefetch={prefetch}: {r:.2f}x SDPA "
+                  f"(BLOCK_N {block_n}, {warps} warps, {stages} stages, {S} splits, M_PAD {m_pad})")
 
 
 if __name__ == "__main__":
