@@ -1,6 +1,7 @@
 """Launch settings of the sparse decode attention (templates/sparse_decode.py) against SDPA.
 
-    python scripts/attention_configs.py [--batches 1 8 32]      # GPU machine
+    python scripts/attention_configs.py [--batches 1 8 32] [--block-n 32 64] [--warps 1 2 4 8]
+        [--stages 2 3]      # GPU machine
 
 At the Llama-3.1-8B layer shape (Hq 32, Hkv 8, d 128), 128K context, budget 2048 (48 outlier
 chunks, 32 local and 64 generated tokens: 2528 keys), batch 1/8/32: the split kernel's time
@@ -23,7 +24,11 @@ print(torch.cuda.get_device_name(), torch.__version__)
 best = {}
 ap = argparse.ArgumentParser()
 ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-for B in ap.parse_args().batches:
+ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64])
+ap.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
+ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+args = ap.parse_args()
+for B in args.batches:
     def rnd(*shape):
         return torch.randn(*shape, device=dev, dtype=bf)
     q = rnd(B, H * G, 1, D)
@@ -44,8 +49,8 @@ for B in ap.parse_args().batches:
     t_ref = do_bench_cudagraph(lambda: sdpa(q, ck, cv, scale=D ** -0.5, enable_gqa=True), rep=100)
     print(f"\nB={B}: SDPA over a compact buffer of {P} keys: {t_ref * 1e3:.1f} us")
     print(f"{'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'us':>7} {'/ SDPA':>7}")
-    for block_n, warps, stages in itertools.product((32, 64), (1, 2, 4, 8), (2, 3)):
-        sd.SPLIT_LAUNCH = {"num_warps": warps, "num_stages": stages}
+    for block_n, warps, stages in itertools.product(args.block_n, args.warps, args.stages):
+        sd.split_launch = lambda *_, w=warps, s=stages: {"num_warps": w, "num_stages": s}
         default = sd.default_splits(B * H, O * C + K * C + GCAP, block_n, q.device)
         for splits in sorted({max(1, default // 2), default, 2 * default, 4 * default}):
             def run():

@@ -30,9 +30,21 @@ import triton.language as tl
 from .common import INTERPRET, as_bytes, dot, launch, next_pow2
 
 LOG2E = 1.4426950408889634
-# launch options of the split kernel (scripts/attention_configs.py sweeps them with BLOCK_N
-# and the split count); num_stages 3 is Triton's default on CUDA
-SPLIT_LAUNCH = {"num_warps": 4, "num_stages": 3}
+
+
+def split_launch(splits: int, elem_bytes: int) -> dict:
+    """Launch options of the split kernel (scripts/attention_configs.py sweeps them).
+
+    One warp where the key axis is split 4 or more ways (few (b, h) pairs, short programs): the
+    last split's merge then dominates, and with 4 warps it took ~15 us of the kernel's ~22 us at
+    batch 1, with 1 warp ~5 us (H100, scripts/attention_variants.py, the same _attend,
+    _selected_valid and _combine; results/h100/attention_merge/). Batch 8 (5 splits): 1.09x
+    compact SDPA at 1 warp against 1.21x at 4 (the probe's earlier run,
+    results/h100/attention_probe/variants.txt). Four warps where each program
+    streams a long range (batch 32, 2 splits: 1.10x at 4 warps, 1 warp not timed) and for
+    4-byte elements (1 warp spills at fp32 d=64, scripts/compile_kernels.py)."""
+    warps = 1 if splits >= 4 and elem_bytes == 2 else 4
+    return {"num_warps": warps, "num_stages": 3}  # 3: Triton's default on CUDA
 
 
 @triton.jit
@@ -284,8 +296,8 @@ def sparse_decode(q: torch.Tensor, scale: float,
         po, pm, pl, out, count,
         float(scale) * LOG2E, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
         D=d, D_PAD=D_PAD, M_PAD=M_PAD, BLOCK_N=BLOCK_N, M_ROWS=M_ROWS, S_BLOCK=S_BLOCK,
-        UPCAST=INTERPRET, **SPLIT_LAUNCH)
+        UPCAST=INTERPRET, **split_launch(S, sel_k.element_size()))
     return out
 
 
-__all__ = ["default_splits", "sparse_decode"]
+__all__ = ["default_splits", "sparse_decode", "split_launch"]
