@@ -13,9 +13,10 @@ one split kernel over a single contiguous [B, H, P, d] buffer, with the producti
   loads), as production does for 81% of the keys; off: no masks at all;
 - PREFETCH: each block's validity loaded one step ahead, as production now does;
 - MERGE: the last split of each head merges the partials (``sparse_decode._combine``), as
-  production does; off: the partials are only written (at batch 1, 18 us of the kernel's
-  ~23 us stay whatever the block, warps, stages and splits: is it the merge?). Off gives no
-  output, so only its time is printed.
+  production does; off: the partials are only written, so only the time is printed. At batch
+  1 the merge is what costs: ~15 us at 4 warps, ~5 us at 1, against a 6-9 us loop
+  (H100, ``--batches 1 --warps 1 4 --stages 3 --merge 1 0``,
+  results/h100/attention_merge/variants_b1.txt).
 
 With 16 padded query rows (G = 4), 4 warps split a score tile's columns between them, so
 each step's row max and sum cross warps through shared memory; 1 or 2 warps keep more of it
