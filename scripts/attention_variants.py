@@ -133,7 +133,7 @@ def main():
                 pm, pl = (torch.empty(B * H * S * m_pad, device=dev) for _ in range(2))
                 out = torch.empty_like(q)
                 count = torch.zeros(B * H, dtype=torch.int32, device=dev)
-                s_block = min(triton.next_power_of_2(S), 4096 // (4 * D))  # as sparse_decode
+                s_block = sd.merge_block(S, 4, D)
 
                 def run():
                     count.zero_()

@@ -218,6 +218,11 @@ def _combine(bh, out_ptr, po_ptr, pm_ptr, pl_ptr, G, T, S, D: tl.constexpr,
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < D)[None, :])
 
 
+def merge_block(splits: int, m_rows: int, d_pad: int) -> int:
+    """Partials ``_combine`` loads at once: about 32 fp32 registers a thread (4 warps)."""
+    return min(next_pow2(splits), max(1, 4096 // (m_rows * d_pad)))
+
+
 def default_splits(batch_heads: int, keys: int, block_n: int, device: torch.device) -> int:
     """Splits of the key axis so that about two programs run per SM (flash-decoding)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -284,8 +289,7 @@ def sparse_decode(q: torch.Tensor, scale: float,
     pl = torch.empty(B * H * S * M_PAD, **f32)
     count = torch.zeros(B * H, dtype=torch.int32, device=q.device)  # splits done per (b, h)
     M_ROWS = next_pow2(M)
-    # about 32 fp32 registers a thread for the partials of one load (4 warps)
-    S_BLOCK = min(next_pow2(S), max(1, 4096 // (M_ROWS * D_PAD)))
+    S_BLOCK = merge_block(S, M_ROWS, D_PAD)
     launch(_sparse_decode_split_kernel)[(B * H, S)](
         q.contiguous(),
         outlier_k.contiguous(), outlier_v.contiguous(), as_bytes(outlier_valid.contiguous()),
@@ -300,4 +304,4 @@ def sparse_decode(q: torch.Tensor, scale: float,
     return out
 
 
-__all__ = ["default_splits", "sparse_decode", "split_launch"]
+__all__ = ["default_splits", "merge_block", "sparse_decode", "split_launch"]
