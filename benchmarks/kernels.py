@@ -192,6 +192,8 @@ def bench_config(ctx, B, env):
         rebuild_keys_into,
         reuse_plan,
     )
+    from shadowpass.templates import landmark_scores as scores_module
+    from shadowpass.templates.chunk_topk import top_chunks
     from shadowpass.templates.landmark_scores import landmark_scores
     from shadowpass.templates.sparse_decode import sparse_decode
 
@@ -266,6 +268,13 @@ def bench_config(ctx, B, env):
            - key.gather(2, want_idx).sort(-1).values).abs().max().item()
     report(ctx, B, "top-k (torch.topk, unsorted)", t, B * H * (N * 4 + K * 12) / 1e6, hbm, err,
            "err = selected scores")
+    t_topk = t
+    t = timed(lambda: top_chunks(scores, K), graph=True)
+    got = top_chunks(scores, K)
+    err = (key.gather(2, got).sort(-1).values
+           - key.gather(2, want_idx).sort(-1).values).abs().max().item()
+    report(ctx, B, "top-k (top_chunks kernel)", t, B * H * (N * 4 + K * 8) / 1e6, hbm, err,
+           f"err = selected scores; {t_topk[1] / t[1]:.2f}x torch.topk's speed")
 
     # 2. reuse plan
     slot_chunk = torch.full((B, H, K), -1, dtype=torch.int32, device=dev)
@@ -358,6 +367,14 @@ def bench_config(ctx, B, env):
     t_sg = timed(shadow_step, graph=True)
     report(ctx, B, "ShadowKV step, CUDA graph", t_sg,
            note=f"hit rate {hit:.0%}, {min(B, PIPELINE_PARTS)} batch slices")
+    # the same step selecting with torch.topk, as before top_chunks (side by side)
+    scores_module.top_chunks = lambda s, k: s.topk(k, dim=-1, sorted=False).indices
+    try:
+        t = timed(shadow_step, graph=True)
+    finally:
+        scores_module.top_chunks = top_chunks
+    report(ctx, B, "  the same, torch.topk as the selection", t,
+           note=f"this / the top_chunks step = {t[1] / t_sg[1]:.2f}")
     for parts in [p for p in (1, 2, 8) if B > 1 and p <= B]:  # the pipeline's other depths
         t = timed(lambda p=parts: shadow_step(p), graph=True)
         report(ctx, B, f"  the same, {parts} batch slice{'s' if parts > 1 else ''}", t)
