@@ -266,6 +266,12 @@ def test_top_chunks_rows_longer_than_a_tile(monkeypatch):
         assert_top_k(scores, top_chunks(scores, k), k)
 
 
+def test_top_chunks_op():
+    """The split route's triton_op (opcheck on the GPU: test_gpu_top_chunks_at_real_sizes)."""
+    scores = torch.rand(2, 3, 50, device=DEV)
+    assert_top_k(scores, torch.ops.shadowkv.top_chunks(scores, 7), 7)
+
+
 def test_top_chunks_reject_bad_input():
     with pytest.raises(ValueError, match="min"):
         top_chunks(torch.rand(1, 4, device=DEV), 5)
@@ -650,6 +656,7 @@ def test_gpu_top_chunks_at_real_sizes(B, N):
     scores[:, :, :2000] = scores[:, :, :1].clone()  # a tie that straddles the k-th value
     for k in (1, 256, 4096):
         assert_top_k(scores, top_chunks(scores, k), k)
+    torch.library.opcheck(torch.ops.shadowkv.top_chunks.default, (scores, 256))
 
 
 @gpu
