@@ -171,7 +171,7 @@ def split_step(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, ws, scale, C, ro
     st = PrefillState(*state)
     sel_k, sel_v, slot_chunk, chunk_slot, n_load = ws
     scores = torch.ops.shadowkv.landmark_scores(q, st.landmarks, st.selectable, scale, None)
-    idx = torch.ops.shadowkv.top_chunks(scores, slot_chunk.size(2))
+    idx = torch.topk(scores, slot_chunk.size(2), dim=-1, sorted=False).indices
     load_chunk, load_slot = torch.ops.shadowkv.decode_plan(idx, k, v, state, gen_k, gen_v,
                                                            gen_len, sel_v, slot_chunk,
                                                            chunk_slot, n_load)
@@ -192,8 +192,6 @@ def bench_config(ctx, B, env):
         rebuild_keys_into,
         reuse_plan,
     )
-    from shadowpass.templates import landmark_scores as scores_module
-    from shadowpass.templates.chunk_topk import top_chunks
     from shadowpass.templates.landmark_scores import landmark_scores
     from shadowpass.templates.sparse_decode import sparse_decode
 
@@ -268,13 +266,6 @@ def bench_config(ctx, B, env):
            - key.gather(2, want_idx).sort(-1).values).abs().max().item()
     report(ctx, B, "top-k (torch.topk, unsorted)", t, B * H * (N * 4 + K * 12) / 1e6, hbm, err,
            "err = selected scores")
-    t_topk = t
-    t = timed(lambda: top_chunks(scores, K), graph=True)
-    got = top_chunks(scores, K)
-    err = (key.gather(2, got).sort(-1).values
-           - key.gather(2, want_idx).sort(-1).values).abs().max().item()
-    report(ctx, B, "top-k (top_chunks kernel)", t, B * H * (N * 4 + K * 8) / 1e6, hbm, err,
-           f"err = selected scores; {t_topk[1] / t[1]:.2f}x torch.topk's speed")
 
     # 2. reuse plan
     slot_chunk = torch.full((B, H, K), -1, dtype=torch.int32, device=dev)
@@ -367,14 +358,6 @@ def bench_config(ctx, B, env):
     t_sg = timed(shadow_step, graph=True)
     report(ctx, B, "ShadowKV step, CUDA graph", t_sg,
            note=f"hit rate {hit:.0%}, {min(B, PIPELINE_PARTS)} batch slices")
-    # the same step selecting with torch.topk, as before top_chunks (side by side)
-    scores_module.top_chunks = lambda s, k: s.topk(k, dim=-1, sorted=False).indices
-    try:
-        t = timed(shadow_step, graph=True)
-    finally:
-        scores_module.top_chunks = top_chunks
-    report(ctx, B, "  the same, torch.topk as the selection", t,
-           note=f"this / the top_chunks step = {t[1] / t_sg[1]:.2f}")
     for parts in [p for p in (1, 2, 8) if B > 1 and p <= B]:  # the pipeline's other depths
         t = timed(lambda p=parts: shadow_step(p), graph=True)
         report(ctx, B, f"  the same, {parts} batch slice{'s' if parts > 1 else ''}", t)
@@ -398,7 +381,7 @@ def bench_config(ctx, B, env):
     err = (got.float() - want_o.float()).abs().max().item()
     t = timed(inductor_step)
     report(ctx, B, "split step, Inductor", t, err=err,
-           note=f"hit rate {split_ws.hit_rate():.0%}, templates + top_chunks + decode_plan")
+           note=f"hit rate {split_ws.hit_rate():.0%}, templates + topk + decode_plan")
     t = timed(inductor_step, graph=True)
     report(ctx, B, "  the same, CUDA graph", t)
     Ld = ctx + GEN

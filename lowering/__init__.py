@@ -6,7 +6,7 @@ Importing this package (``import shadowpass`` does) registers them:
   flash-decoding split kernel, autotuned, and the merge, into which Inductor fuses the
   consumer's epilogue); see ``sparse_attention.py``.
 - ``shadowkv::landmark_scores`` -> two Triton templates (``templates/landmark_*.jinja``: the
-  logits with per-block softmax statistics, then the scores that the top-k reads); see
+  logits with per-block softmax statistics, then the scores that ``torch.topk`` reads); see
   ``landmark_scores.py``.
 - ``shadowkv::rebuild_keys`` -> one Triton template (``templates/key_rebuild.py.jinja``) that
   rebuilds the missed chunks' keys into the selected-K workspace in place; see

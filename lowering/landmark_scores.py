@@ -7,7 +7,7 @@ CPU tests use under the Triton interpreter), the op lowers to the two passes of
 
 1. logits: masked q . landmark logits [B, H, M, N] (its store_output) and per-block softmax
    statistics BMAX, BSUM [B, H, M, NB] (mutated buffers);
-2. softmax: scores [B, H, N] fp32 through its store_output, which the top-k reads.
+2. softmax: scores [B, H, N] fp32 through its store_output, which ``torch.topk`` reads.
 
 Both read contiguous inputs (q is a few KB a step; the landmarks and masks are state buffers
 that are contiguous already). Inductor autotunes the logits pass over warps and pipeline

@@ -36,7 +36,6 @@ import triton
 from shadowpass.templates import (
     chunk_gather,
     chunk_landmarks,
-    chunk_topk,
     landmark_scores,
     sparse_decode,
 )
@@ -45,7 +44,7 @@ from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 from triton.runtime.jit import mangle_type
 
-MODULES = (chunk_gather, chunk_landmarks, chunk_topk, landmark_scores, sparse_decode)
+MODULES = (chunk_gather, chunk_landmarks, landmark_scores, sparse_decode)
 
 
 class Recorder:
@@ -70,8 +69,6 @@ def record_launches(dtype: torch.dtype, d: int):
     lm = z(B, H, N, d, dtype=dtype)
     sel = torch.ones(B, H, N, dtype=torch.bool)
     landmark_scores.landmark_scores(q, lm, sel, 0.1)
-    for chunks in (N, 4 * N, 32 * N):  # 32K, 128K (one tile in registers), 1M (tiles re-read)
-        chunk_topk.top_chunks(z(B, H, chunks), K)
     idx = torch.arange(K).expand(B, H, K).contiguous()
     chunk_gather.reuse_plan(idx, z(B, H, K, dtype=torch.int32), z(B, H, N, dtype=torch.int16))
     plan = chunk_gather.full_load(idx)

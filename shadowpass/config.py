@@ -39,7 +39,7 @@ class ShadowKVConfig:
         "oracle" (see shadowpass/policies.py). CUDA runs the kernels for all but the last two.
     decode_route: how a decode step enters the compiled graph: "fused" (one opaque
         shadowkv::decode op per site; on CUDA its Triton kernels replay as one CUDA graph per
-        site) or "split" (landmark scores, top-k, shadowkv::decode_plan, opaque: reuse
+        site) or "split" (landmark scores, torch.topk, shadowkv::decode_plan, opaque: reuse
         plan and the value fetch from pinned host memory on a side stream, the key rebuild,
         then the attention; Inductor lowers the scores, the rebuild and the attention to our
         Triton templates on CUDA and fuses the attention with what follows; the CPU runs the

@@ -12,7 +12,7 @@ routes use it:
   workspace tensors (declared mutated), so Inductor sees into the kernels and reuse works.
 
 The split decode route (``ShadowKVConfig.decode_route="split"``) cuts the step into
-``shadowkv::landmark_scores``, ``shadowkv::top_chunks``, ``shadowkv::decode_plan`` (append, reuse plan,
+``shadowkv::landmark_scores``, ``torch.topk``, ``shadowkv::decode_plan`` (append, reuse plan,
 and the value fetch from pinned host memory started on a side stream), ``shadowkv::rebuild_keys``
 (overlapping the fetch), ``shadowkv::fetch_wait`` and ``shadowkv::sparse_attention``. Inductor
 lowers the scores, the rebuild and the attention to the templates of ``shadowpass.lowering``;
@@ -42,7 +42,6 @@ from .templates.chunk_gather import (
     rebuild_keys_into,
     reuse_plan,
 )
-from .templates.chunk_topk import top_chunks
 from .templates.common import is_fake
 from .templates.landmark_scores import landmark_scores, select_top_chunks
 from .templates.sparse_decode import sparse_decode
@@ -50,7 +49,7 @@ from .templates.sparse_decode import sparse_decode
 log = logging.getLogger(__name__)
 
 __all__ = ["DecodeWorkspace", "decode_attention_cuda", "decode_triton", "gather_step",
-           "load_chunks", "register_cuda_kernel", "sparse_attention_triton", "top_chunks_triton"]
+           "load_chunks", "register_cuda_kernel", "sparse_attention_triton"]
 
 
 _SIDE_STREAMS = {}
@@ -524,14 +523,6 @@ def decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: list
     return decode_attention_cuda(q, k, v, scale, PrefillState(*state), cos, sin, gen_k, gen_v,
                                  gen_len, chunk_size, budget_chunks, rope_style, workspace=ws,
                                  overlap=False)
-
-
-@torch.library.triton_op("shadowkv::top_chunks", mutates_args=())
-def top_chunks_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``torch.topk(scores, k, dim=-1, sorted=False).indices`` in one kernel
-    (``templates.chunk_topk``): the split route's selection on CUDA, which Inductor sees into.
-    torch.topk launches several radix-select kernels per call."""
-    return top_chunks(scores, k)
 
 
 @torch.library.triton_op("shadowkv::sparse_attention_triton", mutates_args=())

@@ -5,7 +5,7 @@ whose outputs (the site's state) become extra graph outputs, plus one ``shadowkv
 per distinct pair of rotary tables (shared by the sites that use it). A decode graph gains the state as
 extra graph inputs and each site's attention becomes ``shadowkv.decode`` (config
 ``decode_route="fused"``), or (``decode_route="split"``) ``shadowkv.landmark_scores`` and
-``shadowkv.top_chunks`` (the selection; ``torch.topk`` off CUDA), ``shadowkv.decode_plan`` (new tokens, reuse plan, value fetch
+``torch.topk`` (the selection), ``shadowkv.decode_plan`` (new tokens, reuse plan, value fetch
 into the workspace), ``shadowkv.rebuild_keys``, ``shadowkv.fetch_wait`` and
 ``shadowkv.sparse_attention`` over the workspace; Inductor lowers the scores, the key rebuild
 and the attention to our Triton templates. A prefill graph run on
@@ -139,15 +139,6 @@ def impure(n: fx.Node) -> bool:
     return n.is_impure() or mutating_op or name.endswith("_")
 
 
-def select_op(graph: fx.Graph, scores: fx.Node, k: fx.Node, device: torch.device) -> fx.Node:
-    """The chunk ids [B, Hkv, K] of the K best scores: ``shadowkv::top_chunks`` (one Triton
-    kernel) on CUDA, ``torch.topk`` elsewhere."""
-    if device.type == "cuda" and ops.has_kernels():
-        return call(graph, torch.ops.shadowkv.top_chunks.default, scores, k)
-    return call(graph, operator.getitem,
-                call(graph, torch.topk, scores, k, dim=-1, sorted=False), 1)
-
-
 def attention_op(device: torch.device):
     """The op of a split decode step's attention: ``shadowkv::sparse_attention`` (Inductor lowers
     it to our template on CUDA, the CPU runs the reference), or on CUDA without Inductor's
@@ -167,14 +158,14 @@ def split_decode(graph: fx.Graph, site: Site, q, k_post, v, state: List[fx.Node]
     does not score by landmarks selects, rebuilds and fetches inside decode_gather instead."""
     cos, sin, gen_k, gen_v, gen_len, sel_k, sel_v, slot_chunk, chunk_slot, n_load = rest
     st = dict(zip(STATE_FIELDS, state))
-    device = example(q).device if isinstance(example(q), torch.Tensor) else torch.device("cpu")
     if cfg.policy in KERNEL_POLICIES:
         radius = st["aux"] if cfg.policy in BOUNDED else None
         scores = call(graph, torch.ops.shadowkv.landmark_scores.default, q, st["landmarks"],
                       st["selectable"], float(site.scale), radius)
         slots = graph.call_method("size", (slot_chunk, 2))  # K: the workspace has K slots
+        top = call(graph, torch.topk, scores, slots, dim=-1, sorted=False)
         plan = call(graph, torch.ops.shadowkv.decode_plan.default,
-                    select_op(graph, scores, slots, device), k_post, v, state, gen_k, gen_v,
+                    call(graph, operator.getitem, top, 1), k_post, v, state, gen_k, gen_v,
                     gen_len, sel_v, slot_chunk, chunk_slot, n_load)
         load_chunk, load_slot = (call(graph, operator.getitem, plan, i) for i in range(2))
         call(graph, torch.ops.shadowkv.rebuild_keys.default, sel_k, st["U"], st["SV"], cos, sin,
@@ -183,6 +174,7 @@ def split_decode(graph: fx.Graph, site: Site, q, k_post, v, state: List[fx.Node]
     else:
         call(graph, torch.ops.shadowkv.decode_gather.default, q, k_post, v, state, *rest,
              float(site.scale), cfg.chunk_size, cfg.budget_chunks, site.rope.style, cfg.policy)
+    device = example(q).device if isinstance(example(q), torch.Tensor) else torch.device("cpu")
     return call(graph, attention_op(device), q, float(site.scale), st["outlier_k"],
                 st["outlier_v"], st["outlier_valid"], sel_k, sel_v, slot_chunk,
                 st["sparse_valid"], st["selectable"], st["local_k"], st["local_v"],

@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_topk import top_chunks
 from .common import INTERPRET, as_bytes, dot, launch, next_pow2, template_source
 
 LOG2E = 1.4426950408889634
@@ -215,12 +214,12 @@ def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torc
     Returns
     -------
     idx : [B, H, K] int64 chunk ids, K = min(budget_chunks, N), in no particular order (the
-        attention does not depend on it), from ``chunk_topk.top_chunks``.
+        attention does not depend on it; unsorted top-k skips a sort).
     scores : [B, H, N] float32, unselectable chunks at -1 (below every softmax probability).
     """
     scores = landmark_scores(q, landmarks, selectable, scale, fill=-1.0, radius=radius)
     k = min(budget_chunks, scores.shape[-1])
-    return top_chunks(scores, k), scores
+    return scores.topk(k, dim=-1, sorted=False).indices, scores
 
 
 # Names only our templates' generated code contains (tests look for them in Inductor's output).

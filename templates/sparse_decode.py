@@ -35,15 +35,14 @@ LOG2E = 1.4426950408889634
 def split_launch(splits: int, elem_bytes: int) -> dict:
     """Launch options of the split kernel (scripts/attention_configs.py sweeps them).
 
-    One warp where the key axis is split 4 or more ways (few (b, h) pairs, short programs): the
+    One warp where the key axis is split 8 or more ways (few (b, h) pairs, short programs): the
     last split's merge then dominates, and with 4 warps it took ~15 us of the kernel's ~22 us at
-    batch 1, with 1 warp ~5 us (H100, scripts/attention_variants.py, the same _attend,
-    _selected_valid and _combine; results/h100/attention_merge/). Batch 8 (5 splits): 1.09x
-    compact SDPA at 1 warp against 1.21x at 4 (the probe's earlier run,
-    results/h100/attention_probe/variants.txt). Four warps where each program
-    streams a long range (batch 32, 2 splits: 1.10x at 4 warps, 1 warp not timed) and for
-    4-byte elements (1 warp spills at fp32 d=64, scripts/compile_kernels.py)."""
-    warps = 1 if splits >= 4 and elem_bytes == 2 else 4
+    batch 1 (H100, scripts/attention_variants.py; results/h100/attention_merge/). Measured at
+    128K context on an H100 (results/h100/warps_topk/configs.txt), us, 1 warp / 4 warps:
+    batch 1 at 33 splits 14.6 / 20.2; batch 8 at 10 splits 41.2 / 46.0 but at its default 5
+    splits 41.8 / 40.1; batch 32 at 2 splits 119.6 / 123.0 (one run each). Four
+    warps also for 4-byte elements (1 warp spills at fp32 d=64, scripts/compile_kernels.py)."""
+    warps = 1 if splits >= 8 and elem_bytes == 2 else 4
     return {"num_warps": warps, "num_stages": 3}  # 3: Triton's default on CUDA
 
 

@@ -35,7 +35,6 @@ from shadowpass.templates.chunk_gather import (
     rebuild_keys_into,
     reuse_plan,
 )
-from shadowpass.templates.chunk_topk import top_chunks
 from shadowpass.templates.common import INTERPRET, as_bytes
 from shadowpass.templates.landmark_scores import landmark_scores, select_top_chunks
 from shadowpass.templates.sparse_decode import sparse_decode
@@ -224,62 +223,6 @@ def test_selected_scores_match_reference_topk(budget_chunks):
 
 
 # ----------------------------------------------------------------------------- key rebuild
-def assert_top_k(scores, idx, k):
-    """idx holds k distinct ids per row whose scores are the k largest (as a multiset)."""
-    assert idx.shape == (*scores.shape[:-1], k) and idx.dtype == torch.int64
-    rows = idx.reshape(-1, k)
-    assert all(len(set(r.tolist())) == k for r in rows.cpu()), "an id is selected twice"
-    torch.testing.assert_close(scores.gather(-1, idx).sort(-1).values,
-                               scores.topk(k, dim=-1).values.sort(-1).values, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("N,k", [(1, 1), (5, 5), (100, 17), (300, 256), (1000, 1)])
-@pytest.mark.parametrize("ties", [False, True])
-def test_top_chunks_match_torch_topk(N, k, ties):
-    g = torch.Generator().manual_seed(N + k)
-    scores = torch.rand(2, 3, N, generator=g)
-    scores[..., ::7] = -1.0  # unselectable chunks, as landmark_scores fills them
-    if ties:  # few distinct values: the k-th largest is tied, only some of its ids are kept
-        scores = (scores * 4).round() / 4
-    scores = scores.to(DEV)
-    assert_top_k(scores, top_chunks(scores, k), k)
-
-
-def test_top_chunks_signs_and_specials():
-    """Order over the whole float line: negatives, zeros of both signs, infinities."""
-    scores = torch.tensor([[-0.0, 0.0, -3.5, float("inf"), -float("inf"), 1e-30, -1e-30, 2.0,
-                            -2.0, 7.0]], device=DEV)
-    for k in range(1, scores.shape[-1] + 1):
-        idx = top_chunks(scores, k)
-        torch.testing.assert_close(scores.gather(-1, idx).sort(-1).values,
-                                   scores.topk(k).values.sort(-1).values, atol=0, rtol=0)
-
-
-def test_top_chunks_rows_longer_than_a_tile(monkeypatch):
-    """Rows over MAX_BLOCK are re-read tile by tile each pass (1M context: 131072 chunks)."""
-    from shadowpass.templates import chunk_topk
-    monkeypatch.setattr(chunk_topk, "MAX_BLOCK", 256)
-    scores = torch.rand(2, 1, 1000, generator=torch.Generator().manual_seed(0))
-    scores[0, 0, 5:700] = 0.5  # ties across tiles: the first ones by id are kept
-    scores = scores.to(DEV)
-    for k in (1, 300, 1000):
-        assert_top_k(scores, top_chunks(scores, k), k)
-
-
-def test_top_chunks_op():
-    """The split route's triton_op (opcheck on the GPU: test_gpu_top_chunks_at_real_sizes)."""
-    scores = torch.rand(2, 3, 50, device=DEV)
-    assert_top_k(scores, torch.ops.shadowkv.top_chunks(scores, 7), 7)
-
-
-def test_top_chunks_reject_bad_input():
-    with pytest.raises(ValueError, match="min"):
-        top_chunks(torch.rand(1, 4, device=DEV), 5)
-    with pytest.raises(TypeError, match="float32"):
-        top_chunks(torch.rand(1, 4, device=DEV, dtype=torch.float16), 2)
-    assert top_chunks(torch.rand(1, 4, device=DEV), 0).shape == (1, 0)
-
-
 @pytest.mark.parametrize("style,rd_frac", [("rotate_half", 1.0), ("interleaved", 1.0),
                                            ("none", 0.0), ("rotate_half", 0.5),
                                            ("interleaved", 0.25)])
@@ -646,17 +589,6 @@ def test_gpu_kernels_at_llama_shape(dtype):
     assert is_pinned(st.values)
     fetch_values_into(sel_v, st.values, *full_load(want_idx))
     assert torch.equal(sel_v, ref.fetch_values(st.values, want_idx, "cuda"))
-
-
-@pytest.mark.parametrize("B,N", [(1, 16384), (8, 16384), (2, 131072)])  # 128K and 1M context
-@gpu
-def test_gpu_top_chunks_at_real_sizes(B, N):
-    scores = torch.rand(B, 8, N, device="cuda")
-    scores[..., 3::5] = -1.0
-    scores[:, :, :2000] = scores[:, :, :1].clone()  # a tie that straddles the k-th value
-    for k in (1, 256, 4096):
-        assert_top_k(scores, top_chunks(scores, k), k)
-    torch.library.opcheck(torch.ops.shadowkv.top_chunks.default, (scores, 256))
 
 
 @gpu

@@ -1,8 +1,8 @@
 """The ops of a split decode step (``decode_route="split"``) and their Inductor lowerings:
-``shadowkv::landmark_scores`` (two Triton templates), the top-k (``shadowkv::top_chunks``, a
-triton_op, on CUDA; torch.topk elsewhere), ``shadowkv::decode_plan`` (opaque: reuse plan, value
-fetch on a side stream), ``shadowkv::rebuild_keys`` (one template, writing the workspace in
-place) and ``shadowkv::fetch_wait``; the attention is tests/test_lowering.py's.
+``shadowkv::landmark_scores`` (two Triton templates), ``torch.topk``, ``shadowkv::decode_plan``
+(opaque: reuse plan, value fetch on a side stream), ``shadowkv::rebuild_keys`` (one template,
+writing the workspace in place) and ``shadowkv::fetch_wait``; the attention is
+tests/test_lowering.py's.
 
 CPU (CI): the ops against their references and the launched kernels (interpreter); fake/
 opcheck; the lowerings compiled by Inductor for the CPU with ``cpu_backend="triton"`` (fixture
