@@ -12,6 +12,7 @@ opcheck; the lowerings compiled by Inductor for the CPU with ``cpu_backend="trit
 
     pytest -m gpu tests/test_split_step.py
 """
+import functools
 import math
 
 import pytest
@@ -253,10 +254,11 @@ def test_non_contiguous_query(triton_on_cpu):
     check_compiled(top, (qt, lm, sel, scale, rad))
 
 
-def test_templates_compile_for_hopper_without_a_gpu(triton_on_cpu, tmp_path):
+def test_templates_compile_for_hopper_without_a_gpu(triton_on_cpu, tmp_path, monkeypatch):
     """The interpreter does not compile kernels: generate the scores' templates at the
-    Llama-8B head shape (bf16; fp32 with a radius) and the rebuild's (full and partial rotary)
-    and compile them for sm_90 with Triton's ptxas."""
+    Llama-8B head shape (bf16; fp32 with a radius) and the GPU's chunk tiles, and the rebuild's
+    (full and partial rotary), and compile them for sm_90 with Triton's ptxas."""
+    monkeypatch.setattr(tmpl, "block_chunks", functools.partial(tmpl.block_chunks, interpret=False))
     kernels = {}
     for dtype, radius in ((torch.bfloat16, False), (torch.float32, True)):
         _, code = run_and_get_code(torch.compile(top), *inputs(B=1, H=2, G=4, d=128, N=300,
