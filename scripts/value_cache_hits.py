@@ -1,0 +1,123 @@
+"""How many more of a step's selected chunks would a GPU value cache larger than the selection
+find on the GPU, on a real model?
+
+The decode step keeps the previous step's K selected chunks (their rebuilt keys and fetched
+values) and fetches only the new ones: at 128K and batch 8 the 31% missed values are most of the
+step's bytes (benchmarks/kernels.py: "bytes: landmarks, then misses"), and that benchmark's 69%
+hit rate comes from synthetic queries. This probe measures the hit rate of real selections:
+SmolLM2 in fp32 on the CPU reads the first PROMPT tokens of issue 5's 8K niah_single prompts
+over the Paul Graham essay haystack (or the repeated-sentence one), then is teacher-forced
+through the next STEPS tokens of the same text (real decoding queries, no sampling). For every
+layer and KV head, each decode step selects the top-K chunks by landmark score
+(``reference.select_chunks``, outliers and the local window excluded, as a step does), and the
+selections are replayed against a value cache of capacity c * K chunks
+with least-recently-selected eviction: c = 1 is today's workspace (hits = chunks selected at
+the previous step too).
+
+Then, with the peaks, kernel times and step shape of the 128K batch-8 benchmark
+(results/h100/warps_topk/kernels_128k_b1_b8.txt), for each c: the bound on the step's bytes
+(landmarks at HBM speed, then the misses at PCIe speed), and the sum of today's serial kernels
+(scores, top-k, the misses at the fetch's measured speed, attention, reuse plan), which at that
+run's 69% hits gives 422 us against the 459.3 us measured.
+
+    SHADOWPASS_SMOLLM2_GGUF=... python scripts/value_cache_hits.py [--budgets 256 512 1024]
+"""
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+
+import torch
+
+from shadowpass import reference as ref
+from shadowpass.eval import tasks
+from shadowpass.eval.harness import default_outlier_chunks
+
+from niah_probe import model, recorded, scale, tok  # loads SmolLM2 (scripts/niah_probe.py)
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
+ap.add_argument("--capacities", type=float, nargs="+", default=[1, 1.25, 1.5, 2, 3, 4])
+ap.add_argument("--prompt", type=int, default=6000, help="prompt tokens")
+ap.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps")
+ap.add_argument("--samples", type=int, default=3, help="prompts, each from its own seeded start")
+ap.add_argument("--haystack", choices=tasks.HAYSTACKS, default="essay")
+args = ap.parse_args()
+prompts = tasks.make_samples(tok, "niah_single", [8000], args.samples, 0, haystack=args.haystack)
+C, LOCAL_CHUNKS = 8, 4
+
+
+def cache_hits(selections: list, capacity: int) -> float:
+    """Share of selected chunks found in an LRU cache of `capacity` chunks, over steps 2..n (the
+    first step fills the cache from nothing)."""
+    cache: OrderedDict = OrderedDict()
+    hits = total = 0
+    for t, sel in enumerate(selections):
+        if t:
+            hits += sum(c in cache for c in sel)
+            total += len(sel)
+        for c in sel:
+            cache.pop(c, None)
+            cache[c] = True
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+    return hits / max(total, 1)
+
+
+rates = {(b, c): [] for b in args.budgets for c in args.capacities}
+for i, sample in enumerate(prompts):
+    ids = torch.tensor([sample.input_ids[:args.prompt + args.steps]])
+    recorded.clear()
+    with torch.no_grad():
+        model(ids)
+    T = args.prompt
+    for budget in args.budgets:
+        O = default_outlier_chunks(budget, C)
+        for q, k_pre, k_post in recorded:  # one layer
+            H = k_post.shape[1]
+            st = ref.prefill_state(k_pre[:, :, :T], k_post[:, :, :T],
+                                   torch.zeros_like(k_post[:, :, :T]),
+                                   torch.ones(1, T, dtype=torch.bool), "valid", H * k_post.shape[-1],
+                                   C, O, LOCAL_CHUNKS)
+            K = min(budget // C, st.landmarks.shape[2])
+            qs = q[:, :, T:T + args.steps]  # [1, Hq, steps, d]: the decode queries
+            per_step = [ref.select_chunks(ref.score_chunks(qs[:, :, s:s + 1], st.landmarks,
+                                                           st.selectable, scale),
+                                          st.selectable, K)[0][0] for s in range(args.steps)]
+            for h in range(H):
+                sels = [set(p[h].tolist()) for p in per_step]
+                for c in args.capacities:
+                    rates[(budget, c)].append(cache_hits(sels, round(c * K)))
+    print(f"sample {i} done", flush=True)
+
+# the 128K batch-8 step of benchmarks/kernels.py: 8 KV heads, d 128, bf16, K = 256 chunks of 8,
+# N = 16380 landmarks a head; peaks of results/h100/warps_topk/kernels_128k_b1_b8.txt
+B, H, D, EB, K128, N128 = 8, 8, 128, 2, 256, 16380
+HBM, H2D, DENSE_US = 3025e9, 55.5e9, 1340.7
+SCORES_US, TOPK_US, FETCH_OF_H2D, ATTN_US, PLAN_US = 113.7, 59.5, 0.91, 40.1, 2.7
+landmark_us = B * H * N128 * D * EB / HBM * 1e6
+print(f"\nSmolLM2-135M, {args.haystack} haystack, prompt {args.prompt} tokens, {args.steps} "
+      f"teacher-forced steps, {args.samples} prompts, chunks of {C}; hit rate = mean over layers "
+      "and KV heads")
+print("budget  " + "  ".join(f"c={c:<5}" for c in args.capacities))
+for budget in args.budgets:
+    print(f"{budget:>6}  " + "  ".join(
+        f"{sum(r) / len(r):7.1%}" for c in args.capacities for r in [rates[(budget, c)]]))
+print(f"\n128K batch 8 byte bound (landmarks {landmark_us:.0f} us at HBM, then misses at H2D; "
+      f"dense {DENSE_US} us), using each budget's hit rates:")
+for budget in args.budgets:
+    cells = []
+    for c in args.capacities:
+        hit = sum(rates[(budget, c)]) / len(rates[(budget, c)])
+        miss_us = B * H * K128 * (1 - hit) * C * D * EB / H2D * 1e6
+        cells.append(f"{DENSE_US / (landmark_us + miss_us):5.1f}x")
+    print(f"{budget:>6}  " + "  ".join(f"{x:<7}" for x in cells))
+print("the same with today's serial kernels (scores, top-k, fetch at 91% of H2D, attention, plan):")
+for budget in args.budgets:
+    cells = []
+    for c in args.capacities:
+        hit = sum(rates[(budget, c)]) / len(rates[(budget, c)])
+        fetch_us = B * H * K128 * (1 - hit) * C * D * EB / (H2D * FETCH_OF_H2D) * 1e6
+        step = SCORES_US + TOPK_US + fetch_us + ATTN_US + PLAN_US
+        cells.append(f"{DENSE_US / step:5.1f}x")
+    print(f"{budget:>6}  " + "  ".join(f"{x:<7}" for x in cells))
