@@ -77,8 +77,8 @@ for i, sample in enumerate(prompts):
             H = k_post.shape[1]
             st = ref.prefill_state(k_pre[:, :, :T], k_post[:, :, :T],
                                    torch.zeros_like(k_post[:, :, :T]),
-                                   torch.ones(1, T, dtype=torch.bool), "valid", H * k_post.shape[-1],
-                                   C, O, LOCAL_CHUNKS)
+                                   torch.ones(1, T, dtype=torch.bool), "valid",
+                                   H * k_post.shape[-1], C, O, LOCAL_CHUNKS)
             K = min(budget // C, st.landmarks.shape[2])
             qs = q[:, :, T:T + args.steps]  # [1, Hq, steps, d]: the decode queries
             per_step = [ref.select_chunks(ref.score_chunks(qs[:, :, s:s + 1], st.landmarks,

@@ -153,7 +153,7 @@ LOGITS_CONFIGS_MORE = [(4, 1), (8, 1), (2, 3)]
 
 def block_chunks(elem_bytes: int, interpret: bool = INTERPRET) -> int:
     """Chunks per program: 128 of 2-byte landmarks; fp32 halves it (register spills at d=128);
-    32 under the interpreter, which is faster on small tiles."""
+    32 under the interpreter, so that the CPU tests' small prompts span several blocks."""
     return 32 if interpret else (128 if elem_bytes == 2 else 64)
 
 

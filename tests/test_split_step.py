@@ -258,7 +258,8 @@ def test_templates_compile_for_hopper_without_a_gpu(triton_on_cpu, tmp_path, mon
     """The interpreter does not compile kernels: generate the scores' templates at the
     Llama-8B head shape (bf16; fp32 with a radius) and the GPU's chunk tiles, and the rebuild's
     (full and partial rotary), and compile them for sm_90 with Triton's ptxas."""
-    monkeypatch.setattr(tmpl, "block_chunks", functools.partial(tmpl.block_chunks, interpret=False))
+    gpu_tiles = functools.partial(tmpl.block_chunks, interpret=False)
+    monkeypatch.setattr(tmpl, "block_chunks", gpu_tiles)
     kernels = {}
     for dtype, radius in ((torch.bfloat16, False), (torch.float32, True)):
         _, code = run_and_get_code(torch.compile(top), *inputs(B=1, H=2, G=4, d=128, N=300,
