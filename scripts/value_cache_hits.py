@@ -96,28 +96,33 @@ B, H, D, EB, K128, N128 = 8, 8, 128, 2, 256, 16380
 HBM, H2D, DENSE_US = 3025e9, 55.5e9, 1340.7
 SCORES_US, TOPK_US, FETCH_OF_H2D, ATTN_US, PLAN_US = 113.7, 59.5, 0.91, 40.1, 2.7
 landmark_us = B * H * N128 * D * EB / HBM * 1e6
+hit = {key: sum(r) / len(r) for key, r in rates.items()}
 print(f"\nSmolLM2-135M, {args.haystack} haystack, prompt {args.prompt} tokens, {args.steps} "
       f"teacher-forced steps, {args.samples} prompts, chunks of {C}; hit rate = mean over layers "
       "and KV heads")
-print("budget  " + "  ".join(f"c={c:<5}" for c in args.capacities))
-for budget in args.budgets:
-    print(f"{budget:>6}  " + "  ".join(
-        f"{sum(r) / len(r):7.1%}" for c in args.capacities for r in [rates[(budget, c)]]))
+
+
+def table(cell):
+    """One row per budget, one column per capacity: cell(budget, c)."""
+    print("budget  " + "  ".join(f"c={c:<5}" for c in args.capacities))
+    for budget in args.budgets:
+        print(f"{budget:>6}  " + "  ".join(f"{cell(budget, c):<7}" for c in args.capacities))
+
+
+def miss_bytes(budget, c):
+    return B * H * K128 * (1 - hit[(budget, c)]) * C * D * EB
+
+
+table(lambda b, c: f"{hit[(b, c)]:7.1%}")
 print(f"\n128K batch 8 byte bound (landmarks {landmark_us:.0f} us at HBM, then misses at H2D; "
       f"dense {DENSE_US} us), using each budget's hit rates:")
-for budget in args.budgets:
-    cells = []
-    for c in args.capacities:
-        hit = sum(rates[(budget, c)]) / len(rates[(budget, c)])
-        miss_us = B * H * K128 * (1 - hit) * C * D * EB / H2D * 1e6
-        cells.append(f"{DENSE_US / (landmark_us + miss_us):5.1f}x")
-    print(f"{budget:>6}  " + "  ".join(f"{x:<7}" for x in cells))
+table(lambda b, c: f"{DENSE_US / (landmark_us + miss_bytes(b, c) / H2D * 1e6):5.1f}x")
 print("the same with today's serial kernels (scores, top-k, fetch at 91% of H2D, attention, plan):")
-for budget in args.budgets:
-    cells = []
-    for c in args.capacities:
-        hit = sum(rates[(budget, c)]) / len(rates[(budget, c)])
-        fetch_us = B * H * K128 * (1 - hit) * C * D * EB / (H2D * FETCH_OF_H2D) * 1e6
-        step = SCORES_US + TOPK_US + fetch_us + ATTN_US + PLAN_US
-        cells.append(f"{DENSE_US / step:5.1f}x")
-    print(f"{budget:>6}  " + "  ".join(f"{x:<7}" for x in cells))
+
+
+def kernels_us(budget, c):
+    fetch_us = miss_bytes(budget, c) / (H2D * FETCH_OF_H2D) * 1e6
+    return SCORES_US + TOPK_US + fetch_us + ATTN_US + PLAN_US
+
+
+table(lambda b, c: f"{DENSE_US / kernels_us(b, c):5.1f}x")
