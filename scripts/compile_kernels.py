@@ -71,6 +71,8 @@ def record_launches(dtype: torch.dtype, d: int):
     landmark_scores.landmark_scores(q, lm, sel, 0.1)
     idx = torch.arange(K).expand(B, H, K).contiguous()
     chunk_gather.reuse_plan(idx, z(B, H, K, dtype=torch.int32), z(B, H, N, dtype=torch.int16))
+    cached = chunk_gather.reuse_plan(idx, z(B, H, 4 * K, dtype=torch.int32),  # a value cache
+                                     z(B, H, N, dtype=torch.int16), z(B, H, N))
     plan = chunk_gather.full_load(idx)
     U, SV = z(B, N * C, r, dtype=dtype), z(B, H, r, d, dtype=dtype)
     cos = z(1, N * C, d // 2, dtype=dtype)  # one value per rotated pair (reference.rope_tables)
@@ -86,6 +88,12 @@ def record_launches(dtype: torch.dtype, d: int):
         plan[0], torch.ones(B, N * C, dtype=torch.bool), sel, loc, loc,
         torch.ones(B, L, dtype=torch.bool), gen, gen, torch.tensor([5]), chunk_size=C,
         num_splits=8)
+    cache_k = z(B, H, 4 * K * C, d, dtype=dtype)
+    sparse_decode.sparse_decode(
+        q, 0.1, kv, kv, torch.ones(B, H, O * C, dtype=torch.bool), cache_k, cache_k,
+        z(B, H, 4 * K, dtype=torch.int32), torch.ones(B, N * C, dtype=torch.bool), sel, loc, loc,
+        torch.ones(B, L, dtype=torch.bool), gen, gen, torch.tensor([5]), chunk_size=C,
+        num_splits=8, sel_slot=cached[3])
     chunk_landmarks.chunk_landmarks(z(B, H, N * C, d, dtype=dtype),
                                     torch.ones(B, N * C, dtype=torch.bool), C)
 

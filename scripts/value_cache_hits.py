@@ -11,8 +11,9 @@ through the next STEPS tokens of the same text (real decoding queries, no sampli
 layer and KV head, each decode step selects the top-K chunks by landmark score
 (``reference.select_chunks``, outliers and the local window excluded, as a step does), and the
 selections are replayed against a value cache of capacity c * K chunks
-with least-recently-selected eviction: c = 1 is today's workspace (hits = chunks selected at
-the previous step too).
+with least-recently-selected eviction, and with the eviction ``ShadowKVConfig.chunk_cache``
+does (the unselected chunks that score lowest at this step first): c = 1 is the paper's
+workspace (hits = chunks selected at the previous step too).
 
 Then, with the peaks, kernel times and step shape of the 128K batch-8 benchmark
 (results/h100/warps_topk/kernels_128k_b1_b8.txt), for each c: the bound on the step's bytes
@@ -25,7 +26,6 @@ run's 69% hits gives 422 us against the 459.3 us measured.
 from __future__ import annotations
 
 import argparse
-from collections import OrderedDict
 
 import torch
 
@@ -33,6 +33,7 @@ from shadowpass import reference as ref
 from shadowpass.eval import tasks
 from shadowpass.eval.harness import default_outlier_chunks
 
+from cache_replay import cache_hits, score_cache_hits
 from niah_probe import model, recorded, scale, tok  # loads SmolLM2 (scripts/niah_probe.py)
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,24 +48,8 @@ prompts = tasks.make_samples(tok, "niah_single", [8000], args.samples, 0, haysta
 C, LOCAL_CHUNKS = 8, 4
 
 
-def cache_hits(selections: list, capacity: int) -> float:
-    """Share of selected chunks found in an LRU cache of `capacity` chunks, over steps 2..n (the
-    first step fills the cache from nothing)."""
-    cache: OrderedDict = OrderedDict()
-    hits = total = 0
-    for t, sel in enumerate(selections):
-        if t:
-            hits += sum(c in cache for c in sel)
-            total += len(sel)
-        for c in sel:
-            cache.pop(c, None)
-            cache[c] = True
-        while len(cache) > capacity:
-            cache.popitem(last=False)
-    return hits / max(total, 1)
-
-
 rates = {(b, c): [] for b in args.budgets for c in args.capacities}
+by_score = {key: [] for key in rates}
 for i, sample in enumerate(prompts):
     ids = torch.tensor([sample.input_ids[:args.prompt + args.steps]])
     recorded.clear()
@@ -81,13 +66,15 @@ for i, sample in enumerate(prompts):
                                    H * k_post.shape[-1], C, O, LOCAL_CHUNKS)
             K = min(budget // C, st.landmarks.shape[2])
             qs = q[:, :, T:T + args.steps]  # [1, Hq, steps, d]: the decode queries
-            per_step = [ref.select_chunks(ref.score_chunks(qs[:, :, s:s + 1], st.landmarks,
-                                                           st.selectable, scale),
-                                          st.selectable, K)[0][0] for s in range(args.steps)]
+            scored = [ref.score_chunks(qs[:, :, s:s + 1], st.landmarks, st.selectable, scale)
+                      for s in range(args.steps)]
+            per_step = [ref.select_chunks(s, st.selectable, K)[0][0] for s in scored]
             for h in range(H):
                 sels = [set(p[h].tolist()) for p in per_step]
+                head_scores = [s[0, h].tolist() for s in scored]
                 for c in args.capacities:
                     rates[(budget, c)].append(cache_hits(sels, round(c * K)))
+                    by_score[(budget, c)].append(score_cache_hits(sels, head_scores, round(c * K)))
     print(f"sample {i} done", flush=True)
 
 # the 128K batch-8 step of benchmarks/kernels.py: 8 KV heads, d 128, bf16, K = 256 chunks of 8,
@@ -114,6 +101,8 @@ def miss_bytes(budget, c):
 
 
 table(lambda b, c: f"{hit[(b, c)]:7.1%}")
+print("the same with the lowest-scoring unselected chunks evicted first (no state beyond the cache):")
+table(lambda b, c: f"{sum(by_score[(b, c)]) / len(by_score[(b, c)]):7.1%}")
 print(f"\n128K batch 8 byte bound (landmarks {landmark_us:.0f} us at HBM, then misses at H2D; "
       f"dense {DENSE_US} us), using each budget's hit rates:")
 table(lambda b, c: f"{DENSE_US / (landmark_us + miss_bytes(b, c) / H2D * 1e6):5.1f}x")

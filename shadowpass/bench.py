@@ -334,7 +334,7 @@ def tile_session(session, B: int):
         sites[name] = SiteState(
             prefill=PrefillState(*[rows(t) for t in s.prefill]), cos=cos, sin=sin,
             gen_k=rows(s.gen_k), gen_v=rows(s.gen_v), gen_len=s.gen_len.clone(),
-            workspace=[rows(t) for t in s.workspace], used=s.used)
+            workspace=[rows(t) for t in s.workspace], selected=s.selected, used=s.used)
     return Session(sites, session.prompt_len)
 
 

@@ -18,6 +18,7 @@ _RANGES = {
     "local_chunks": (0, None),
     "min_sparse_len": (0, None),
     "decode_lanes": (1, None),
+    "chunk_cache": (1, 64),
 }
 
 
@@ -50,6 +51,12 @@ class ShadowKVConfig:
         symbolic batch (compile with dynamic=True, or Dynamo's automatic dynamic after a second
         batch size) and at least 2 sequences per lane. 2 was 7-9% faster than 1 at the largest
         batches of 60K and 122K on an H100 (README, "Batch lanes"); 3 was slower.
+    chunk_cache: a CUDA decode step keeps this many times the budget's chunks (rebuilt keys and
+        values) on the GPU per KV head, so a chunk selected again after a few steps away is
+        neither fetched over PCIe nor rebuilt; when a step's misses need room, the unselected
+        chunks that score lowest go. 1 keeps only the last step's selection (the paper). It
+        takes chunk_cache * budget * (key + value head dims) elements of GPU memory per KV
+        head, sequence and site. Fused decode route only.
     """
 
     rank: int = 160
@@ -61,6 +68,7 @@ class ShadowKVConfig:
     policy: str = "shadowkv"
     decode_route: str = "fused"
     decode_lanes: int = 1
+    chunk_cache: int = 1
 
     def __post_init__(self):
         for name, (lo, hi) in _RANGES.items():
@@ -75,6 +83,11 @@ class ShadowKVConfig:
         if self.decode_route not in DECODE_ROUTES:
             raise ValueError(f"ShadowKVConfig.decode_route={self.decode_route!r}: must be one of "
                              f"{DECODE_ROUTES}")
+        if self.chunk_cache > 1 and self.decode_route != "fused":
+            raise ValueError(f"ShadowKVConfig.chunk_cache={self.chunk_cache} needs "
+                             f"decode_route='fused' (the split route's attention reads one "
+                             f"slot per selected chunk); use chunk_cache=1 with "
+                             f"decode_route={self.decode_route!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"ShadowKVConfig.policy={self.policy!r}: must be one of {POLICIES}")
         if self.budget < self.chunk_size:

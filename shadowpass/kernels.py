@@ -104,10 +104,10 @@ def decode_attention_cuda(q, k, v, scale: float, state: PrefillState, cos, sin, 
     else:
         reuse = True
 
-    def attend(rows: slice, slot_chunk):
+    def attend(rows: slice, slot_chunk, sel_slot):
         return _attend(_rows(q, rows), scale, _state_rows(state, rows),
-                       _workspace_rows(workspace, rows), slot_chunk, _rows(gen_k, rows),
-                       _rows(gen_v, rows), gen_len, chunk_size)
+                       _workspace_rows(workspace, rows), slot_chunk, sel_slot,
+                       _rows(gen_k, rows), _rows(gen_v, rows), gen_len, chunk_size)
 
     _, out = gather_step(q, k, v, scale, state, cos, sin, gen_k, gen_v, gen_len, chunk_size,
                          budget_chunks, rope_style, workspace, reuse=reuse, overlap=overlap,
@@ -136,11 +136,13 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
     parts : the fetch runs in this many batch slices (None: where the fetch runs on a side
         stream, ``LANE_PARTS`` in a batch lane, else ``PIPELINE_PARTS``; without a side
         stream 1; never more than B).
-    attend : attend(rows, slot_chunk) for the fused step: called on each batch slice (a slice
-        object over the batch) once its values are in; its results are concatenated.
+    attend : attend(rows, slot_chunk, sel_slot) for the fused step: called on each batch slice
+        (a slice object over the batch) once its values are in; its results are concatenated.
+        sel_slot: [rows, Hkv, K] the slots of the selected chunks where the workspace is a
+        value cache (more slots than the K selected chunks), else None (slot j holds the j-th).
     policy : one of ``KERNEL_POLICIES``.
 
-    Returns (slot_chunk, attended): the chunk of each slot [B, Hkv, K] as the attention must
+    Returns (slot_chunk, attended): the chunk of each slot [B, Hkv, S] as the attention must
     read it (the workspace's slot_chunk when reusing), and attend's results ([B, ...]; None
     without attend).
     """
@@ -148,18 +150,21 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
     if Hq % H:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({H})")
     ref.append_generated(k, v, gen_k, gen_v, gen_len)
-    B, K = q.shape[0], workspace.slot_chunk.shape[-1]
-    if K == 0:
-        return workspace.slot_chunk, attend(ALL_ROWS, workspace.slot_chunk) if attend else None
+    B, slots = q.shape[0], workspace.slot_chunk.shape[-1]
+    if slots == 0:
+        return (workspace.slot_chunk,
+                attend(ALL_ROWS, workspace.slot_chunk, None) if attend else None)
     # one selection for the whole batch: top-k's cost hardly depends on its row count. A
     # selection per batch slice, to overlap slice i+1's scores and top-k with slice i's fetch,
     # was slower (H100, 128K batch 8, one layer in a CUDA graph: 458 -> 709 us at 4 slices).
     radius = state.aux if policy in BOUNDED else None
-    idx, _ = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks, radius)
+    idx, scores = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks,
+                                    radius)
+    K = idx.shape[-1]
     if q.is_cuda and _pageable(state.values):
-        slot_chunk = _gather_on_host(idx, state, cos, sin, chunk_size, rope_style, workspace,
-                                     reuse)
-        return slot_chunk, attend(ALL_ROWS, slot_chunk) if attend else None
+        slot_chunk, sel_slot = _gather_on_host(idx, scores, state, cos, sin, chunk_size,
+                                               rope_style, workspace, reuse)
+        return slot_chunk, attend(ALL_ROWS, slot_chunk, sel_slot) if attend else None
 
     streams = overlap and _can_fork(q)
     n = parts or ((LANE_PARTS if lanes.in_lane() else PIPELINE_PARTS) if streams else 1)
@@ -168,13 +173,13 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
         slices = [slice(B * i // n, B * (i + 1) // n) for i in range(n)]
     else:  # no slicing at all: traced calls keep a symbolic batch free of guards
         slices = [ALL_ROWS]
-    load_chunk, load_slot, n_load, slot_chunk = _plan(idx, workspace, reuse)
+    load_chunk, load_slot, n_load, slot_chunk, sel_slot = _plan(idx, scores, workspace, reuse)
     # the slices' fetches queue on the side stream; each slice's attention waits for its own
     done = [_fetch_async(_rows(workspace.sel_v, rows), _rows(state.values, rows),
                          _rows(load_chunk, rows), _rows(load_slot, rows), _rows(n_load, rows),
-                         streams) for rows in slices]
+                         streams, K) for rows in slices]
     rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin, load_chunk, load_slot, n_load,
-                      chunk_size, rope_style)
+                      chunk_size, rope_style, max_loads=K)
     if streams:
         lanes.handoff()  # another batch lane computes while these values cross PCIe
     attended = []
@@ -182,7 +187,8 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
         if fetched is not None:
             torch.cuda.current_stream(q.device).wait_event(fetched)
         if attend is not None:
-            attended.append(attend(rows, _rows(slot_chunk, rows)))
+            attended.append(attend(rows, _rows(slot_chunk, rows),
+                                   None if sel_slot is None else _rows(sel_slot, rows)))
     if attend is None:
         return slot_chunk, None
     return slot_chunk, attended[0] if len(attended) == 1 else torch.cat(attended)
@@ -204,26 +210,33 @@ def _workspace_rows(ws: DecodeWorkspace, rows: slice) -> DecodeWorkspace:
     return ws if rows == ALL_ROWS else DecodeWorkspace(*(t[rows] for t in ws.tensors()))
 
 
-def _plan(idx, workspace, reuse):
-    """The selected chunks idx [B, Hkv, K] to load: (load_chunk, load_slot, n_load, slot_chunk)."""
+def _plan(idx, scores, workspace, reuse):
+    """The selected chunks idx [B, Hkv, K] to load: (load_chunk, load_slot, n_load, slot_chunk,
+    sel_slot); sel_slot is None unless the workspace is a value cache (``reuse_plan``)."""
     if reuse:
-        load_chunk, load_slot, n_load = reuse_plan(idx, workspace.slot_chunk, workspace.chunk_slot)
+        load_chunk, load_slot, n_load, sel_slot = reuse_plan(
+            idx, workspace.slot_chunk, workspace.chunk_slot, scores)
         slot_chunk = workspace.slot_chunk
+        if slot_chunk.shape[-1] == idx.shape[-1]:
+            sel_slot = None  # slot j holds the j-th selected chunk's data: read them in order
     else:
+        if workspace.slot_chunk.shape[-1] != idx.shape[-1]:
+            raise ValueError("a workspace without reuse must have one slot per selected chunk")
         load_chunk, load_slot, n_load = full_load(idx)
-        slot_chunk = load_chunk
+        slot_chunk, sel_slot = load_chunk, None
     workspace.n_load.copy_(n_load)
-    return load_chunk, load_slot, n_load, slot_chunk
+    return load_chunk, load_slot, n_load, slot_chunk, sel_slot
 
 
-def _gather_on_host(idx, state, cos, sin, chunk_size, rope_style, workspace, reuse):
+def _gather_on_host(idx, scores, state, cos, sin, chunk_size, rope_style, workspace, reuse):
     """Loads for a pageable value store: the GPU cannot read it, so values are gathered on the
-    host (syncs; slow)."""
-    load_chunk, load_slot, n_load, slot_chunk = _plan(idx, workspace, reuse)
+    host (syncs; slow). Returns (slot_chunk, sel_slot) as ``_plan``."""
+    load_chunk, load_slot, n_load, slot_chunk, sel_slot = _plan(idx, scores, workspace, reuse)
     rebuild_keys_into(workspace.sel_k, state.U, state.SV, cos, sin,
                       load_chunk, load_slot, n_load, chunk_size, rope_style)
-    workspace.sel_v.copy_(ref.fetch_values(state.values, slot_chunk.long(), idx.device))
-    return slot_chunk
+    held = slot_chunk.long()
+    workspace.sel_v.copy_(ref.fetch_values(state.values, held.clamp(min=0), idx.device))
+    return slot_chunk, sel_slot
 
 
 def load_chunks(sel_k, sel_v, state: PrefillState, cos, sin, load_chunk, load_slot, n_load,
@@ -247,27 +260,27 @@ def _can_fork(t: torch.Tensor) -> bool:
     return t.is_cuda and not is_fake(t) and not torch.compiler.is_compiling()
 
 
-def _fetch_async(sel_v, values, load_chunk, load_slot, n_load, fork: bool):
+def _fetch_async(sel_v, values, load_chunk, load_slot, n_load, fork: bool, max_loads: int = 0):
     """Fetch the listed chunks' values: with fork, on the side stream after the work queued so
     far on the current one, returning the event that marks it done; else now (None)."""
     if not fork:
-        fetch_values_into(sel_v, values, load_chunk, load_slot, n_load)
+        fetch_values_into(sel_v, values, load_chunk, load_slot, n_load, max_loads=max_loads)
         return None
     side = _side_stream(sel_v.device)
     side.wait_stream(torch.cuda.current_stream(sel_v.device))
     with torch.cuda.stream(side):
-        fetch_values_into(sel_v, values, load_chunk, load_slot, n_load)
+        fetch_values_into(sel_v, values, load_chunk, load_slot, n_load, max_loads=max_loads)
         done = side.record_event()
     for t in (load_chunk, load_slot, n_load):
         t.record_stream(side)  # freed on the current stream after use on the side stream
     return done
 
 
-def _attend(q, scale, state, workspace, slot_chunk, gen_k, gen_v, gen_len, C):
+def _attend(q, scale, state, workspace, slot_chunk, sel_slot, gen_k, gen_v, gen_len, C):
     return sparse_decode(q, scale, state.outlier_k, state.outlier_v, state.outlier_valid,
                          workspace.sel_k, workspace.sel_v, slot_chunk, state.sparse_valid,
                          state.selectable, state.local_k, state.local_v, state.local_valid,
-                         gen_k, gen_v, gen_len, chunk_size=C)
+                         gen_k, gen_v, gen_len, chunk_size=C, sel_slot=sel_slot)
 
 
 _WARNED = set()
@@ -343,7 +356,7 @@ def _decode_plan_op_cuda(idx, k, v, state, gen_k, gen_v, gen_len, sel_v, slot_ch
         return ref.plan_loads(idx, k, v, st, gen_k, gen_v, gen_len, sel_v, slot_chunk,
                               chunk_slot, n_load)
     ref.append_generated(k, v, gen_k, gen_v, gen_len)
-    load_chunk, load_slot, n = reuse_plan(idx, slot_chunk, chunk_slot)
+    load_chunk, load_slot, n, _ = reuse_plan(idx, slot_chunk, chunk_slot)
     n_load.copy_(n)
     if idx.numel() == 0:
         return load_chunk, load_slot

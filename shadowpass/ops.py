@@ -296,12 +296,16 @@ def _(q, scale, outlier_k, outlier_v, outlier_valid, sel_k, sel_v, slot_chunk, s
 
 
 def workspace(state: ref.PrefillState, budget_chunks: int, chunk_size: int,
-              gather: bool = False) -> List[torch.Tensor]:
+              gather: bool = False, chunk_cache: int = 1) -> List[torch.Tensor]:
     """The decode workspace of a site: the CUDA kernels' reuse buffers, and always allocated
-    when ``gather`` (the decode step is decode_gather + sparse_attention); else empty where the
-    reference runs."""
-    if gather or (_KERNELS is not None and state.U.is_cuda):
+    when ``gather`` (the decode step is decode_gather + sparse_attention, which attends every
+    slot: no value cache); else empty where the reference runs. chunk_cache: slots per
+    selected chunk (``ShadowKVConfig.chunk_cache``)."""
+    if gather:
         return ref.DecodeWorkspace.allocate(state, budget_chunks, chunk_size).tensors()
+    if _KERNELS is not None and state.U.is_cuda:
+        return ref.DecodeWorkspace.allocate(state, budget_chunks, chunk_size,
+                                            chunk_cache=chunk_cache).tensors()
     B, H, _, d = state.local_k.shape
     i32 = dict(dtype=torch.int32, device=state.U.device)
     return [state.local_k.new_empty(B, H, 0, d), state.local_v.new_empty(B, H, 0, d),

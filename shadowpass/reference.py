@@ -316,15 +316,18 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
 class DecodeWorkspace:
     """Selected-chunk buffers of one site, kept across decode steps for cache-hit reuse.
 
-    sel_k, sel_v : [B, Hkv, K*C, d] rebuilt keys / fetched values, slot-major.
-    slot_chunk : [B, Hkv, K] int32 chunk held by each slot (-1: empty).
+    sel_k, sel_v : [B, Hkv, S*C, d] rebuilt keys / fetched values, slot-major.
+    slot_chunk : [B, Hkv, S] int32 chunk held by each slot (-1: empty).
     chunk_slot : [B, Hkv, N] int16 inverse map (-1: chunk not held); it grows with the
-        context, so it is kept narrow (slots < K <= 32767).
+        context, so it is kept narrow (S <= 32767 slots).
     n_load : [B, Hkv] int32 chunks loaded by the last step (misses), for hit-rate reports.
 
-    The CUDA kernels reuse chunks through it; the split decode route passes it on every
-    device. Allocate one per site after prefill (``allocate``); a new prompt needs a new one (or
-    ``reset``), since slots refer to the old prompt's chunks.
+    S = K, the selected chunks of a step, or c*K for a value cache (``chunk_cache`` = c):
+    chunks no longer selected stay on the GPU until a miss needs their slot
+    (``templates.chunk_gather.reuse_plan``), so a chunk selected again a few steps later is
+    neither rebuilt nor fetched. The CUDA kernels reuse chunks through it; the split decode
+    route passes it on every device. Allocate one per site after prefill (``allocate``); a new
+    prompt needs a new one (or ``reset``), since slots refer to the old prompt's chunks.
     """
 
     sel_k: torch.Tensor
@@ -335,17 +338,21 @@ class DecodeWorkspace:
 
     @classmethod
     def allocate(cls, state: PrefillState, budget_chunks: int, chunk_size: int,
-                 dtype: Optional[torch.dtype] = None) -> "DecodeWorkspace":
-        """Empty buffers for ``state``; K = min(budget_chunks, N); dtype defaults to the local
-        keys' dtype (the model's)."""
+                 dtype: Optional[torch.dtype] = None, chunk_cache: int = 1) -> "DecodeWorkspace":
+        """Empty buffers for ``state``: S = min(chunk_cache * budget_chunks, N) slots; dtype
+        defaults to the local keys' dtype (the model's)."""
         B, H, N, d = state.landmarks.shape
-        K = min(budget_chunks, N)
+        S = min(chunk_cache * budget_chunks, N)
+        if S > 32767:
+            raise ValueError(f"shadowkv: {S} chunk slots per head (chunk_cache {chunk_cache} x "
+                             f"{budget_chunks} chunks of budget) exceed the 32767 the slot map "
+                             "holds; lower the budget or chunk_cache, or raise chunk_size")
         dev = state.landmarks.device
         dtype = dtype or state.local_k.dtype
         dv = state.local_v.shape[-1]
-        ws = cls(sel_k=torch.empty(B, H, K * chunk_size, d, dtype=dtype, device=dev),
-                 sel_v=torch.empty(B, H, K * chunk_size, dv, dtype=dtype, device=dev),
-                 slot_chunk=torch.empty(B, H, K, dtype=torch.int32, device=dev),
+        ws = cls(sel_k=torch.empty(B, H, S * chunk_size, d, dtype=dtype, device=dev),
+                 sel_v=torch.empty(B, H, S * chunk_size, dv, dtype=dtype, device=dev),
+                 slot_chunk=torch.empty(B, H, S, dtype=torch.int32, device=dev),
                  chunk_slot=torch.empty(B, H, N, dtype=torch.int16, device=dev),
                  n_load=torch.empty(B, H, dtype=torch.int32, device=dev))
         return ws.reset()
@@ -360,17 +367,21 @@ class DecodeWorkspace:
     def tensors(self) -> List[torch.Tensor]:
         return [self.sel_k, self.sel_v, self.slot_chunk, self.chunk_slot, self.n_load]
 
-    def hit_rate(self) -> Optional[float]:
-        """Fraction of last step's selected chunks that were reused (syncs; for reports only)."""
-        return hit_rate(self.slot_chunk, self.n_load)
+    def hit_rate(self, selected: Optional[int] = None) -> Optional[float]:
+        """Fraction of last step's selected chunks that were reused (syncs; for reports only).
+        selected: chunks a step selects per (b, h), where the workspace is a value cache."""
+        return hit_rate(self.slot_chunk, self.n_load, selected)
 
 
-def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor) -> Optional[float]:
-    """Share of a step's selected chunks reused from the step before: 1 - loaded / selected;
-    None before the first step (n_load = -1) or without a workspace. Syncs: for reports."""
+def hit_rate(slot_chunk: torch.Tensor, n_load: torch.Tensor,
+             selected: Optional[int] = None) -> Optional[float]:
+    """Share of a step's selected chunks found on the GPU: 1 - loaded / selected, with
+    `selected` chunks per (b, h) (default: one per slot); None before the first step
+    (n_load = -1) or without a workspace. Syncs: for reports."""
     if slot_chunk.numel() == 0 or bool((n_load < 0).any()):
         return None
-    return 1.0 - n_load.sum().item() / slot_chunk.numel()
+    per_row = min(selected or slot_chunk.shape[-1], slot_chunk.shape[-1])
+    return 1.0 - n_load.sum().item() / (n_load.numel() * per_row)
 
 
 NOT_PAIRED = (

@@ -38,6 +38,7 @@ class SiteState:
     gen_v: torch.Tensor
     gen_len: torch.Tensor  # [1] int64
     workspace: List[torch.Tensor]  # the CUDA kernels' selected-chunk buffers (ops.workspace)
+    selected: int = 0      # chunks a step selects per (b, h), for the hit rate
     used: int = 0          # host mirror of gen_len, to grow the buffers without a sync
 
     def tensors(self) -> List[torch.Tensor]:
@@ -46,7 +47,7 @@ class SiteState:
 
     def hit_rate(self) -> Optional[float]:
         """Share of the last step's selected chunks reused from the step before (syncs)."""
-        return ops.hit_rate(self.workspace[2], self.workspace[4])
+        return ops.hit_rate(self.workspace[2], self.workspace[4], self.selected)
 
     def truncate(self, length: int, prompt_len: int):
         """Drop the tokens from position ``length`` on: generated ones, and prompt tokens of
@@ -177,7 +178,9 @@ class Runtime:
                 gen_v=st.local_v.new_zeros(B, H, GEN_CAPACITY, st.local_v.shape[-1]),
                 gen_len=torch.zeros(1, dtype=torch.long, device=st.local_k.device),
                 workspace=ops.workspace(st, cfg.budget_chunks, cfg.chunk_size,
-                                        gather=cfg.decode_route == "split"))
+                                        gather=cfg.decode_route == "split",
+                                        chunk_cache=cfg.chunk_cache),
+                selected=cfg.budget_chunks)
         self.clear()
         session = Session(sites, prompt_len)
         self._session = session

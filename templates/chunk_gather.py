@@ -3,9 +3,11 @@ low-rank GEMM with RoPE in the epilogue) and the value fetch from host memory.
 
 Sub notation:
     B batch, H = Hkv KV heads, d head dim, rd rotary dims (<= d), C chunk size, N chunks of the
-    sparse region (N*C prompt tokens), r rank, K selected chunks (slots) per (b, h).
-    A *load list* per (b, h) is n_load[b, h] <= K pairs (load_chunk[j], load_slot[j]): chunk
-    load_chunk[j] goes into rows [slot*C, slot*C + C) of the [B, H, K*C, d] output buffer.
+    sparse region (N*C prompt tokens), r rank, K selected chunks per (b, h), S >= K slots of the
+    selected-chunk buffers (S > K: a value cache, see ``reuse_plan``).
+    A *load list* per (b, h) is n_load[b, h] <= K pairs (load_chunk[j], load_slot[j]), stored
+    S apart: chunk load_chunk[j] goes into rows [slot*C, slot*C + C) of the [B, H, S*C, d]
+    output buffer.
     Flattened load row i -> j = i // C, c = i % C (any C, not only powers of two).
     Constexprs: D (= d), D_PAD (power of two >= d), BLOCK_ROWS load rows per program, BLOCK_R
     rank columns per GEMM step, ROPE (0 none, 1 rotate_half, 2 interleaved), K_PAD (power of
@@ -40,8 +42,9 @@ FETCH_PROGRAMS = 64
 
 @triton.jit
 def _reuse_plan_kernel(
-    idx_ptr, slot_chunk_ptr, chunk_slot_ptr, kept_ptr, load_chunk_ptr, load_slot_ptr, nload_ptr,
-    N, K, K_PAD: tl.constexpr,
+    idx_ptr, scores_ptr, slot_chunk_ptr, chunk_slot_ptr, kept_ptr, load_chunk_ptr, load_slot_ptr,
+    nload_ptr, sel_slot_ptr, N, K, S, K_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    BY_SCORE: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, K_PAD)
@@ -50,28 +53,45 @@ def _reuse_plan_kernel(
     prev = tl.load(chunk_slot_ptr + bh * N + idx, mask=k_ok, other=-1).to(tl.int32)  # or -1
     hit = (prev >= 0) & k_ok
     miss = (prev < 0) & k_ok
+    s = tl.arange(0, S_PAD)
+    s_ok = s < S
     # kept[s] = 1 when a chunk selected again still sits in slot s
-    tl.store(kept_ptr + bh * K + k, tl.zeros([K_PAD], dtype=tl.int32), mask=k_ok)
+    tl.store(kept_ptr + bh * S + s, tl.zeros([S_PAD], dtype=tl.int32), mask=s_ok)
     tl.debug_barrier()
-    tl.store(kept_ptr + bh * K + prev, tl.full([K_PAD], 1, dtype=tl.int32), mask=hit)
+    tl.store(kept_ptr + bh * S + prev, tl.full([K_PAD], 1, dtype=tl.int32), mask=hit)
     tl.debug_barrier()
-    kept = tl.load(kept_ptr + bh * K + k, mask=k_ok, other=1, volatile=True)
-    free = (kept == 0) & k_ok
+    kept = tl.load(kept_ptr + bh * S + s, mask=s_ok, other=1, volatile=True)
+    free = (kept == 0) & s_ok
     miss_i = miss.to(tl.int32)
-    free_i = free.to(tl.int32)
     miss_rank = tl.cumsum(miss_i, axis=0) - miss_i  # exclusive prefix count
-    free_rank = tl.cumsum(free_i, axis=0) - free_i
     n_miss = tl.sum(miss_i, axis=0)
-    # the i-th miss goes into the i-th freed slot (both counts equal K - hits)
-    tl.store(load_chunk_ptr + bh * K + miss_rank, idx, mask=miss)
-    tl.store(load_slot_ptr + bh * K + free_rank, k, mask=free)
-    old = tl.load(slot_chunk_ptr + bh * K + k, mask=free, other=-1)  # evicted chunk per freed slot
-    tl.store(chunk_slot_ptr + bh * N + old, tl.full([K_PAD], -1, dtype=tl.int16),
-             mask=free & (old >= 0))
+    # load_slot[:free slots] lists the free slots in eviction order; the i-th miss takes the
+    # i-th. With S == K there are exactly as many free slots as misses, so any order does.
+    if BY_SCORE:  # empty slots first, then the held chunks that score lowest at this step
+        held = tl.load(slot_chunk_ptr + bh * S + s, mask=free, other=-1)
+        score = tl.load(scores_ptr + bh * N + held, mask=free & (held >= 0), other=0.0)
+        bits = score.to(tl.int32, bitcast=True)
+        order = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # ints in the floats' order
+        order = tl.where(held >= 0, order, -2147483648)
+        order = tl.where(free, order, 2147483647)
+        ranked = tl.sort(order.to(tl.int64) * 4294967296 + s.to(tl.int64))  # ties by slot
+        tl.store(load_slot_ptr + bh * S + s, (ranked & 0xFFFFFFFF).to(tl.int32), mask=s_ok)
+    else:
+        free_i = free.to(tl.int32)
+        free_rank = tl.cumsum(free_i, axis=0) - free_i
+        tl.store(load_slot_ptr + bh * S + free_rank, s, mask=free)
+    tl.store(load_chunk_ptr + bh * S + miss_rank, idx, mask=miss)
     tl.debug_barrier()
-    slot = tl.load(load_slot_ptr + bh * K + miss_rank, mask=miss, other=0, volatile=True)
+    evict = s < n_miss
+    victim = tl.load(load_slot_ptr + bh * S + s, mask=evict, other=0, volatile=True)
+    old = tl.load(slot_chunk_ptr + bh * S + victim, mask=evict, other=-1)
+    tl.store(chunk_slot_ptr + bh * N + old, tl.full([S_PAD], -1, dtype=tl.int16),
+             mask=evict & (old >= 0))
+    tl.debug_barrier()
+    slot = tl.load(load_slot_ptr + bh * S + miss_rank, mask=miss, other=0, volatile=True)
     tl.store(chunk_slot_ptr + bh * N + idx, slot.to(tl.int16), mask=miss)
-    tl.store(slot_chunk_ptr + bh * K + slot, idx, mask=miss)
+    tl.store(slot_chunk_ptr + bh * S + slot, idx, mask=miss)
+    tl.store(sel_slot_ptr + bh * K + k, tl.where(hit, prev, slot), mask=k_ok)
     tl.store(nload_ptr + bh, n_miss)
 
 
@@ -189,35 +209,51 @@ def _fetch_values_kernel(
                  x.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def reuse_plan(idx: torch.Tensor, slot_chunk: torch.Tensor, chunk_slot: torch.Tensor):
-    """Plan which selected chunks must be loaded, keeping chunks selected again in their slots.
+def reuse_plan(idx: torch.Tensor, slot_chunk: torch.Tensor, chunk_slot: torch.Tensor,
+               scores: torch.Tensor | None = None):
+    """Plan which selected chunks must be loaded, keeping the chunks already held in their slots.
 
     Parameters
     ----------
     idx : [B, H, K] int64 chunk ids selected this step (distinct per (b, h), e.g. from topk).
-    slot_chunk : [B, H, K] int32 chunk held by each slot of the selected-K/V buffers (-1: empty);
-        updated in place to this step's assignment (its set equals idx's set per (b, h)).
+    slot_chunk : [B, H, S] int32 chunk held by each slot of the selected-K/V buffers (-1: empty),
+        S >= K; updated in place. With S == K it ends up holding exactly idx's chunks; with
+        S > K the buffers are a value cache: chunks not selected stay until a miss needs
+        their slot.
     chunk_slot : [B, H, N] int16 inverse map, chunk -> slot or -1; updated in place.
+    scores : [B, H, N] this step's chunk scores, needed when S > K: the held chunks that are
+        not selected and score lowest are evicted first (on SmolLM2's selections this keeps
+        slightly more hits than least-recently-selected eviction, with no state of its own:
+        scripts/value_cache_hits.py).
 
     Returns
     -------
-    load_chunk, load_slot : [B, H, K] int32; entries [:n_load] are the misses and the slots
+    load_chunk, load_slot : [B, H, S] int32; entries [:n_load] are the misses and the slots
         they go to (the rest is scratch).
     n_load : [B, H] int32 misses per (b, h).
+    sel_slot : [B, H, K] int32 slot holding idx[..., j] after the plan.
     """
     B, H, K = idx.shape
-    N = chunk_slot.shape[-1]
+    S, N = slot_chunk.shape[-1], chunk_slot.shape[-1]
+    if S < K:
+        raise ValueError(f"reuse_plan: {S} slots cannot hold the {K} selected chunks")
+    if S > K and scores is None:
+        raise ValueError("reuse_plan: a workspace with more slots than selected chunks (a value "
+                         "cache) needs the step's scores to pick what to evict")
     dev = idx.device
-    load_chunk = torch.empty(B, H, K, dtype=torch.int32, device=dev)
-    load_slot = torch.empty(B, H, K, dtype=torch.int32, device=dev)
-    kept = torch.empty(B, H, K, dtype=torch.int32, device=dev)
+    load_chunk = torch.empty(B, H, S, dtype=torch.int32, device=dev)
+    load_slot = torch.empty(B, H, S, dtype=torch.int32, device=dev)
+    kept = torch.empty(B, H, S, dtype=torch.int32, device=dev)
     n_load = torch.empty(B, H, dtype=torch.int32, device=dev)
+    sel_slot = torch.empty(B, H, K, dtype=torch.int32, device=dev)
     if B * H * K == 0:
-        return load_chunk, load_slot, n_load.zero_()
+        return load_chunk, load_slot, n_load.zero_(), sel_slot
+    by_score = S > K
     launch(_reuse_plan_kernel)[(B * H,)](
-        idx.contiguous(), slot_chunk, chunk_slot, kept, load_chunk, load_slot, n_load,
-        N, K, K_PAD=next_pow2(K), num_warps=4)
-    return load_chunk, load_slot, n_load
+        idx.contiguous(), scores.contiguous() if by_score else idx, slot_chunk, chunk_slot, kept,
+        load_chunk, load_slot, n_load, sel_slot, N, K, S, K_PAD=next_pow2(K),
+        S_PAD=next_pow2(S), BY_SCORE=by_score, num_warps=4)
+    return load_chunk, load_slot, n_load, sel_slot
 
 
 def full_load(idx: torch.Tensor):
@@ -253,18 +289,20 @@ REBUILD_MARKER = "shadowkv_key_rebuild"
 def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, load_chunk: torch.Tensor, load_slot: torch.Tensor,
                       n_load: torch.Tensor, chunk_size: int, rope_style: str,
-                      block_rows: int = 0) -> torch.Tensor:
+                      block_rows: int = 0, max_loads: int = 0) -> torch.Tensor:
     """Rebuild post-RoPE keys of the listed chunks into their slots (``reference.rebuild_keys``).
 
     Parameters
     ----------
-    out : [B, H, K*C, d] selected-K buffer (any float dtype; fp32 accumulation), written in place.
+    out : [B, H, S*C, d] selected-K buffer (any float dtype; fp32 accumulation), written in place.
     U : [B, N*C, r] left factor; SV : [B, H, r, d] right factor (same dtype as U).
     cos, sin : [B, N*C, rd/2] rotary factors at prompt positions, one per rotated pair of dims
         (``reference.rope_tables``; ignored when rope_style="none"); [1, N*C, rd/2] or a
         batch-expanded view of it shares one table across the batch.
-    load_chunk, load_slot : [B, H, K] int32; n_load : [B, H] int32 (see ``reuse_plan``).
+    load_chunk, load_slot : [B, H, S] int32; n_load : [B, H] int32 (see ``reuse_plan``).
     chunk_size : C. rope_style : "rotate_half", "interleaved" or "none".
+    block_rows : rows a program (0: default). max_loads : the longest load list, K (0: S),
+        so that a value cache's spare slots launch no programs.
 
     Returns
     -------
@@ -286,7 +324,7 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
     rotate_all = rotates_all(rope, RD, d)
     BLOCK_ROWS, warps = rebuild_config(rotate_all)
     BLOCK_ROWS = block_rows or BLOCK_ROWS
-    grid = (triton.cdiv(KC, BLOCK_ROWS), B * H)
+    grid = (triton.cdiv((max_loads or K) * C, BLOCK_ROWS), B * H)
     launch(_rebuild_keys_kernel)[grid](
         out, U.contiguous(), SV.contiguous(), cos, sin,
         load_chunk, load_slot, n_load, H, N, K, C, R, RD, tab_bstride,
@@ -298,16 +336,19 @@ def rebuild_keys_into(out: torch.Tensor, U: torch.Tensor, SV: torch.Tensor, cos:
 
 def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch.Tensor,
                       load_slot: torch.Tensor, n_load: torch.Tensor,
-                      block_rows: int = 0, programs: int = 0) -> torch.Tensor:
+                      block_rows: int = 0, programs: int = 0,
+                      max_loads: int = 0) -> torch.Tensor:
     """Copy the listed chunks' values into their slots (``reference.fetch_values``).
 
     Parameters
     ----------
-    out : [B, H, K*C, d] selected-V buffer on the compute device, written in place.
+    out : [B, H, S*C, d] selected-V buffer on the compute device, written in place.
     values : [B, H, N, C, d] contiguous host store. On CUDA it must be pinned: the kernel reads
         it directly through unified virtual addressing (zero-copy, no staging copy).
-    load_chunk, load_slot : [B, H, K] int32; n_load : [B, H] int32 (see ``reuse_plan``).
+    load_chunk, load_slot : [B, H, S] int32; n_load : [B, H] int32 (see ``reuse_plan``).
     block_rows, programs : tile height and number of persistent programs (0: defaults).
+    max_loads : the longest load list, K (0: S), so that a value cache's spare slots cost no
+        tiles.
 
     Returns
     -------
@@ -326,7 +367,7 @@ def fetch_values_into(out: torch.Tensor, values: torch.Tensor, load_chunk: torch
     # tiles of 16 rows (4 KB at d=128) per load; 64 programs of 8 warps keep enough zero-copy
     # reads in flight to reach the pinned-copy bandwidth (scripts/fetch_programs.py)
     BLOCK_ROWS = block_rows or 16
-    blocks = triton.cdiv(KC, BLOCK_ROWS)
+    blocks = triton.cdiv((max_loads or K) * C, BLOCK_ROWS)
     tiles = blocks * B * H
     # out goes first: Inductor takes a user kernel's device from its first tensor argument
     launch(_fetch_values_kernel)[(min(tiles, programs or FETCH_PROGRAMS),)](

@@ -9,6 +9,7 @@ Sub notation:
     P = Lo + Ls + Ll + Lg keys in all, S splits.
     Validity: outliers by outlier_valid [B, H, Lo]; selected token (slot, c) by chunk =
     slot_chunk[b, h, slot] >= 0, sparse_valid[b, chunk*C + c] and selectable[b, h, chunk];
+    with a value cache (S > K slots) the j-th selected chunk sits in slot sel_slot[b, h, j];
     local by local_valid [B, Ll]; generated j for row (g, t) when j <= Lg - T + t (causal).
     Constexprs: D (= d), D_PAD, M_PAD (power of two >= max(16, M)), BLOCK_N keys per step,
     M_ROWS (power of two >= M), S_BLOCK partials per load, UPCAST (see templates.common).
@@ -32,7 +33,7 @@ from .common import INTERPRET, as_bytes, dot, launch, next_pow2
 LOG2E = 1.4426950408889634
 
 
-def split_launch(splits: int, elem_bytes: int) -> dict:
+def split_launch(splits: int, elem_bytes: int, cached: bool = False) -> dict:
     """Launch options of the split kernel (scripts/attention_configs.py sweeps them).
 
     One warp where the key axis is split 8 or more ways (few (b, h) pairs, short programs): the
@@ -41,8 +42,9 @@ def split_launch(splits: int, elem_bytes: int) -> dict:
     128K context on an H100 (results/h100/warps_topk/configs.txt), us, 1 warp / 4 warps:
     batch 1 at 33 splits 14.6 / 20.2; batch 8 at 10 splits 41.2 / 46.0 but at its default 5
     splits 41.8 / 40.1; batch 32 at 2 splits 119.6 / 123.0 (one run each). Four
-    warps also for 4-byte elements (1 warp spills at fp32 d=64, scripts/compile_kernels.py)."""
-    warps = 1 if splits >= 8 and elem_bytes == 2 else 4
+    warps also for 4-byte elements (1 warp spills at fp32 d=64, scripts/compile_kernels.py),
+    and through a value cache's slot list (1 warp spilled 112 B at bf16 d=128)."""
+    warps = 1 if splits >= 8 and elem_bytes == 2 and not cached else 4
     return {"num_warps": warps, "num_stages": 3}  # 3: Triton's default on CUDA
 
 
@@ -85,16 +87,29 @@ def _selected_valid(slot_base, tok_base, sel_base, pos, hi, C, stride_slot, stri
 
 
 @triton.jit
+def _cached_valid(sel_slot_base, slot_base, tok_base, sel_base, pos, hi, C):
+    """``_selected_valid`` for a value cache: the selected key pos (< hi) of one (b, h) is row
+    c of slot sel_slot[pos // C]. Returns (valid, its row in the slot buffers)."""
+    pos_ok = pos < hi
+    slot = tl.load(sel_slot_base + pos // C, mask=pos_ok, other=0)  # int32: few registers
+    chunk = tl.load(slot_base + slot, mask=pos_ok, other=-1).to(tl.int64)
+    have = pos_ok & (chunk >= 0)
+    tok_ok = tl.load(tok_base + chunk * C + pos % C, mask=have, other=0)
+    chunk_ok = tl.load(sel_base + chunk, mask=have, other=0)
+    return (tok_ok != 0) & (chunk_ok != 0), slot * C + pos % C
+
+
+@triton.jit
 def _sparse_decode_split_kernel(
     q_ptr,
     ok_ptr, ov_ptr, ovalid_ptr,
-    sk_ptr, sv_ptr, slot_chunk_ptr, tok_valid_ptr, selectable_ptr,
+    sk_ptr, sv_ptr, slot_chunk_ptr, sel_slot_ptr, tok_valid_ptr, selectable_ptr,
     lk_ptr, lv_ptr, lvalid_ptr,
     gk_ptr, gv_ptr, gen_len_ptr,
     po_ptr, pm_ptr, pl_ptr, out_ptr, count_ptr,
-    qk_scale, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
+    qk_scale, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, SLOTS, S,
     D: tl.constexpr, D_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    M_ROWS: tl.constexpr, S_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+    M_ROWS: tl.constexpr, S_BLOCK: tl.constexpr, CACHED: tl.constexpr, UPCAST: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -133,18 +148,33 @@ def _sparse_decode_split_kernel(
     # SDPA at 4 warps, to 1.09x at 1 warp)
     lo = tl.maximum(start - Lo, 0)
     hi = tl.minimum(end - Lo, Ls)
-    slot_base = slot_chunk_ptr + bh * K
+    slot_base = slot_chunk_ptr + bh * SLOTS
     tok_base = tok_valid_ptr + b * N * C
     sel_base = selectable_ptr + bh * N
-    valid = _selected_valid(slot_base, tok_base, sel_base, lo + tl.arange(0, BLOCK_N), hi, C,
-                            1, 1, 1)
-    for n0 in range(lo, hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid_next = _selected_valid(slot_base, tok_base, sel_base, pos + BLOCK_N, hi, C, 1, 1, 1)
-        m_i, l_i, acc = _attend(q, sk_ptr + bh * Ls * D, sv_ptr + bh * Ls * D, pos, pos < hi,
-                                every_row & valid[None, :], m_i, l_i, acc, qk_scale,
-                                cols, d_ok, D, 1, D, 1, UPCAST)
-        valid = valid_next
+    sk_base = sk_ptr + bh * SLOTS * C * D
+    sv_base = sv_ptr + bh * SLOTS * C * D
+    if CACHED:  # rows through sel_slot, fetched one step ahead with the validity
+        valid, row = _cached_valid(sel_slot_ptr + bh * K, slot_base, tok_base, sel_base,
+                                   lo + tl.arange(0, BLOCK_N), hi, C)
+        for n0 in range(lo, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid_next, row_next = _cached_valid(sel_slot_ptr + bh * K, slot_base, tok_base,
+                                                 sel_base, pos + BLOCK_N, hi, C)
+            m_i, l_i, acc = _attend(q, sk_base, sv_base, row, pos < hi,
+                                    every_row & valid[None, :], m_i, l_i, acc, qk_scale,
+                                    cols, d_ok, D, 1, D, 1, UPCAST)
+            valid, row = valid_next, row_next
+    else:
+        valid = _selected_valid(slot_base, tok_base, sel_base, lo + tl.arange(0, BLOCK_N), hi,
+                                C, 1, 1, 1)
+        for n0 in range(lo, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid_next = _selected_valid(slot_base, tok_base, sel_base, pos + BLOCK_N, hi, C,
+                                         1, 1, 1)
+            m_i, l_i, acc = _attend(q, sk_base, sv_base, pos, pos < hi,
+                                    every_row & valid[None, :], m_i, l_i, acc, qk_scale,
+                                    cols, d_ok, D, 1, D, 1, UPCAST)
+            valid = valid_next
     # local window: keys [Lo + Ls, Lo + Ls + Ll)
     off = Lo + Ls
     hi = tl.minimum(end - off, Ll)
@@ -236,7 +266,7 @@ def sparse_decode(q: torch.Tensor, scale: float,
                   local_k: torch.Tensor, local_v: torch.Tensor, local_valid: torch.Tensor,
                   gen_k: torch.Tensor, gen_v: torch.Tensor, gen_len: torch.Tensor,
                   chunk_size: int, num_splits: int = 0, block_n: int = 0,
-                  out: torch.Tensor = None) -> torch.Tensor:
+                  out: torch.Tensor = None, sel_slot: torch.Tensor = None) -> torch.Tensor:
     """Exact softmax attention of q over [outliers | selected | local | generated].
 
     Parameters
@@ -244,7 +274,7 @@ def sparse_decode(q: torch.Tensor, scale: float,
     q : [B, Hq, T, d] post-RoPE queries (T = 1 for plain decoding).
     scale : the model's attention scale.
     outlier_k, outlier_v : [B, H, Lo, d]; outlier_valid : [B, H, Lo] bool.
-    sel_k, sel_v : [B, H, K*C, d] selected-chunk buffers; slot_chunk : [B, H, K] int32/int64
+    sel_k, sel_v : [B, H, S*C, d] selected-chunk buffers; slot_chunk : [B, H, S] int32/int64
         chunk held by each slot (-1: empty slot, attended by nobody).
     sparse_valid : [B, N*C] bool token is real; selectable : [B, H, N] bool.
     local_k, local_v : [B, H, Ll, d]; local_valid : [B, Ll] bool.
@@ -252,6 +282,8 @@ def sparse_decode(q: torch.Tensor, scale: float,
         step's T (as after ``reference.decode_attention``'s in-place update).
     chunk_size : C. num_splits, block_n : 0 picks defaults.
     out : optional [B, Hq, T, d] output buffer (default: new, q's dtype).
+    sel_slot : [B, H, K] int32, the slots of the K chunks to attend, for a value cache (S > K
+        slots, ``chunk_gather.reuse_plan``); None attends every slot (S = K).
 
     Returns
     -------
@@ -264,10 +296,12 @@ def sparse_decode(q: torch.Tensor, scale: float,
     M = G * T
     C = chunk_size
     N = selectable.shape[-1]
-    K = slot_chunk.shape[-1]
-    Lo, Ls, Ll, Gcap = outlier_k.shape[2], sel_k.shape[2], local_k.shape[2], gen_k.shape[2]
-    if Ls != K * C:
-        raise ValueError(f"sel_k holds {Ls} rows; expected K*C = {K}*{C}")
+    slots = slot_chunk.shape[-1]
+    K = slots if sel_slot is None else sel_slot.shape[-1]
+    Lo, Ll, Gcap = outlier_k.shape[2], local_k.shape[2], gen_k.shape[2]
+    Ls = K * C  # the selected keys attended
+    if sel_k.shape[2] != slots * C:
+        raise ValueError(f"sel_k holds {sel_k.shape[2]} rows; expected slots*C = {slots}*{C}")
     if gen_v.shape[-1] != d or sel_v.shape[-1] != d:
         raise ValueError("sparse_decode: value head dim must equal the key head dim")
     if M > 128:
@@ -292,14 +326,17 @@ def sparse_decode(q: torch.Tensor, scale: float,
     launch(_sparse_decode_split_kernel)[(B * H, S)](
         q.contiguous(),
         outlier_k.contiguous(), outlier_v.contiguous(), as_bytes(outlier_valid.contiguous()),
-        sel_k, sel_v, slot_chunk.contiguous(), as_bytes(sparse_valid.contiguous()),
+        sel_k, sel_v, slot_chunk.contiguous(),
+        slot_chunk if sel_slot is None else sel_slot.contiguous(),
+        as_bytes(sparse_valid.contiguous()),
         as_bytes(selectable.contiguous()),
         local_k.contiguous(), local_v.contiguous(), as_bytes(local_valid.contiguous()),
         gen_k, gen_v, gen_len,
         po, pm, pl, out, count,
-        float(scale) * LOG2E, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, S,
+        float(scale) * LOG2E, H, G, T, Lo, Ls, Ll, Gcap, N, C, K, slots, S,
         D=d, D_PAD=D_PAD, M_PAD=M_PAD, BLOCK_N=BLOCK_N, M_ROWS=M_ROWS, S_BLOCK=S_BLOCK,
-        UPCAST=INTERPRET, **split_launch(S, sel_k.element_size()))
+        CACHED=sel_slot is not None, UPCAST=INTERPRET,
+        **split_launch(S, sel_k.element_size(), sel_slot is not None))
     return out
 
 

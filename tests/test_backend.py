@@ -29,10 +29,17 @@ def test_paper_defaults():
     ("local_chunks", 1.5, "local_chunks=1.5: must be an int >= 0"),
     ("min_sparse_len", -1, "min_sparse_len=-1 is out of range"),
     ("budget", 4, "budget=4 is smaller than chunk_size=8"),
+    ("chunk_cache", 0, "chunk_cache=0 is out of range: must be an int >= 1 and <= 64"),
 ])
 def test_invalid_config_names_field_value_and_range(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         ShadowKVConfig(**{field: value})
+
+
+def test_chunk_cache_needs_the_fused_route():
+    assert ShadowKVConfig(chunk_cache=4).chunk_cache == 4
+    with pytest.raises(ValueError, match="chunk_cache=2 needs decode_route='fused'"):
+        ShadowKVConfig(chunk_cache=2, decode_route="split")
 
 
 def test_unknown_option_is_an_error():

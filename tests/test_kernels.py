@@ -279,22 +279,33 @@ def test_fetch_values_equal_reference(dtype, C, d, programs):
 
 
 # ----------------------------------------------------------------------------- reuse plan
-def check_plan(idx, old_slots, slot_chunk, chunk_slot, load_chunk, load_slot, n_load):
+def check_plan(idx, old_slots, slot_chunk, chunk_slot, load_chunk, load_slot, n_load, sel_slot,
+               scores=None):
+    """The plan's invariants; with scores (a value cache, more slots than K), also that the
+    evicted chunks are the lowest-scoring unselected ones, after the empty slots."""
     B, H, K = idx.shape
-    N = chunk_slot.shape[-1]
+    N, S = chunk_slot.shape[-1], slot_chunk.shape[-1]
     for b in range(B):
         for h in range(H):
             new, old = slot_chunk[b, h].tolist(), old_slots[b, h].tolist()
             want = set(idx[b, h].tolist())
-            assert set(new) == want and len(new) == K, "slots must hold exactly the selection"
-            kept = [s for s in range(K) if old[s] in want]
-            assert all(new[s] == old[s] for s in kept), "a chunk selected again must stay put"
+            if S == K:
+                assert set(new) == want, "slots must hold exactly the selection"
+            assert all(new[s] == old[s] for s in range(S) if old[s] in want), \
+                "a chunk selected again must stay put"
             n = n_load[b, h].item()
-            assert n == K - len(kept), "only misses are loaded"
-            assert sorted(load_slot[b, h, :n].tolist()) == sorted(set(range(K)) - set(kept))
-            assert [new[s] for s in load_slot[b, h, :n].tolist()] == load_chunk[b, h, :n].tolist()
-            where = {c: s for s, c in enumerate(new)}
+            assert n == len(want - set(old)), "only misses are loaded"
+            loaded = load_slot[b, h, :n].tolist()
+            assert sorted(loaded) == [s for s in range(S) if new[s] != old[s]]
+            assert [new[s] for s in loaded] == load_chunk[b, h, :n].tolist()
+            assert [new[s] for s in sel_slot[b, h].tolist()] == idx[b, h].tolist()
+            where = {c: s for s, c in enumerate(new) if c >= 0}
             assert chunk_slot[b, h].tolist() == [where.get(c, -1) for c in range(N)]
+            if scores is not None:  # evicted: empties first, then by score
+                spare = [s for s in range(S) if old[s] not in want]
+                rank = sorted(spare, key=lambda s: (old[s] >= 0, scores[b, h, old[s]].item()
+                                                    if old[s] >= 0 else 0.0))
+                assert sorted(loaded) == sorted(rank[:n]), "evict the lowest scores first"
 
 
 def test_reuse_plan_keeps_hits_in_place():
@@ -333,6 +344,27 @@ def test_reuse_plan_keeps_hits_in_place():
         prev = idx
 
 
+def test_reuse_plan_as_a_value_cache():
+    """More slots than selected chunks: held chunks stay until a miss needs their slot, and the
+    unselected ones that score lowest at this step go first."""
+    B, H, N, K, S = 2, 3, 40, 6, 15
+    slot_chunk = torch.full((B, H, S), -1, dtype=torch.int32, device=DEV)
+    chunk_slot = torch.full((B, H, N), -1, dtype=torch.int16, device=DEV)
+    g = torch.Generator().manual_seed(11)
+    hits = []
+    for step in range(8):
+        scores = torch.rand(B, H, N, generator=g)
+        if step % 3 == 2:
+            scores[..., :4] = -1.0  # unselectable chunks score -1; ties broken by slot
+        idx = scores.topk(K, dim=-1).indices
+        old = slot_chunk.clone()
+        plan = reuse_plan(idx.to(DEV), slot_chunk, chunk_slot, scores.to(DEV))
+        check_plan(idx, old.cpu(), slot_chunk.cpu(), chunk_slot.cpu(), *(t.cpu() for t in plan),
+                   scores=scores)
+        hits.append(1 - plan[2].sum().item() / (B * H * K))
+    assert hits[0] == 0.0 and max(hits[1:]) > 0.0, hits
+
+
 def test_reuse_plan_when_every_chunk_is_selected():
     B, H, N = 1, 2, 5  # N < budget: K = N, every step selects everything
     K = N
@@ -340,7 +372,7 @@ def test_reuse_plan_when_every_chunk_is_selected():
     chunk_slot = torch.full((B, H, N), -1, dtype=torch.int16, device=DEV)
     for step in range(3):
         idx = distinct_chunks(B, H, N, K, seed=step).to(DEV)
-        _, _, n = reuse_plan(idx, slot_chunk, chunk_slot)
+        _, _, n, _ = reuse_plan(idx, slot_chunk, chunk_slot)
         assert (n.cpu() == (K if step == 0 else 0)).all()
 
 
@@ -480,6 +512,41 @@ def test_decode_step_in_batch_slices_matches_reference(parts, shared_table):
         assert torch.equal(gk, rk) and torch.equal(gl, rl)
         held = ws.slot_chunk.long()  # every slice's slots hold their chunks
         assert torch.equal(ws.sel_v.cpu(), ref.fetch_values(st.values, held.cpu(), "cpu"))
+
+
+@pytest.mark.parametrize("cache, parts, dtype", [(2, 1, torch.float32), (3, 2, torch.bfloat16),
+                                                 (8, 1, torch.float32)])
+def test_decode_step_with_a_value_cache_matches_reference(cache, parts, dtype):
+    """A workspace of cache x K slots (8: more slots than chunks, so it holds them all) gives
+    the reference's output at every step, while queries that come back find their chunks
+    still on the device: a step after another query's selects fewer misses than K."""
+    B, H, G, N, C, d, K = 2, 2, 2, 20, 4, 32, 4
+    st = synthetic_state(B, H, N, C, d, 12, d, 1, 2 * C + 3, "rotate_half", dtype, pad=5)
+    ws = DecodeWorkspace.allocate(st, K, C, chunk_cache=cache)
+    assert ws.slot_chunk.shape[-1] == min(cache * K, N)
+    gk, gv = (torch.zeros(B, H, 8, d, device=DEV, dtype=dtype) for _ in range(2))
+    gl = torch.zeros(1, dtype=torch.long, device=DEV)
+    rk, rv, rl = gk.clone(), gv.clone(), gl.clone()
+    g = torch.Generator().manual_seed(4)
+    qa, qb = (torch.randn(B, H * G, 1, d, generator=g).to(DEV, dtype) for _ in range(2))
+    misses = []
+    for step, q in enumerate([qa, qb, qa, qb, qa + 0.3 * qb]):
+        k, v = (torch.randn(B, H, 1, d, generator=g).to(DEV, dtype) for _ in range(2))
+        got = decode_attention_cuda(q, k, v, 0.2, *split(st), gk, gv, gl, C, K, "rotate_half",
+                                    workspace=ws, parts=parts)
+        want = ref.decode_attention(q, k, v, 0.2, *split(st), rk, rv, rl, C, K, "rotate_half")
+        close(got, want, dtype, f"step {step}")
+        misses.append(ws.n_load.sum().item())
+        held = ws.slot_chunk.long()  # every held slot holds its chunk's keys and values
+        rows = (held >= 0).repeat_interleave(C, -1)
+        want_v = ref.fetch_values(st.values, held.clamp(min=0).cpu(), "cpu").to(dtype)
+        assert torch.equal(ws.sel_v.cpu()[rows.cpu()], want_v[rows.cpu()])
+        want_k = ref.rebuild_keys(st.U, st.SV, st.cos, st.sin, held.clamp(min=0), C,
+                                  "rotate_half")
+        close(ws.sel_k[rows], want_k[rows], dtype, "held keys")
+    assert misses[0] == B * H * K
+    assert misses[2] == misses[3] == 0, f"qa and qb's chunks fit in the cache: {misses}"
+    assert ws.hit_rate(K) == 1 - misses[-1] / (B * H * K)
 
 
 def test_decode_step_with_no_sparse_chunks():
