@@ -659,11 +659,12 @@ def test_gpu_kernels_at_llama_shape(dtype):
 
 
 @gpu
-def test_gpu_decode_steps_with_reuse():
+@pytest.mark.parametrize("chunk_cache", [1, 4])
+def test_gpu_decode_steps_with_reuse(chunk_cache):
     st, p = llama_state()
     B, H, G, d, C = p["B"], p["H"], p["G"], p["d"], p["C"]
     K = p["budget"] // C
-    ws = DecodeWorkspace.allocate(st, K, C)
+    ws = DecodeWorkspace.allocate(st, K, C, chunk_cache=chunk_cache)
     gk, gv = (torch.zeros(B, H, 64, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     gl = torch.zeros(1, dtype=torch.long, device="cuda")
     rk, rv, rl = gk.clone(), gv.clone(), gl.clone()
@@ -676,7 +677,7 @@ def test_gpu_decode_steps_with_reuse():
                                     workspace=ws)
         want = ref.decode_attention(q, k, v, d ** -0.5, *split(st), rk, rv, rl, C, K, "rotate_half")
         close(got, want, torch.bfloat16, f"step {step}")
-        hits.append(ws.hit_rate())
+        hits.append(ws.hit_rate(K))
     assert hits[0] == 0.0 and max(hits[1:]) > 0.0, hits  # reuse really happened
 
 
