@@ -1,14 +1,15 @@
 """Launch settings of the sparse decode attention (templates/sparse_decode.py) against SDPA.
 
     python scripts/attention_configs.py [--batches 1 8 32] [--block-n 32 64] [--warps 1 2 4 8]
-        [--stages 2 3]      # GPU machine
+        [--stages 2 3] [--chunk-cache 4]      # GPU machine
 
 At the Llama-3.1-8B layer shape (Hq 32, Hkv 8, d 128), 128K context, budget 2048 (48 outlier
 chunks, 32 local and 64 generated tokens: 2528 keys), batch 1/8/32: the split kernel's time
 for each BLOCK_N x num_warps (1-8) x num_stages x split count (half, 1, 2 and 4 times the
 default), as a
 ratio to SDPA over a compact buffer of the same keys (issue 4's target: <= 1.3x). Times in us
-(median, CUDA graph); the last lines give the best setting per batch.
+(median, CUDA graph); the last lines give the best setting per batch. With --chunk-cache c
+the selected chunks are read through a value cache's slot list (c*K slots, sel_slot).
 """
 import argparse
 import itertools
@@ -27,16 +28,20 @@ ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
 ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64])
 ap.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
 ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+ap.add_argument("--chunk-cache", type=int, default=1)
 args = ap.parse_args()
+S = args.chunk_cache * K
 for B in args.batches:
     def rnd(*shape):
         return torch.randn(*shape, device=dev, dtype=bf)
     q = rnd(B, H * G, 1, D)
     ok_, ov = rnd(B, H, O * C, D), rnd(B, H, O * C, D)
     ovalid = torch.ones(B, H, O * C, dtype=torch.bool, device=dev)
-    sk, sv = rnd(B, H, K * C, D), rnd(B, H, K * C, D)
-    slots = torch.stack([torch.randperm(N, device=dev)[:K] for _ in range(B * H)]).view(B, H, K)
+    sk, sv = rnd(B, H, S * C, D), rnd(B, H, S * C, D)
+    slots = torch.stack([torch.randperm(N, device=dev)[:S] for _ in range(B * H)]).view(B, H, S)
     slots = slots.to(torch.int32)
+    sel_slot = None if S == K else torch.stack(
+        [torch.randperm(S, device=dev)[:K] for _ in range(B * H)]).view(B, H, K).to(torch.int32)
     svalid = torch.ones(B, N * C, dtype=torch.bool, device=dev)
     selectable = torch.ones(B, H, N, dtype=torch.bool, device=dev)
     lk, lv = rnd(B, H, L, D), rnd(B, H, L, D)
@@ -56,7 +61,8 @@ for B in args.batches:
             def run():
                 return sd.sparse_decode(q, D ** -0.5, ok_, ov, ovalid, sk, sv, slots, svalid,
                                         selectable, lk, lv, lvalid, gk, gv, glen, chunk_size=C,
-                                        num_splits=splits, block_n=block_n)
+                                        num_splits=splits, block_n=block_n,
+                                        sel_slot=sel_slot)
             try:
                 t = do_bench_cudagraph(run, rep=50)
             except Exception as e:  # e.g. out of shared memory for a setting

@@ -278,6 +278,24 @@ def test_fetch_values_equal_reference(dtype, C, d, programs):
     assert torch.equal(out, ref.fetch_values(st.values, idx, DEV))  # a copy: bit-exact
 
 
+@pytest.mark.parametrize("programs", [0, 2])
+def test_fetch_values_of_uneven_load_lists(programs):
+    """Each (b, h) loads its own number of chunks (none for some): exactly those slots change."""
+    B, H, N, C, d, K = 3, 2, 12, 3, 64, 5
+    st = synthetic_state(B, H, N, C, d, 8, 0, 0, 0, "none", torch.float32)
+    lc, ls, _ = full_load(distinct_chunks(B, H, N, K, seed=3).to(DEV))
+    ls = torch.stack([torch.randperm(K) for _ in range(B * H)]).view(B, H, K).to(DEV, torch.int32)
+    n = torch.tensor([[0, 5], [2, 0], [1, 4]], dtype=torch.int32, device=DEV)
+    out = torch.zeros(B, H, K * C, d, device=DEV)
+    fetch_values_into(out, st.values, lc, ls, n, block_rows=16, programs=programs)
+    want = torch.zeros(B, H, K, C, d)
+    for b in range(B):
+        for h in range(H):
+            for j in range(n[b, h]):
+                want[b, h, ls[b, h, j]] = st.values[b, h, lc[b, h, j]].float()
+    assert torch.equal(out.cpu(), want.view(B, H, K * C, d))
+
+
 # ----------------------------------------------------------------------------- reuse plan
 def check_plan(idx, old_slots, slot_chunk, chunk_slot, load_chunk, load_slot, n_load, sel_slot,
                scores=None):
