@@ -409,8 +409,9 @@ def bench_config(ctx, B, env):
         t_sg = timed(lambda: shadow_step(ws), graph=True)
         report(ctx, B, "ShadowKV step, CUDA graph", t_sg, err=err if t_se is None else None,
                note=f"hit rate {hit:.0%}, {tag}, {min(B, PIPELINE_PARTS)} batch slices")
-        if cache == 1:
-            for parts in [p for p in (1, 2, 8) if B > 1 and p <= B]:  # the pipeline's other depths
+        depths = (1, 2, 8) if cache == 1 else (1,)  # the pipeline's other depths
+        if B > 1:
+            for parts in [p for p in depths if p <= B]:
                 t = timed(lambda p=parts: shadow_step(ws, p), graph=True)
                 report(ctx, B, f"  the same, {parts} batch slice{'s' if parts > 1 else ''}", t)
         steps[cache] = (hit, t_se, t_sg)

@@ -74,8 +74,13 @@ def _reuse_plan_kernel(
         order = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # ints in the floats' order
         order = tl.where(held >= 0, order, -2147483648)
         order = tl.where(free, order, 2147483647)
-        ranked = tl.sort(order.to(tl.int64) * 4294967296 + s.to(tl.int64))  # ties by slot
-        tl.store(load_slot_ptr + bh * S + s, (ranked & 0xFFFFFFFF).to(tl.int32), mask=s_ok)
+        if S_PAD <= 2048:  # 21 bits of order (12 of mantissa) and 11 of slot: an int32 sort
+            ranked = tl.sort((order >> 11) * 2048 + s)
+            victims = ranked & 2047
+        else:
+            ranked = tl.sort(order.to(tl.int64) * 4294967296 + s.to(tl.int64))  # ties by slot
+            victims = (ranked & 0xFFFFFFFF).to(tl.int32)
+        tl.store(load_slot_ptr + bh * S + s, victims, mask=s_ok)
     else:
         free_i = free.to(tl.int32)
         free_rank = tl.cumsum(free_i, axis=0) - free_i

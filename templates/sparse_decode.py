@@ -42,9 +42,11 @@ def split_launch(splits: int, elem_bytes: int, cached: bool = False) -> dict:
     128K context on an H100 (results/h100/warps_topk/configs.txt), us, 1 warp / 4 warps:
     batch 1 at 33 splits 14.6 / 20.2; batch 8 at 10 splits 41.2 / 46.0 but at its default 5
     splits 41.8 / 40.1; batch 32 at 2 splits 119.6 / 123.0 (one run each). Four
-    warps also for 4-byte elements (1 warp spills at fp32 d=64, scripts/compile_kernels.py),
-    and through a value cache's slot list (1 warp spilled 112 B at bf16 d=128)."""
-    warps = 1 if splits >= 8 and elem_bytes == 2 and not cached else 4
+    warps also for 4-byte elements (1 warp spills at fp32 d=64, scripts/compile_kernels.py).
+    Through a value cache's slot list, 1 warp at any split count, although it spills 112 B at
+    bf16 d=128: H200, 128K, cache of 4 selections (results/h100/chunk_cache/attn_cache4.txt),
+    batch 2 at 17 splits 16.9 / 20.9 us, batch 8 at 5 splits 42.7 / 46.1."""
+    warps = 1 if elem_bytes == 2 and (splits >= 8 or cached) else 4
     return {"num_warps": warps, "num_stages": 3}  # 3: Triton's default on CUDA
 
 

@@ -362,25 +362,39 @@ def test_reuse_plan_keeps_hits_in_place():
         prev = idx
 
 
-def test_reuse_plan_as_a_value_cache():
+@pytest.mark.parametrize("N, K, S", [
+    (40, 6, 15),
+    pytest.param(2200, 6, 2100, id="int64-sort",  # minutes under the interpreter
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(INTERPRET, reason="GPU only")]),
+])
+def test_reuse_plan_as_a_value_cache(N, K, S):
     """More slots than selected chunks: held chunks stay until a miss needs their slot, and the
-    unselected ones that score lowest at this step go first."""
-    B, H, N, K, S = 2, 3, 40, 6, 15
-    slot_chunk = torch.full((B, H, S), -1, dtype=torch.int32, device=DEV)
-    chunk_slot = torch.full((B, H, N), -1, dtype=torch.int16, device=DEV)
+    unselected ones that score lowest at this step go first (after the empty slots)."""
+    B, H = 2, 3
     g = torch.Generator().manual_seed(11)
+    held = torch.stack([torch.randperm(N, generator=g)[:S] for _ in range(B * H)]).view(B, H, S)
+    held[..., :2] = -1  # two empty slots
+    slot_chunk = held.to(DEV, torch.int32)
+    chunk_slot = torch.full((B * H, N), -1, dtype=torch.int16)
+    for r, row in enumerate(held.view(B * H, S).tolist()):
+        for slot, c in enumerate(row):
+            if c >= 0:
+                chunk_slot[r, c] = slot
+    chunk_slot = chunk_slot.view(B, H, N).to(DEV)
     hits = []
-    for step in range(8):
-        scores = torch.rand(B, H, N, generator=g)
-        if step % 3 == 2:
-            scores[..., :4] = -1.0  # unselectable chunks score -1; ties broken by slot
+    for step in range(4):
+        # distinct scores, far apart: the int32 sort keeps 12 bits of mantissa
+        scores = torch.stack([torch.randperm(N, generator=g) for _ in range(B * H)]).view(
+            B, H, N).float().div(N)
+        if step == 2:
+            scores[..., :4] = -1.0  # unselectable chunks score -1
         idx = scores.topk(K, dim=-1).indices
         old = slot_chunk.clone()
         plan = reuse_plan(idx.to(DEV), slot_chunk, chunk_slot, scores.to(DEV))
         check_plan(idx, old.cpu(), slot_chunk.cpu(), chunk_slot.cpu(), *(t.cpu() for t in plan),
                    scores=scores)
         hits.append(1 - plan[2].sum().item() / (B * H * K))
-    assert hits[0] == 0.0 and max(hits[1:]) > 0.0, hits
+    assert max(hits) > 0.0 and min(hits) < 1.0, hits
 
 
 def test_reuse_plan_when_every_chunk_is_selected():
