@@ -21,9 +21,8 @@ import torch
 
 from shadowpass import reference as ref
 from shadowpass.eval import tasks
-from shadowpass.eval.harness import default_outlier_chunks
 
-from niah_probe import model, recorded, scale, tok  # loads SmolLM2 (scripts/niah_probe.py)
+from niah_probe import scale, teacher_forced_layers, tok  # loads SmolLM2 (scripts/niah_probe.py)
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512])
@@ -50,40 +49,26 @@ VARIANTS = {
 }
 agree = {(b, v): [] for b in args.budgets for v in VARIANTS}
 mass = {(b, v): [] for b in args.budgets for v in ["fp32", *VARIANTS]}
-for i, sample in enumerate(prompts):
-    ids = torch.tensor([sample.input_ids[:args.prompt + args.steps]])
-    recorded.clear()
-    with torch.no_grad():
-        model(ids)
-    T = args.prompt
-    for budget in args.budgets:
-        O = default_outlier_chunks(budget, C)
-        for q, k_pre, k_post in recorded:
-            H, d = k_post.shape[1], k_post.shape[-1]
-            st = ref.prefill_state(k_pre[:, :, :T], k_post[:, :, :T],
-                                   torch.zeros_like(k_post[:, :, :T]),
-                                   torch.ones(1, T, dtype=torch.bool), "valid", H * d, C, O,
-                                   LOCAL_CHUNKS)
-            N = st.landmarks.shape[2]
-            K = min(budget // C, N)
-            qs = q[:, :, T:T + args.steps]
-            G = qs.shape[1] // H
-            # exact attention of each step over the sparse region's tokens, per KV head
-            logits = torch.einsum("bhgtd,bhsd->bhgts", qs.view(1, H, G, -1, d),
-                                  k_post[:, :, :N * C]) * scale
-            att = logits.softmax(-1).amax(2)[0].view(H, -1, N, C).sum(-1)  # [H, steps, N]
-            for name, lm in [("fp32", st.landmarks.float()),
-                             *((v, f(st.landmarks.float())) for v, f in VARIANTS.items())]:
-                sel = torch.stack([ref.select_chunks(
-                    ref.score_chunks(qs[:, :, s:s + 1], lm, st.selectable, scale),
-                    st.selectable, K)[0][0] for s in range(args.steps)], 1)  # [H, steps, K]
-                mass[(budget, name)].append(att.gather(2, sel).sum(-1).mean().item())
-                if name == "fp32":
-                    want = sel
-                else:
-                    same = (sel[..., :, None] == want[..., None, :]).any(-1).float().mean()
-                    agree[(budget, name)].append(same.item())
-    print(f"sample {i} done", flush=True)
+for budget, qs, st, k_post in teacher_forced_layers(prompts, args.prompt, args.steps,
+                                                    args.budgets, C, LOCAL_CHUNKS):
+    H, N, d = st.landmarks.shape[1:]
+    K = min(budget // C, N)
+    G = qs.shape[1] // H
+    # exact attention of each step over the sparse region's tokens, per KV head
+    logits = torch.einsum("bhgtd,bhsd->bhgts", qs.view(1, H, G, -1, d),
+                          k_post[:, :, :N * C]) * scale
+    att = logits.softmax(-1).amax(2)[0].view(H, -1, N, C).sum(-1)  # [H, steps, N]
+    for name, lm in [("fp32", st.landmarks.float()),
+                     *((v, f(st.landmarks.float())) for v, f in VARIANTS.items())]:
+        sel = torch.stack([ref.select_chunks(
+            ref.score_chunks(qs[:, :, s:s + 1], lm, st.selectable, scale),
+            st.selectable, K)[0][0] for s in range(args.steps)], 1)  # [H, steps, K]
+        mass[(budget, name)].append(att.gather(2, sel).sum(-1).mean().item())
+        if name == "fp32":
+            want = sel
+        else:
+            same = (sel[..., :, None] == want[..., None, :]).any(-1).float().mean()
+            agree[(budget, name)].append(same.item())
 
 print(f"\nSmolLM2-135M, essay haystack, prompt {args.prompt} tokens, {args.steps} teacher-forced "
       f"steps, {args.samples} prompts, chunks of {C}; means over layers, KV heads and steps")

@@ -1,11 +1,13 @@
 """Shared set-up of the CPU selection diagnostics (scripts/selection_coverage.py and
 scripts/perhead_selectors.py): SmolLM2 in fp32, issue 5's 8K niah_single prompts, and a RoPE
 hook that records, for every layer of each forward, (post-RoPE queries, pre-RoPE keys,
-post-RoPE keys) in ``recorded``."""
+post-RoPE keys) in ``recorded``; ``teacher_forced_layers`` for the decode-step probes."""
 import torch
 import transformers.models.llama.modeling_llama as llama
 
+from shadowpass import reference as ref
 from shadowpass.eval import tasks
+from shadowpass.eval.harness import default_outlier_chunks
 from shadowpass.eval.smollm2 import load_smollm2
 
 model, tok = load_smollm2("cpu", torch.float32)
@@ -23,3 +25,27 @@ def _recording_rope(q, k, cos, sin, *args, **kwargs):
 
 
 llama.apply_rotary_pos_emb = _recording_rope
+
+
+def teacher_forced_layers(prompts, prompt_len: int, steps: int, budgets, C: int = 8,
+                          local_chunks: int = 4):
+    """For each prompt, SmolLM2 reads its first prompt_len tokens and is teacher-forced through
+    the next `steps`; yields, per budget and layer, (budget, the decode queries [1, Hq, steps,
+    d], the layer's PrefillState over the prompt at full rank with the budget's outliers, its
+    post-RoPE keys [1, Hkv, prompt_len + steps, d])."""
+    for i, sample in enumerate(prompts):
+        ids = torch.tensor([sample.input_ids[:prompt_len + steps]])
+        recorded.clear()
+        with torch.no_grad():
+            model(ids)
+        T = prompt_len
+        for budget in budgets:
+            O = default_outlier_chunks(budget, C)
+            for q, k_pre, k_post in recorded:
+                H = k_post.shape[1]
+                st = ref.prefill_state(k_pre[:, :, :T], k_post[:, :, :T],
+                                       torch.zeros_like(k_post[:, :, :T]),
+                                       torch.ones(1, T, dtype=torch.bool), "valid",
+                                       H * k_post.shape[-1], C, O, local_chunks)
+                yield budget, q[:, :, T:T + steps], st, k_post
+        print(f"sample {i} done", flush=True)

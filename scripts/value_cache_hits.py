@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from shadowpass import reference as ref
 from shadowpass.eval import tasks
-from shadowpass.eval.harness import default_outlier_chunks
 
 from cache_replay import cache_hits, score_cache_hits
-from niah_probe import model, recorded, scale, tok  # loads SmolLM2 (scripts/niah_probe.py)
+from niah_probe import scale, teacher_forced_layers, tok  # loads SmolLM2 (scripts/niah_probe.py)
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
@@ -50,32 +47,18 @@ C, LOCAL_CHUNKS = 8, 4
 
 rates = {(b, c): [] for b in args.budgets for c in args.capacities}
 by_score = {key: [] for key in rates}
-for i, sample in enumerate(prompts):
-    ids = torch.tensor([sample.input_ids[:args.prompt + args.steps]])
-    recorded.clear()
-    with torch.no_grad():
-        model(ids)
-    T = args.prompt
-    for budget in args.budgets:
-        O = default_outlier_chunks(budget, C)
-        for q, k_pre, k_post in recorded:  # one layer
-            H = k_post.shape[1]
-            st = ref.prefill_state(k_pre[:, :, :T], k_post[:, :, :T],
-                                   torch.zeros_like(k_post[:, :, :T]),
-                                   torch.ones(1, T, dtype=torch.bool), "valid",
-                                   H * k_post.shape[-1], C, O, LOCAL_CHUNKS)
-            K = min(budget // C, st.landmarks.shape[2])
-            qs = q[:, :, T:T + args.steps]  # [1, Hq, steps, d]: the decode queries
-            scored = [ref.score_chunks(qs[:, :, s:s + 1], st.landmarks, st.selectable, scale)
-                      for s in range(args.steps)]
-            per_step = [ref.select_chunks(s, st.selectable, K)[0][0] for s in scored]
-            for h in range(H):
-                sels = [set(p[h].tolist()) for p in per_step]
-                head_scores = [s[0, h].tolist() for s in scored]
-                for c in args.capacities:
-                    rates[(budget, c)].append(cache_hits(sels, round(c * K)))
-                    by_score[(budget, c)].append(score_cache_hits(sels, head_scores, round(c * K)))
-    print(f"sample {i} done", flush=True)
+for budget, qs, st, _ in teacher_forced_layers(prompts, args.prompt, args.steps, args.budgets,
+                                               C, LOCAL_CHUNKS):
+    H, K = st.landmarks.shape[1], min(budget // C, st.landmarks.shape[2])
+    scored = [ref.score_chunks(qs[:, :, s:s + 1], st.landmarks, st.selectable, scale)
+              for s in range(args.steps)]
+    per_step = [ref.select_chunks(s, st.selectable, K)[0][0] for s in scored]
+    for h in range(H):
+        sels = [set(p[h].tolist()) for p in per_step]
+        head_scores = [s[0, h].tolist() for s in scored]
+        for c in args.capacities:
+            rates[(budget, c)].append(cache_hits(sels, round(c * K)))
+            by_score[(budget, c)].append(score_cache_hits(sels, head_scores, round(c * K)))
 
 # the 128K batch-8 step of benchmarks/kernels.py: 8 KV heads, d 128, bf16, K = 256 chunks of 8,
 # N = 16380 landmarks a head; peaks of results/h100/warps_topk/kernels_128k_b1_b8.txt
