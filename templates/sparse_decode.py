@@ -44,7 +44,7 @@ def split_launch(splits: int, elem_bytes: int, cached: bool = False) -> dict:
     splits 41.8 / 40.1; batch 32 at 2 splits 119.6 / 123.0 (one run each). Four
     warps also for 4-byte elements (1 warp spills at fp32 d=64, scripts/compile_kernels.py).
     Through a value cache's slot list, 1 warp at any split count, although it spills 112 B at
-    bf16 d=128: H200, 128K, cache of 4 selections (results/h100/chunk_cache/attn_cache4.txt),
+    bf16 d=128: H200, 128K, cache of 4 selections (results/h100/chunk_cache/attn_cache4_h200.txt),
     batch 2 at 17 splits 16.9 / 20.9 us, batch 8 at 5 splits 42.7 / 46.1."""
     warps = 1 if elem_bytes == 2 and (splits >= 8 or cached) else 4
     return {"num_warps": warps, "num_stages": 3}  # 3: Triton's default on CUDA
