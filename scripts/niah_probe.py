@@ -27,6 +27,14 @@ def _recording_rope(q, k, cos, sin, *args, **kwargs):
 llama.apply_rotary_pos_emb = _recording_rope
 
 
+def prompt_state(k_pre, k_post, T: int, C: int, outlier_chunks: int, local_chunks: int):
+    """One layer's PrefillState over the first T tokens, at full rank (values unused: zeros)."""
+    H = k_post.shape[1]
+    return ref.prefill_state(k_pre[:, :, :T], k_post[:, :, :T], torch.zeros_like(k_post[:, :, :T]),
+                             torch.ones(1, T, dtype=torch.bool), "valid", H * k_post.shape[-1], C,
+                             outlier_chunks, local_chunks)
+
+
 def teacher_forced_layers(prompts, prompt_len: int, steps: int, budgets, C: int = 8,
                           local_chunks: int = 4):
     """For each prompt, SmolLM2 reads its first prompt_len tokens and is teacher-forced through
@@ -42,10 +50,6 @@ def teacher_forced_layers(prompts, prompt_len: int, steps: int, budgets, C: int 
         for budget in budgets:
             O = default_outlier_chunks(budget, C)
             for q, k_pre, k_post in recorded:
-                H = k_post.shape[1]
-                st = ref.prefill_state(k_pre[:, :, :T], k_post[:, :, :T],
-                                       torch.zeros_like(k_post[:, :, :T]),
-                                       torch.ones(1, T, dtype=torch.bool), "valid",
-                                       H * k_post.shape[-1], C, O, local_chunks)
-                yield budget, q[:, :, T:T + steps], st, k_post
+                yield budget, q[:, :, T:T + steps], prompt_state(k_pre, k_post, T, C, O,
+                                                                 local_chunks), k_post
         print(f"sample {i} done", flush=True)

@@ -30,7 +30,7 @@ from shadowpass import policies
 from shadowpass import reference as ref
 from shadowpass.eval.harness import default_outlier_chunks
 
-from niah_probe import every, model, recorded, scale, tok  # loads SmolLM2 (scripts/niah_probe.py)
+from niah_probe import every, model, prompt_state, recorded, scale, tok  # loads SmolLM2 (scripts/niah_probe.py)
 
 BUDGET, C, LOCAL_CHUNKS = 1024, 8, 4
 THRESHOLDS = (0.05, 0.1, 0.2)
@@ -79,11 +79,7 @@ for i in samples:
     layers = []
     flagged_gap = []
     for q, k_pre, k_post in recorded:
-        H = k_post.shape[1]
-        st = ref.prefill_state(k_pre[:, :, :T], k_post[:, :, :T],
-                               torch.zeros_like(k_post[:, :, :T]),
-                               torch.ones(1, T, dtype=torch.bool), "valid",
-                               H * k_post.shape[-1], C, O, LOCAL_CHUNKS)
+        st = prompt_state(k_pre, k_post, T, C, O, LOCAL_CHUNKS)
         N = st.landmarks.shape[2]
         S = N * C
         K = min(BUDGET // C, N)

@@ -16,7 +16,7 @@ from shadowpass import policies
 from shadowpass import reference as ref
 from shadowpass.eval.harness import default_outlier_chunks
 
-from niah_probe import every, model, recorded, scale, tok  # loads SmolLM2 (scripts/niah_probe.py)
+from niah_probe import every, model, prompt_state, recorded, scale, tok  # loads SmolLM2 (scripts/niah_probe.py)
 
 BUDGET, C, LOCAL_CHUNKS = 1024, 8, 4
 
@@ -33,11 +33,7 @@ for i in (3, 14, 25, 27):
     O = default_outlier_chunks(BUDGET, C)
     states = []
     for q, k_pre, k_post in recorded:
-        H = k_post.shape[1]
-        states.append(ref.prefill_state(
-            k_pre[:, :, :T], k_post[:, :, :T], torch.zeros_like(k_post[:, :, :T]),
-            torch.ones(1, T, dtype=torch.bool), "valid", H * k_post.shape[-1], C, O,
-            LOCAL_CHUNKS))
+        states.append(prompt_state(k_pre, k_post, T, C, O, LOCAL_CHUNKS))
     for j in range(1, len(answer)):  # the query at T + j - 1 predicts answer[j] (j = 0: prefill)
         p = T + j - 1
         rows = []

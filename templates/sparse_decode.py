@@ -89,16 +89,14 @@ def _selected_valid(slot_base, tok_base, sel_base, pos, hi, C, stride_slot, stri
 
 
 @triton.jit
-def _cached_valid(sel_slot_base, slot_base, tok_base, sel_base, pos, hi, C):
-    """``_selected_valid`` for a value cache: the selected key pos (< hi) of one (b, h) is row
-    c of slot sel_slot[pos // C]. Returns (valid, its row in the slot buffers)."""
+def _cached_valid(sel_slot_base, slot_base, tok_base, sel_base, pos, hi, C, SLOT_ROWS):
+    """``_selected_valid`` through a value cache's slot list: the selected key pos (< hi) of one
+    (b, h) is row c of slot sel_slot[pos // C], of SLOT_ROWS. Returns (valid, that row)."""
     pos_ok = pos < hi
     slot = tl.load(sel_slot_base + pos // C, mask=pos_ok, other=0)  # int32: few registers
-    chunk = tl.load(slot_base + slot, mask=pos_ok, other=-1).to(tl.int64)
-    have = pos_ok & (chunk >= 0)
-    tok_ok = tl.load(tok_base + chunk * C + pos % C, mask=have, other=0)
-    chunk_ok = tl.load(sel_base + chunk, mask=have, other=0)
-    return (tok_ok != 0) & (chunk_ok != 0), slot * C + pos % C
+    row = slot * C + pos % C
+    valid = _selected_valid(slot_base, tok_base, sel_base, row, SLOT_ROWS, C, 1, 1, 1)
+    return pos_ok & valid, row
 
 
 @triton.jit
@@ -157,11 +155,11 @@ def _sparse_decode_split_kernel(
     sv_base = sv_ptr + bh * SLOTS * C * D
     if CACHED:  # rows through sel_slot, fetched one step ahead with the validity
         valid, row = _cached_valid(sel_slot_ptr + bh * K, slot_base, tok_base, sel_base,
-                                   lo + tl.arange(0, BLOCK_N), hi, C)
+                                   lo + tl.arange(0, BLOCK_N), hi, C, SLOTS * C)
         for n0 in range(lo, hi, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid_next, row_next = _cached_valid(sel_slot_ptr + bh * K, slot_base, tok_base,
-                                                 sel_base, pos + BLOCK_N, hi, C)
+                                                 sel_base, pos + BLOCK_N, hi, C, SLOTS * C)
             m_i, l_i, acc = _attend(q, sk_base, sv_base, row, pos < hi,
                                     every_row & valid[None, :], m_i, l_i, acc, qk_scale,
                                     cols, d_ok, D, 1, D, 1, UPCAST)
