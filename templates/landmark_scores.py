@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_topk import chunk_topk
 from .common import INTERPRET, as_bytes, dot, launch, next_pow2, template_source
 
 LOG2E = 1.4426950408889634
@@ -215,11 +216,14 @@ def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torc
     Returns
     -------
     idx : [B, H, K] int64 chunk ids, K = min(budget_chunks, N), in no particular order (the
-        attention does not depend on it; unsorted top-k skips a sort).
+        attention does not depend on it): ``chunk_topk`` on CUDA, unsorted ``torch.topk``
+        elsewhere (the CPU keeps the reference path; the interpreter tests the kernel alone).
     scores : [B, H, N] float32, unselectable chunks at -1 (below every softmax probability).
     """
     scores = landmark_scores(q, landmarks, selectable, scale, fill=-1.0, radius=radius)
     k = min(budget_chunks, scores.shape[-1])
+    if scores.is_cuda:
+        return chunk_topk(scores, k), scores
     return scores.topk(k, dim=-1, sorted=False).indices, scores
 
 

@@ -35,6 +35,8 @@ from shadowpass.templates.chunk_gather import (
     rebuild_keys_into,
     reuse_plan,
 )
+from shadowpass.templates import chunk_topk as chunk_topk_mod
+from shadowpass.templates.chunk_topk import chunk_topk
 from shadowpass.templates.common import INTERPRET, as_bytes
 from shadowpass.templates.landmark_scores import landmark_scores, select_top_chunks
 from shadowpass.templates.sparse_decode import sparse_decode
@@ -220,6 +222,63 @@ def test_selected_scores_match_reference_topk(budget_chunks):
                                key.gather(2, want_idx).sort(-1).values, atol=1e-6, rtol=0)
     assert torch.equal(sel.gather(2, idx).sum(-1), want_ok.sum(-1))
     assert all(len(set(row.tolist())) == row.numel() for row in idx.view(B * H, -1))
+
+
+def same_selection(scores, idx, k):
+    """idx picks k distinct ids per row whose scores are torch.topk's (ties may differ)."""
+    assert idx.shape == (*scores.shape[:-1], k) and idx.dtype == torch.int64
+    rows = idx.reshape(-1, k).cpu()
+    assert all(len(set(r.tolist())) == k for r in rows), "an id was picked twice"
+    want = scores.topk(k, dim=-1).values.sort(-1).values
+    assert torch.equal(scores.gather(-1, idx).sort(-1).values, want)
+
+
+def topk_scores(kind, shape, device=DEV):
+    g = torch.Generator().manual_seed(7)
+    if kind == "softmax":  # landmark scores: probabilities, unselectable chunks at -1
+        s = torch.softmax(3 * torch.randn(shape, generator=g), -1)
+        s[..., 2::7] = -1.0
+    elif kind == "ties":
+        s = torch.randint(0, 3, shape, generator=g).float()
+    else:  # both signs, -0.0 included
+        s = torch.randn(shape, generator=g)
+        s[..., ::5] = -0.0
+    return s.to(device)
+
+
+@pytest.mark.parametrize("N,k,kind", [(n, k, kind) for n, k in [(33, 7), (64, 64), (257, 16), (5, 1)]
+                                        for kind in ("softmax", "ties", "signed")]
+                         + [(700, 33, "softmax")])  # 256 groups of 2 or 3 members
+def test_chunk_topk_selects_the_largest_scores(N, k, kind):
+    s = topk_scores(kind, (2, 2, N))
+    same_selection(s, chunk_topk(s, k), k)
+
+
+@pytest.mark.parametrize("N,k", [(257, 16), (64, 3)])
+def test_chunk_topk_without_tl_topk(N, k, monkeypatch):
+    monkeypatch.setattr(chunk_topk_mod, "HAS_TOPK", False)  # triton < 3.5: a full sort
+    s = topk_scores("softmax", (2, 2, N))
+    same_selection(s, chunk_topk(s, k), k)
+
+
+def test_chunk_topk_falls_back_to_torch_where_a_sort_would_not_fit(monkeypatch):
+    monkeypatch.setattr(chunk_topk_mod, "MAX_SORT", 32)
+    assert chunk_topk_mod.group_count(1000, 33) == 0
+    s = topk_scores("signed", (2, 1000))
+    same_selection(s, chunk_topk(s, 33), 33)
+
+
+def test_chunk_topk_groups_balance_the_two_sorts():
+    assert chunk_topk_mod.group_count(16380, 256) == 2048  # 2048 maxima, 256 x 8 members
+    assert chunk_topk_mod.group_count(4092, 256) == 1024
+    assert chunk_topk_mod.group_count(100, 7) == 32
+
+
+def test_chunk_topk_rejects_bad_input():
+    with pytest.raises(TypeError, match="float32"):
+        chunk_topk(torch.zeros(2, 8, dtype=torch.bfloat16, device=DEV), 2)
+    with pytest.raises(ValueError, match=r"k=9 must be in \[0, 8\]"):
+        chunk_topk(torch.zeros(2, 8, device=DEV), 9)
 
 
 # ----------------------------------------------------------------------------- key rebuild
@@ -688,6 +747,21 @@ def test_gpu_kernels_at_llama_shape(dtype):
     assert is_pinned(st.values)
     fetch_values_into(sel_v, st.values, *full_load(want_idx))
     assert torch.equal(sel_v, ref.fetch_values(st.values, want_idx, "cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("N,k", [(4092, 256), (16380, 256), (16380, 512), (131068, 256),
+                                 (300, 256)])
+def test_gpu_chunk_topk_at_real_sizes(N, k):
+    B, H, G, d = 8, 8, 4, 128
+    lm = torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, H * G, 1, d, device="cuda", dtype=torch.bfloat16)
+    sel = torch.rand(B, H, N, device="cuda") > 0.01
+    s = landmark_scores(q, lm, sel, d ** -0.5, fill=-1.0)
+    same_selection(s, chunk_topk(s, k), k)
+    for kind in ("ties", "signed"):
+        s = topk_scores(kind, (B, H, N), "cuda")
+        same_selection(s, chunk_topk(s, k), k)
 
 
 @gpu
