@@ -15,6 +15,7 @@ Needs a CUDA GPU (exits with a message otherwise).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -187,6 +188,18 @@ def query_walk(q, steps: int, sigma: float, rho: float, generator):
     return torch.stack(out)
 
 
+@contextlib.contextmanager
+def torch_topk():
+    """The fused step selecting with torch.topk instead of chunk_topk (side-by-side timing)."""
+    from shadowpass.templates import landmark_scores as mod
+    kernel = mod.chunk_topk
+    mod.chunk_topk = lambda scores, k: scores.topk(k, dim=-1, sorted=False).indices
+    try:
+        yield
+    finally:
+        mod.chunk_topk = kernel
+
+
 def split_step(q, k, v, state, cos, sin, gen_k, gen_v, gen_len, ws, scale, C, rope_style):
     """A decode step as decode_route="split" emits it (shadowpass.rewrite.split_decode)."""
     from shadowpass.reference import PrefillState
@@ -214,6 +227,7 @@ def bench_config(ctx, B, env):
         rebuild_keys_into,
         reuse_plan,
     )
+    from shadowpass.templates.chunk_topk import chunk_topk
     from shadowpass.templates.landmark_scores import landmark_scores
     from shadowpass.templates.sparse_decode import sparse_decode
 
@@ -288,6 +302,12 @@ def bench_config(ctx, B, env):
            - key.gather(2, want_idx).sort(-1).values).abs().max().item()
     report(ctx, B, "top-k (torch.topk, unsorted)", t, B * H * (N * 4 + K * 12) / 1e6, hbm, err,
            "err = selected scores")
+    t_k = timed(lambda: chunk_topk(scores, K), graph=True)
+    got = chunk_topk(scores, K)
+    err = (key.gather(2, got).sort(-1).values
+           - key.gather(2, want_idx).sort(-1).values).abs().max().item()
+    report(ctx, B, "top-k (chunk_topk)", t_k, B * H * (N * 4 + K * 12) / 1e6, hbm, err,
+           f"err = selected scores; {t[1] / t_k[1]:.2f}x torch.topk's speed")
 
     # 2. reuse plan
     slot_chunk = torch.full((B, H, K), -1, dtype=torch.int32, device=dev)
@@ -409,6 +429,10 @@ def bench_config(ctx, B, env):
         t_sg = timed(lambda: shadow_step(ws), graph=True)
         report(ctx, B, "ShadowKV step, CUDA graph", t_sg, err=err if t_se is None else None,
                note=f"hit rate {hit:.0%}, {tag}, {min(B, PIPELINE_PARTS)} batch slices")
+        with torch_topk():
+            t = timed(lambda: shadow_step(ws), graph=True)
+        report(ctx, B, "  the same, torch.topk", t,
+               note=f"the step with chunk_topk takes {t_sg[1] / t[1]:.2f}x this time")
         depths = (1, 2, 8) if cache == 1 else (1,)  # the pipeline's other depths
         if B > 1:
             for parts in [p for p in depths if p <= B]:
