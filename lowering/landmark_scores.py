@@ -56,7 +56,8 @@ def why_not_template(q, landmarks) -> Optional[str]:
            or compat.gqa_reason(q, landmarks.get_size()[1], MAX_ROWS))
     if why is not None:
         return why
-    if landmarks.get_dtype() not in (torch.float32, torch.float16, torch.bfloat16):
+    if landmarks.get_dtype() not in (torch.float32, torch.float16, torch.bfloat16,
+                                     torch.float8_e4m3fn):
         return f"landmark dtype {landmarks.get_dtype()}"
     return None
 

@@ -25,19 +25,21 @@ def prefill_state(k_pre: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor,
                   mask: Optional[torch.Tensor], mask_kind: str, rank: int, chunk_size: int,
                   outlier_chunks: int, local_chunks: int, sites_left: int,
                   policy: str = "shadowkv", mask_ok: Optional[torch.Tensor] = None,
-                  q: Optional[torch.Tensor] = None, scale: float = 1.0, budget_chunks: int = 0
-                  ) -> List[torch.Tensor]:
+                  q: Optional[torch.Tensor] = None, scale: float = 1.0, budget_chunks: int = 0,
+                  landmark_dtype: str = "model") -> List[torch.Tensor]:
     """Build a site's state from the prompt; returns the fields of reference.PrefillState.
-    q, scale, budget_chunks: only for policies that calibrate at prefill (shadowkv_hybrid)."""
+    q, scale, budget_chunks: only for policies that calibrate at prefill (shadowkv_hybrid).
+    landmark_dtype: ``ShadowKVConfig.landmark_dtype``."""
     state = ref.prefill_state(k_pre, k_post, v, mask, mask_kind, rank, chunk_size,
                               outlier_chunks, local_chunks, sites_left, policy, mask_ok,
-                              q, scale, budget_chunks)
+                              q, scale, budget_chunks, landmark_dtype)
     return [_fresh(t) for t in state]
 
 
 @prefill_state.register_fake
 def _(k_pre, k_post, v, mask, mask_kind, rank, chunk_size, outlier_chunks, local_chunks,
-      sites_left, policy="shadowkv", mask_ok=None, q=None, scale=1.0, budget_chunks=0):
+      sites_left, policy="shadowkv", mask_ok=None, q=None, scale=1.0, budget_chunks=0,
+      landmark_dtype="model"):
     B, H, T, d = k_post.shape
     torch._check(k_pre.shape == k_post.shape, lambda: "k_pre and k_post must have equal shapes")
     torch._check(v.shape[:3] == k_post.shape[:3], lambda: "v must be [B, Hkv, T, dv]")
@@ -47,7 +49,8 @@ def _(k_pre, k_post, v, mask, mask_kind, rank, chunk_size, outlier_chunks, local
     dev, dv = k_post.device, v.shape[-1]
     new = k_post.new_empty
     b = dict(dtype=torch.bool, device=dev)
-    return [new(B, S, r), new(B, H, r, d), new(B, H, N, d), torch.empty(B, H, N, **b),
+    lm = new(B, H, N, d, dtype=ref.landmark_dtype(landmark_dtype, k_post.dtype))
+    return [new(B, S, r), new(B, H, r, d), lm, torch.empty(B, H, N, **b),
             torch.empty(B, S, **b), new(B, H, O * C, d), v.new_empty(B, H, O * C, dv),
             torch.empty(B, H, O * C, **b), new(B, H, L, d), v.new_empty(B, H, L, dv),
             torch.empty(B, L, **b), torch.empty(B, H, N, C, dv, dtype=v.dtype, device="cpu"),

@@ -254,6 +254,25 @@ def chunk_landmarks(k_post: torch.Tensor, valid: torch.Tensor, C: int):
     return landmarks, cos.amin(-1)
 
 
+def landmark_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The landmarks' storage dtype for ``ShadowKVConfig.landmark_dtype``."""
+    if name == "model":
+        return model_dtype
+    if name == "float8_e4m3fn":
+        return torch.float8_e4m3fn
+    raise ValueError(f"landmark_dtype {name!r}: must be 'model' or 'float8_e4m3fn'")
+
+
+def store_landmarks(landmarks: torch.Tensor, name: str, model_dtype: torch.dtype) -> torch.Tensor:
+    """Landmarks in their storage dtype. fp8 is a plain cast, clamped to its finite range (a
+    cast past +-448 would be NaN); the scorers widen them back before the dot with q."""
+    dtype = landmark_dtype(name, model_dtype)
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        bound = torch.finfo(dtype).max
+        return landmarks.float().clamp(-bound, bound).to(dtype)
+    return landmarks.to(dtype)
+
+
 def gather_chunks(x: torch.Tensor, idx: torch.Tensor, C: int) -> torch.Tensor:
     """x: [B, H, N*C, d], idx: [B, H, K] chunk ids -> [B, H, K*C, d]."""
     B, H, _, d = x.shape
@@ -265,7 +284,7 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
                   outlier_chunks: int, local_chunks: int, sites_left: int = 1,
                   policy: str = "shadowkv", mask_ok: Optional[torch.Tensor] = None,
                   q: Optional[torch.Tensor] = None, scale: float = 1.0,
-                  budget_chunks: int = 0) -> PrefillState:
+                  budget_chunks: int = 0, landmark_dtype: str = "model") -> PrefillState:
     """Build a site's ShadowKV state from the prompt.
 
     k_pre, k_post, v: [B, Hkv, T, d] (pre-RoPE keys, post-RoPE keys, values);
@@ -276,6 +295,7 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
         for Quest-bound heads, what ``landmarks`` holds.
     q, scale, budget_chunks: the prompt's post-RoPE queries [B, Hq, T, d], the attention scale
     and the decode budget in chunks; read only by policies in ``policies.CALIBRATION``.
+    landmark_dtype: "model" (k_post's dtype) or "float8_e4m3fn" (``store_landmarks``).
     """
     B, H, T, d = k_post.shape
     C = chunk_size
@@ -303,7 +323,8 @@ def prefill_state(k_pre, k_post, v, mask, mask_kind: str, rank: int, chunk_size:
         calibration=(q, k_post, valid, landmarks, selectable, scale, budget_chunks)
         if policy in policies.CALIBRATION and q is not None else None)
     return PrefillState(
-        U=U.to(k_post.dtype), SV=SV.to(k_post.dtype), landmarks=centers.to(k_post.dtype),
+        U=U.to(k_post.dtype), SV=SV.to(k_post.dtype),
+        landmarks=store_landmarks(centers, landmark_dtype, k_post.dtype),
         selectable=selectable, sparse_valid=sparse_valid.clone(),
         outlier_k=gather_chunks(k_post[:, :, :S], outliers, C),
         outlier_v=gather_chunks(v[:, :, :S], outliers, C),

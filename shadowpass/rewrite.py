@@ -262,10 +262,11 @@ def rewrite(gm: fx.GraphModule, cfg: ShadowKVConfig, extend: bool = False) -> Re
                 v = replay(graph, site.v.chain, site.v.new)
                 valid, mask_ok = prefill_mask(graph, site, masks)
                 calib = ((site.q, float(site.scale), cfg.budget_chunks)
-                         if cfg.policy in CALIBRATION else ())  # others: the op's defaults
+                         if cfg.policy in CALIBRATION else (None, 1.0, 0))  # the op's defaults
                 st = call(graph, torch.ops.shadowkv.prefill_state.default, k_pre, k_post, v,
                           valid, "valid", rank, cfg.chunk_size, cfg.outlier_chunks,
-                          cfg.local_chunks, len(ok) - index, cfg.policy, mask_ok, *calib)
+                          cfg.local_chunks, len(ok) - index, cfg.policy, mask_ok, *calib,
+                          cfg.landmark_dtype)
                 state_outputs += [call(graph, operator.getitem, st, i)
                                   for i in range(len(STATE_FIELDS))]
                 key = table_key(site)

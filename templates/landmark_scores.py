@@ -50,6 +50,8 @@ def _logits_tile(q_ptr, lm_ptr, rad_ptr, sel_ptr, bh, pid_n, qk_scale, M, N,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     lm = tl.load(lm_ptr + (bh * N + n)[:, None] * D + cols[None, :],
                  mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if lm.dtype.is_fp8():  # fp8 storage (ShadowKVConfig.landmark_dtype): widen, keep q's bits
+        lm = lm.to(q.dtype)
     s = dot(q.to(lm.dtype), tl.trans(lm), UPCAST)
     if HAS_RADIUS:  # Quest's bound: q . mid + |q| . radius (policies.landmark_scores)
         rad = tl.load(rad_ptr + (bh * N + n)[:, None] * D + cols[None, :],
@@ -153,9 +155,9 @@ LOGITS_CONFIGS_MORE = [(4, 1), (8, 1), (2, 3)]
 
 
 def block_chunks(elem_bytes: int, interpret: bool = INTERPRET) -> int:
-    """Chunks per program: 128 of 2-byte landmarks; fp32 halves it (register spills at d=128);
-    32 under the interpreter, so that the CPU tests' small prompts span several blocks."""
-    return 32 if interpret else (128 if elem_bytes == 2 else 64)
+    """Chunks per program: 128 of 1- or 2-byte landmarks; fp32 halves it (register spills at
+    d=128); 32 under the interpreter, so that the CPU tests' small prompts span several blocks."""
+    return 32 if interpret else (128 if elem_bytes <= 2 else 64)
 
 
 def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor,
@@ -166,7 +168,8 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     Parameters
     ----------
     q : [B, Hq, T, d] query (any float dtype; cast to the landmarks' dtype for the dot).
-    landmarks : [B, H, N, d] chunk means (fp32, bf16 or fp16).
+    landmarks : [B, H, N, d] chunk means (fp32, bf16 or fp16; float8_e4m3fn ones are widened
+        to q's dtype instead).
     selectable : [B, H, N] bool; False chunks score ``fill`` and are excluded from the softmax.
     scale : the model's attention scale.
     fill : score written for unselectable chunks (0.0 as the reference; -1.0 ranks them last).
@@ -193,7 +196,9 @@ def landmark_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.
     bmax = torch.empty(B, H, M, NB, dtype=torch.float32, device=landmarks.device)
     bsum = torch.empty_like(bmax)
     lm = landmarks.contiguous()
-    rad = lm if radius is None else radius.to(lm.dtype).contiguous()  # unread without radius
+    # unread without radius; beside fp8 landmarks it keeps q's dtype, as they are widened to
+    rad = lm if radius is None else radius.to(q.dtype if lm.element_size() == 1 else lm.dtype)
+    rad = rad.contiguous()
     sel = as_bytes(selectable.contiguous())
     grid = (NB, B * H)
     launch(_landmark_logits_kernel)[grid](

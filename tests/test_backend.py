@@ -42,6 +42,14 @@ def test_chunk_cache_needs_the_fused_route():
         ShadowKVConfig(chunk_cache=2, decode_route="split")
 
 
+def test_landmark_dtype_is_checked():
+    assert ShadowKVConfig(landmark_dtype="float8_e4m3fn").landmark_dtype == "float8_e4m3fn"
+    with pytest.raises(ValueError, match="landmark_dtype='fp4': must be one of"):
+        ShadowKVConfig(landmark_dtype="fp4")
+    with pytest.raises(ValueError, match="needs policy='shadowkv'"):
+        ShadowKVConfig(landmark_dtype="float8_e4m3fn", policy="quest")
+
+
 def test_unknown_option_is_an_error():
     with pytest.raises(ValueError, match=r"unknown shadowkv option\(s\) \['bugdet'\]"):
         ShadowKVConfig.from_options({"bugdet": 10})

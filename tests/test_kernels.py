@@ -179,6 +179,20 @@ def test_landmark_scores_match_reference(dtype, G, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G,d", [(1, 64), (4, 128)])
+def test_fp8_landmark_scores_match_reference(dtype, G, d):
+    """Landmarks stored as float8_e4m3fn (ShadowKVConfig.landmark_dtype) are widened to q's
+    dtype for the dot, as the reference widens both to fp32."""
+    B, H, N = 2, 2, 70
+    q = torch.randn(B, H * G, 1, d, device=DEV, dtype=dtype)
+    lm = ref.store_landmarks(3 * torch.randn(B, H, N, d, device=DEV), "float8_e4m3fn", dtype)
+    sel = torch.rand(B, H, N, device=DEV) > 0.2
+    got = landmark_scores(q, lm, sel, d ** -0.5)
+    want = ref.score_chunks(q, lm, sel, d ** -0.5)
+    torch.testing.assert_close(got, want, atol=SCORES[0], rtol=SCORES[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
 def test_bound_scores_match_reference(dtype, d):
     """With a radius (quest, shadowkv_hybrid) each logit adds |q| . radius; a head with zero
