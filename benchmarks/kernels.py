@@ -169,10 +169,10 @@ def main():
     for ctx, B, r in summary.get("attn", []):
         print(f"  sparse attention ctx {ctx} B {B}: {r:.2f}x compact SDPA (target <= "
               f"{TARGETS['attn_vs_sdpa']})")
-    for ctx, B, cache, hit, se, sg, most in summary.get("step", []):
+    for ctx, B, tag, hit, se, sg, most in summary.get("step", []):
         mark = "  <- target >= 5x" if (ctx, B) == (131072, 8) else ""
         eager = f"{se:.1f}x (eager), " if se else ""
-        print(f"  whole step ctx {ctx} B {B} chunk_cache {cache} ({hit:.0%} hits): {eager}"
+        print(f"  whole step ctx {ctx} B {B} {tag} ({hit:.0%} hits): {eager}"
               f"{sg:.1f}x (CUDA graph) faster than dense; its bytes allow {most:.1f}x{mark}")
 
 
@@ -280,6 +280,14 @@ def bench_config(ctx, B, env):
     nb = (B * H * N * (D * EB + 1 + 4) + B * H * G * N * 4 * 2 + q.numel() * EB) / 1e6
     summary.setdefault("scores", []).append(
         (ctx, B, report(ctx, B, "landmark scores", t, nb, hbm, err)))
+    # landmarks stored in fp8 (ShadowKVConfig.landmark_dtype): half the bytes
+    lm8 = ref.store_landmarks(st.landmarks, "float8_e4m3fn", DTYPE)
+    t = timed(lambda: landmark_scores(q, lm8, st.selectable, scale, fill=-1.0), graph=True)
+    got = landmark_scores(q, lm8, st.selectable, scale, fill=-1.0)
+    want8 = ref.score_chunks(q, lm8, st.selectable, scale)
+    err = (got.masked_fill(~st.selectable, 0) - want8).abs().max().item()
+    nb8 = nb - B * H * N * D * (EB - 1) / 1e6
+    report(ctx, B, "landmark scores, fp8 landmarks", t, nb8, hbm, err)
     # the same op as Inductor lowers it in a compiled model (the split route's templates)
     inductor_scores = torch.compile(torch.ops.shadowkv.landmark_scores.default, fullgraph=True)
     got = inductor_scores(q, st.landmarks, st.selectable, scale, None)
@@ -413,7 +421,10 @@ def bench_config(ctx, B, env):
         return sum(rates[ring.shape[0]:]) / ring.shape[0]
 
     steps = {}
-    for cache in env["caches"]:
+    big_cache = max(env["caches"])
+    state_of = {"model": st, "fp8": st._replace(landmarks=lm8)}
+    for cache, lms in [(c, "model") for c in env["caches"]] + [(big_cache, "fp8")]:
+        st = state_of[lms]
         ws = DecodeWorkspace.allocate(st, K, C, chunk_cache=cache)
         hit = steady_hit_rate(ws)
         rk, rv, rl = gen_k.clone(), gen_v.clone(), torch.tensor([GEN - 1], device=dev)
@@ -421,7 +432,7 @@ def bench_config(ctx, B, env):
         want_o = ref.decode_attention(ring[it.item()], k_new, v_new, scale, st, cos, sin, rk, rv,
                                       rl, C, K, "rotate_half")
         err = (got.float() - want_o.float()).abs().max().item()
-        tag = f"chunk_cache {cache}"
+        tag = f"chunk_cache {cache}" + (", fp8 landmarks" if lms == "fp8" else "")
         t_se = None
         if cache == 1:
             t_se = timed(lambda: shadow_step(ws))
@@ -434,12 +445,13 @@ def bench_config(ctx, B, env):
         report(ctx, B, "  the same, torch.topk", t,
                note=f"the step with chunk_topk takes {t_sg[1] / t[1]:.2f}x this time")
         depths = (1, 2, 8) if cache == 1 else (1,)  # the pipeline's other depths
-        if B > 1:
+        if B > 1 and lms == "model":
             for parts in [p for p in depths if p <= B]:
                 t = timed(lambda p=parts: shadow_step(ws, p), graph=True)
                 report(ctx, B, f"  the same, {parts} batch slice{'s' if parts > 1 else ''}", t)
-        steps[cache] = (hit, t_se, t_sg)
+        steps[tag] = (hit, t_se, t_sg, D * (EB if lms == "model" else 1))
         del ws
+    st = state_of["model"]
     # decode_route="split": Inductor's code runs the scores, rebuild and attention templates,
     # top-k, and decode_plan (reuse plan, the fetch started on a side stream)
     split_ws = DecodeWorkspace.allocate(st, K, C)
@@ -470,20 +482,20 @@ def bench_config(ctx, B, env):
     t_de = timed(lambda: sdpa(q, dk, dv, scale=scale, enable_gqa=True))
     report(ctx, B, "dense SDPA, eager", t_de, nb, hbm)
     t_dg = timed(lambda: sdpa(q, dk, dv, scale=scale, enable_gqa=True), graph=True)
-    speedups = ", ".join(f"chunk_cache {c}: {t_dg[1] / t_sg[1]:.1f}x"
-                         for c, (_, _, t_sg) in steps.items())
+    speedups = ", ".join(f"{tag}: {t_dg[1] / t_sg[1]:.1f}x"
+                         for tag, (_, _, t_sg, _) in steps.items())
     report(ctx, B, "dense SDPA, CUDA graph", t_dg, nb, hbm,
            note=f"dense / ShadowKV step in CUDA graphs: {speedups}")
-    for cache, (hit, t_se, t_sg) in steps.items():
+    for tag, (hit, t_se, t_sg, lm_bytes) in steps.items():
         # what no kernels can beat: the landmarks cross HBM before the selection is known, and
         # the missed values cross PCIe only after it (measured peaks, this run's hit rate)
-        bound = (B * H * N * D * EB / hbm + B * H * K * (1 - hit) * C * D * EB / h2d) * 1e3
+        bound = (B * H * N * lm_bytes / hbm + B * H * K * (1 - hit) * C * D * EB / h2d) * 1e3
         report(ctx, B, "bytes: landmarks, then misses", (bound,) * 3,
-               note=f"chunk_cache {cache}, {hit:.0%} hits: dense graph / this = "
+               note=f"{tag}, {hit:.0%} hits: dense graph / this = "
                     f"{t_dg[1] / bound:.1f}x, the most a step with one selection for the whole "
                     f"batch could gain")
         summary.setdefault("step", []).append(
-            (ctx, B, cache, hit, t_de[1] / t_se[1] if t_se else None, t_dg[1] / t_sg[1],
+            (ctx, B, tag, hit, t_de[1] / t_se[1] if t_se else None, t_dg[1] / t_sg[1],
              t_dg[1] / bound))
     torch.cuda.empty_cache()
 
