@@ -409,8 +409,11 @@ def test_sequence_longer_than_the_models_own_buffer_errors():
 FIELDS = [f.name for f in dataclasses.fields(ShadowKVConfig)]
 POLICIES = shadowpass.policies.POLICIES
 DECODE_ROUTES = shadowpass.config.DECODE_ROUTES
+LANDMARK_DTYPES = shadowpass.config.LANDMARK_DTYPES
+CHOICES = ("policy", "decode_route", "landmark_dtype")  # the fields that take a string
 values = st.one_of(st.integers(-3, 300), st.none(), st.booleans(), st.floats(-2, 300),
-                   st.text(max_size=3), st.sampled_from([1 << 20, 8, 16, 2048]))
+                   st.text(max_size=3), st.sampled_from([1 << 20, 8, 16, 2048]),
+                   st.sampled_from(LANDMARK_DTYPES))
 
 
 @settings(max_examples=300, **SETTINGS)
@@ -426,7 +429,8 @@ def test_config_validates_or_names_the_field(options):
         return
     event("accepted")
     assert cfg.policy in POLICIES and cfg.decode_route in DECODE_ROUTES
-    for name in (f for f in FIELDS if f not in ("policy", "decode_route")):  # a sane config
+    assert cfg.landmark_dtype in LANDMARK_DTYPES
+    for name in (f for f in FIELDS if f not in CHOICES):  # a sane config
         value = getattr(cfg, name)
         assert value is None if name == "min_sparse_len" and value is None else (
             isinstance(value, int) and not isinstance(value, bool) and value >= 0)
