@@ -122,25 +122,23 @@ def test_small_budget_state_sizes():
 
 def test_fp8_landmarks_are_the_cast_chunk_means():
     """landmark_dtype="float8_e4m3fn": each site keeps the fp8 cast of the landmarks it keeps
-    otherwise, decoding scores chunks with them, and with every chunk in budget the output is
-    still dense's (the selection cannot matter there)."""
+    otherwise (chunk means: rank and budget do not change them), decoding scores chunks with
+    them, and with every chunk in budget the output is still dense's."""
     model = hf_model("llama")
     ids, mask = prompt(2, 600)
     dense = greedy(model, ids, mask, n=6)
     kept = {}
-    for dtype in ("model", "float8_e4m3fn"):
+    sparse = dict(budget=64, rank=24, min_sparse_len=0)
+    for dtype, options in (("model", sparse), ("float8_e4m3fn", EXACT)):
         torch._dynamo.reset()
-        model.compile(backend="shadowkv", options=dict(budget=64, rank=24, min_sparse_len=0,
-                                                       outlier_chunks=4, landmark_dtype=dtype))
+        model.compile(backend="shadowkv", options=dict(options, landmark_dtype=dtype))
         out = greedy(model, ids, mask, n=6)
         assert all(torch.isfinite(l).all() for l in out.logits)
         kept[dtype] = [s.prefill.landmarks for s in shadowpass.runtime_of(model).sites.values()]
+    assert torch.equal(out.sequences, dense.sequences)
     for fp32, fp8 in zip(*kept.values()):
         assert fp32.dtype == torch.float32 and fp8.dtype == torch.float8_e4m3fn
         assert torch.equal(fp8, fp32.clamp(-448, 448).to(torch.float8_e4m3fn))
-    torch._dynamo.reset()
-    model.compile(backend="shadowkv", options=dict(EXACT, landmark_dtype="float8_e4m3fn"))
-    assert torch.equal(greedy(model, ids, mask, n=6).sequences, dense.sequences)
 
 
 def test_short_prompt_stays_dense():
