@@ -316,6 +316,9 @@ def bench_config(ctx, B, env):
            - key.gather(2, want_idx).sort(-1).values).abs().max().item()
     report(ctx, B, "top-k (chunk_topk)", t_k, B * H * (N * 4 + K * 12) / 1e6, hbm, err,
            f"err = selected scores; {t[1] / t_k[1]:.2f}x torch.topk's speed")
+    for warps in (4, 16):  # the default is 8
+        t_w = timed(lambda w=warps: chunk_topk(scores, K, num_warps=w), graph=True)
+        report(ctx, B, f"  the same, {warps} warps", t_w)
 
     # 2. reuse plan
     slot_chunk = torch.full((B, H, K), -1, dtype=torch.int32, device=dev)
