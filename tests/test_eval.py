@@ -122,13 +122,16 @@ def test_scoring_as_ruler():
 def test_methods_and_defaults():
     assert harness.default_rank(192) == 30 and harness.default_rank(1024) == 160
     assert [harness.default_outlier_chunks(b) for b in (64, 256, 1024, 2048)] == [2, 6, 24, 48]
-    ms = harness.build_methods(["dense", "shadowkv", "shadowkv_no_outliers", "shadowkv_hybrid",
-                                "quest"], [64, 256], [None, 48], 192)
+    ms = harness.build_methods(["dense", "shadowkv", "shadowkv_no_outliers", "shadowkv_fp8",
+                                "shadowkv_hybrid", "quest"], [64, 256], [None, 48], 192)
     labels = [m.label for m in ms]
     assert labels[0] == "dense" and "shadowkv/b64/r30" in labels and "quest/b256/r192" in labels
     cfg = {m.label: m.config() for m in ms}
     assert cfg["shadowkv/b256/r48"].outlier_chunks == 6
     assert cfg["shadowkv_no_outliers/b64/r30"].outlier_chunks == 0
+    fp8 = cfg["shadowkv_fp8/b256/r48"]
+    assert fp8.landmark_dtype == "float8_e4m3fn" and (fp8.rank, fp8.outlier_chunks) == (48, 6)
+    assert cfg["shadowkv/b256/r48"].landmark_dtype == "model"
     hybrid = cfg["shadowkv_hybrid/b256/r48"]  # ShadowKV's rank and outliers, its own policy
     assert hybrid.policy == "shadowkv_hybrid" and (hybrid.rank, hybrid.outlier_chunks) == (48, 6)
     assert cfg["quest/b64/r192"].policy == "quest" and cfg["quest/b64/r192"].rank == 192

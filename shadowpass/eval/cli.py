@@ -57,7 +57,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods", nargs="+", choices=METHODS,
         default=["dense", "shadowkv", "quest", "streaming", "oracle"],
         help="dense: the plain model; shadowkv: the method; shadowkv_no_outliers: the method "
-             "with outlier_chunks=0; shadowkv_hybrid: the method, with Quest bounds instead of "
+             "with outlier_chunks=0; shadowkv_fp8: the method with landmarks stored in "
+             "float8_e4m3fn (landmark_dtype); shadowkv_hybrid: the method, with Quest bounds instead of "
              "landmarks on the KV heads whose landmark top-k misses the prompt's last "
              "queries' attention mass (picked at prefill); quest: Quest's per-chunk min/max key bound; streaming: "
              "attention sinks + recent window (StreamingLLM); oracle: chunks with the most "

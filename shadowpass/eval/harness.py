@@ -15,6 +15,8 @@ name                  policy   rank          outlier chunks what it shows
 dense                 -        -             -              the plain model
 shadowkv              shadowkv ``--ranks``   scaled budget  the method
 shadowkv_no_outliers  shadowkv ``--ranks``   0              the outlier ablation
+shadowkv_fp8          shadowkv ``--ranks``   scaled budget  the method with fp8 landmarks
+                                                            (``landmark_dtype``)
 shadowkv_hybrid       shadowkv ``--ranks``   scaled budget  + Quest bounds on heads that
                       _hybrid                               landmarks serve badly (prefill)
 quest                 quest    H_kv*d (full) 0              Quest's bound, exact keys
@@ -43,9 +45,9 @@ from .tasks import Sample
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dense", "shadowkv", "shadowkv_no_outliers", "shadowkv_hybrid", "quest", "streaming",
-           "oracle")
-_POLICY = {"shadowkv": "shadowkv", "shadowkv_no_outliers": "shadowkv",
+METHODS = ("dense", "shadowkv", "shadowkv_no_outliers", "shadowkv_fp8", "shadowkv_hybrid", "quest",
+           "streaming", "oracle")
+_POLICY = {"shadowkv": "shadowkv", "shadowkv_no_outliers": "shadowkv", "shadowkv_fp8": "shadowkv",
            "shadowkv_hybrid": "shadowkv_hybrid", "quest": "quest", "streaming": "streaming",
            "oracle": "oracle"}
 
@@ -84,7 +86,9 @@ class Method:
             return None
         return ShadowKVConfig(rank=self.rank, chunk_size=chunk_size, budget=self.budget,
                               outlier_chunks=self.outlier_chunks, local_chunks=local_chunks,
-                              min_sparse_len=0, policy=_POLICY[self.name])
+                              min_sparse_len=0, policy=_POLICY[self.name],
+                              landmark_dtype="float8_e4m3fn" if self.name == "shadowkv_fp8"
+                              else "model")
 
     def attended_prompt_tokens(self, chunk_size: int = 8, local_chunks: int = 4) -> Optional[int]:
         """Prompt tokens a decode step attends to (at most): selected + outliers + local."""
