@@ -45,6 +45,8 @@ def parse():
                    help="miss fraction for the partial rebuild/fetch rows (paper: ~60%% hits)")
     p.add_argument("--chunk-caches", type=int, nargs="+", default=[1, 4],
                    help="ShadowKVConfig.chunk_cache values of the whole step, side by side")
+    p.add_argument("--no-split-route", action="store_true",
+                   help="skip the split route's step (its Inductor compile takes ~1 min)")
     p.add_argument("--smoke", action="store_true",
                    help="developer check of this script's code paths on the CPU under the Triton "
                         "interpreter at a tiny shape; its timings mean nothing")
@@ -153,7 +155,7 @@ def main():
 
     env = {"timed": timed, "report": report, "summary": summary, "hbm": hbm, "h2d": h2d,
            "dev": dev, "pool": pool, "dense_pool": dense_pool, "miss": args.miss,
-           "caches": args.chunk_caches}
+           "caches": args.chunk_caches, "split_route": not args.no_split_route}
     for ctx, B, _, _ in configs:
         bench_config(ctx, B, env)
         print()
@@ -455,29 +457,9 @@ def bench_config(ctx, B, env):
         steps[tag] = (hit, t_se, t_sg, D * (EB if lms == "model" else 1))
         del ws
     st = state_of["model"]
-    # decode_route="split": Inductor's code runs the scores, rebuild and attention templates,
-    # top-k, and decode_plan (reuse plan, the fetch started on a side stream)
-    split_ws = DecodeWorkspace.allocate(st, K, C)
-    split = torch.compile(split_step, fullgraph=True)
-
-    def inductor_step():
-        gen_len.fill_(GEN - 1)
-        it.add_(1).remainder_(ring.shape[0])
-        return split(ring.index_select(0, it)[0], k_new, v_new, list(st), cos, sin, gen_k, gen_v,
-                     gen_len, split_ws.tensors(), scale, C, "rotate_half")
-
-    for _ in range(2 * ring.shape[0]):  # compile, then reach the steady hit rate
-        inductor_step()
-    rk, rv, rl = gen_k.clone(), gen_v.clone(), torch.tensor([GEN - 1], device=dev)
-    got = inductor_step()
-    want_o = ref.decode_attention(ring[it.item()], k_new, v_new, scale, st, cos, sin, rk, rv, rl,
-                                  C, K, "rotate_half")
-    err = (got.float() - want_o.float()).abs().max().item()
-    t = timed(inductor_step)
-    report(ctx, B, "split step, Inductor", t, err=err,
-           note=f"hit rate {split_ws.hit_rate():.0%}, templates + topk + decode_plan")
-    t = timed(inductor_step, graph=True)
-    report(ctx, B, "  the same, CUDA graph", t)
+    if env["split_route"]:
+        split_route_step(ctx, B, st, env, ring, it, k_new, v_new, cos, sin, gen_k, gen_v, gen_len,
+                         scale, K)
     Ld = ctx + GEN
     dk = dense_pool[:B * H * Ld * D].view(B, H, Ld, D)
     dv = dense_pool[B * H * Ld * D:2 * B * H * Ld * D].view(B, H, Ld, D)
@@ -501,6 +483,36 @@ def bench_config(ctx, B, env):
             (ctx, B, tag, hit, t_de[1] / t_se[1] if t_se else None, t_dg[1] / t_sg[1],
              t_dg[1] / bound))
     torch.cuda.empty_cache()
+
+
+def split_route_step(ctx, B, st, env, ring, it, k_new, v_new, cos, sin, gen_k, gen_v, gen_len,
+                     scale, K):
+    """decode_route="split": Inductor's code runs the scores, rebuild and attention templates,
+    top-k, and decode_plan (reuse plan, the fetch started on a side stream)."""
+    from shadowpass import reference as ref
+    from shadowpass.kernels import DecodeWorkspace
+    timed, report, dev = env["timed"], env["report"], env["dev"]
+    split_ws = DecodeWorkspace.allocate(st, K, C)
+    split = torch.compile(split_step, fullgraph=True)
+
+    def inductor_step():
+        gen_len.fill_(GEN - 1)
+        it.add_(1).remainder_(ring.shape[0])
+        return split(ring.index_select(0, it)[0], k_new, v_new, list(st), cos, sin, gen_k, gen_v,
+                     gen_len, split_ws.tensors(), scale, C, "rotate_half")
+
+    for _ in range(2 * ring.shape[0]):  # compile, then reach the steady hit rate
+        inductor_step()
+    rk, rv, rl = gen_k.clone(), gen_v.clone(), torch.tensor([GEN - 1], device=dev)
+    got = inductor_step()
+    want_o = ref.decode_attention(ring[it.item()], k_new, v_new, scale, st, cos, sin, rk, rv, rl,
+                                  C, K, "rotate_half")
+    err = (got.float() - want_o.float()).abs().max().item()
+    t = timed(inductor_step)
+    report(ctx, B, "split step, Inductor", t, err=err,
+           note=f"hit rate {split_ws.hit_rate():.0%}, templates + topk + decode_plan")
+    t = timed(inductor_step, graph=True)
+    report(ctx, B, "  the same, CUDA graph", t)
 
 
 if __name__ == "__main__":
