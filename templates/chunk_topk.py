@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .common import launch, next_pow2
 
-MAX_SORT = 8192  # elements of one sort in one program's registers (int64, 16 warps)
+MAX_SORT = 8192  # int64 elements of one sort, held in one program's registers
 HAS_TOPK = hasattr(tl, "topk")  # triton >= 3.5 has a bitonic top-k that stops sorting early
 
 
