@@ -49,7 +49,7 @@ def _(k_pre, k_post, v, mask, mask_kind, rank, chunk_size, outlier_chunks, local
     dev, dv = k_post.device, v.shape[-1]
     new = k_post.new_empty
     b = dict(dtype=torch.bool, device=dev)
-    lm = new(B, H, N, d, dtype=ref.landmark_dtype(landmark_dtype, k_post.dtype))
+    lm = new(B, H, N, d, dtype=ref.landmark_storage_dtype(landmark_dtype, k_post.dtype))
     return [new(B, S, r), new(B, H, r, d), lm, torch.empty(B, H, N, **b),
             torch.empty(B, S, **b), new(B, H, O * C, d), v.new_empty(B, H, O * C, dv),
             torch.empty(B, H, O * C, **b), new(B, H, L, d), v.new_empty(B, H, L, dv),

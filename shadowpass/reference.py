@@ -254,7 +254,7 @@ def chunk_landmarks(k_post: torch.Tensor, valid: torch.Tensor, C: int):
     return landmarks, cos.amin(-1)
 
 
-def landmark_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+def landmark_storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The landmarks' storage dtype for ``ShadowKVConfig.landmark_dtype``."""
     if name == "model":
         return model_dtype
@@ -266,7 +266,7 @@ def landmark_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 def store_landmarks(landmarks: torch.Tensor, name: str, model_dtype: torch.dtype) -> torch.Tensor:
     """Landmarks in their storage dtype. fp8 is a plain cast, clamped to its finite range (a
     cast past +-448 would be NaN); the scorers widen them back before the dot with q."""
-    dtype = landmark_dtype(name, model_dtype)
+    dtype = landmark_storage_dtype(name, model_dtype)
     if dtype.is_floating_point and dtype.itemsize == 1:
         bound = torch.finfo(dtype).max
         return landmarks.float().clamp(-bound, bound).to(dtype)
