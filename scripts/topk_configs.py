@@ -32,7 +32,7 @@ def run(scores, k, ng, warps, has_topk):
     out = torch.empty(*scores.shape[:-1], k, dtype=torch.int64, device=scores.device)
     gs = triton.cdiv(N, ng)
     ct._chunk_topk_kernel[(scores.numel() // N,)](scores, out, N, k, gs, NG=ng,
-                                                  GS_PAD=next_pow2(gs), K_PAD=next_pow2(k),
+                                                  GS_PAD=next_pow2(gs), K_PAD=ct.padded_k(k),
                                                   HAS_TOPK=has_topk, num_warps=warps)
     return out
 

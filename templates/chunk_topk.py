@@ -73,10 +73,16 @@ def _chunk_topk_kernel(score_ptr, idx_ptr, N, K, GS, NG: tl.constexpr, GS_PAD: t
     tl.store(idx_ptr + row * K + k, (0x7FFFFFFF - (best & 0xFFFFFFFF)), mask=k < K)
 
 
+def padded_k(k: int) -> int:
+    """K_PAD: at least 2, since Triton 3.6 fails to compile ``tl.topk`` of one element (H100,
+    2026-12-07; 3.9's interpreter runs it)."""
+    return max(2, next_pow2(k))
+
+
 def group_count(n: int, k: int) -> int:
     """NG: a power of two >= the padded k that makes the group sort plus the member sort least
     (0 when no choice fits ``MAX_SORT``)."""
-    k_pad = next_pow2(k)
+    k_pad = padded_k(k)
     best, cost = 0, None
     ng = k_pad
     while ng <= max(next_pow2(n), k_pad):
@@ -110,7 +116,7 @@ def chunk_topk(scores: torch.Tensor, k: int, num_warps: int = 0) -> torch.Tensor
     idx = torch.empty(*lead, k, dtype=torch.int64, device=scores.device)
     launch(_chunk_topk_kernel)[(s.numel() // N,)](
         s, idx, N, k, triton.cdiv(N, ng), NG=ng, GS_PAD=next_pow2(triton.cdiv(N, ng)),
-        K_PAD=next_pow2(k), HAS_TOPK=HAS_TOPK, num_warps=num_warps or 8)
+        K_PAD=padded_k(k), HAS_TOPK=HAS_TOPK, num_warps=num_warps or 8)
     return idx
 
 

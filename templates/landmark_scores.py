@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_topk import chunk_topk
 from .common import INTERPRET, as_bytes, dot, launch, next_pow2, template_source
 
 LOG2E = 1.4426950408889634
@@ -220,19 +221,13 @@ def select_top_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torc
     Returns
     -------
     idx : [B, H, K] int64 chunk ids, K = min(budget_chunks, N), in no particular order (the
-        attention does not depend on it), from ``top_chunk_ids``.
+        attention does not depend on it), from ``chunk_topk``: the ids of unsorted
+        ``torch.topk`` up to ties. In the fused step at 128K batch 8 (H100, CUDA graph) it took
+        313.3 us against 337.7 with ``torch.topk`` (results/h100/chunk_topk_fp8).
     scores : [B, H, N] float32, unselectable chunks at -1 (below every softmax probability).
     """
     scores = landmark_scores(q, landmarks, selectable, scale, fill=-1.0, radius=radius)
-    return top_chunk_ids(scores, min(budget_chunks, scores.shape[-1])), scores
-
-
-def top_chunk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The step's selection: unsorted ``torch.topk``. ``chunk_topk`` (templates/chunk_topk.py)
-    computes the same and is tested against it, but is not yet timed inside a step on a GPU
-    (``benchmarks/kernels.py`` times the step with each, side by side): earlier top-k kernels
-    won alone and lost in the step (results/h100/warps_topk/README.md)."""
-    return scores.topk(k, dim=-1, sorted=False).indices
+    return chunk_topk(scores, min(budget_chunks, scores.shape[-1])), scores
 
 
 # Names only our templates' generated code contains (tests look for them in Inductor's output).
@@ -253,4 +248,4 @@ def softmax_source() -> str:
 
 
 __all__ = ["LOGITS_CONFIGS", "LOGITS_CONFIGS_MORE", "LOGITS_MARKER", "NB_TILE", "SOFTMAX_MARKER", "block_chunks", "landmark_scores",
-           "logits_source", "select_top_chunks", "softmax_source", "top_chunk_ids"]
+           "logits_source", "select_top_chunks", "softmax_source"]

@@ -260,8 +260,9 @@ def topk_scores(kind, shape, device=DEV):
     return s.to(device)
 
 
-@pytest.mark.parametrize("N,k,kind", [(n, k, kind) for n, k in [(33, 7), (64, 64), (257, 16), (5, 1)]
-                                        for kind in ("softmax", "ties", "signed")]
+@pytest.mark.parametrize("N,k,kind", [(n, k, kind)
+                                      for n, k in [(33, 7), (64, 64), (257, 16), (5, 1), (1, 1)]
+                                      for kind in ("softmax", "ties", "signed")]
                          + [(700, 33, "softmax")])  # 256 groups of 2 or 3 members
 def test_chunk_topk_selects_the_largest_scores(N, k, kind):
     s = topk_scores(kind, (2, 2, N))
