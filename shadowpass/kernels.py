@@ -154,9 +154,10 @@ def gather_step(q, k, v, scale: float, state: PrefillState, cos, sin, gen_k, gen
     if slots == 0:
         return (workspace.slot_chunk,
                 attend(ALL_ROWS, workspace.slot_chunk, None) if attend else None)
-    # one selection for the whole batch: top-k's cost hardly depends on its row count. A
-    # selection per batch slice, to overlap slice i+1's scores and top-k with slice i's fetch,
-    # was slower (H100, 128K batch 8, one layer in a CUDA graph: 458 -> 709 us at 4 slices).
+    # one selection for the whole batch. A selection per batch slice, to overlap slice i+1's
+    # scores and top-k with slice i's fetch, was slower (H100, 128K batch 8, one layer in a CUDA
+    # graph: 458 -> 709 us at 4 slices; then with torch.topk, whose cost hardly depends on its
+    # row count; not retried with chunk_topk).
     radius = state.aux if policy in BOUNDED else None
     idx, scores = select_top_chunks(q, state.landmarks, state.selectable, scale, budget_chunks,
                                     radius)
